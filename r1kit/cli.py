@@ -1,0 +1,145 @@
+"""The `r1kit` command: parse, load the command's config, call one function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from r1kit import __version__
+from r1kit.config import ConfigError, DemoConfig, EvalConfig, add_config_arguments, config_from_args
+
+EPILOG = """examples:
+  r1kit demo                                    evaluate the embedded model on arithmetic
+  r1kit eval --task gsm8k --data gsm8k_test.jsonl --samples 4 --limit 200
+  r1kit eval --task arithmetic task_args.digits=3 --temperature 0
+  r1kit tasks show countdown
+  r1kit models info default
+"""
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from r1kit.eval.harness import run_eval
+
+    run_eval(config_from_args(EvalConfig, args))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from r1kit.demo import run_demo
+
+    run_demo(config_from_args(DemoConfig, args))
+
+
+def cmd_models_info(args: argparse.Namespace) -> None:
+    from r1kit.models import model_info
+
+    info = model_info(args.spec)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    table = Table(show_header=False)
+    for key, value in info.items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    Console().print(table)
+
+
+def cmd_models_import(args: argparse.Namespace) -> None:
+    from r1kit.models import import_gguf, weights_sha256
+
+    out = import_gguf(args.gguf, args.out_dir)
+    print(f"imported {args.gguf} -> {out} (weights sha256 {weights_sha256(out)})")
+
+
+def cmd_tasks_list(args: argparse.Namespace) -> None:
+    from r1kit.tasks import TASKS, task_options
+
+    table = Table("task", "options", "what it is")
+    for name, build in TASKS.items():
+        opts = ", ".join(f"{k}={v}" for k, v in task_options(name).items())
+        table.add_row(name, opts, (build.__doc__ or "").strip().splitlines()[0])
+    Console().print(table)
+
+
+def cmd_tasks_show(args: argparse.Namespace) -> None:
+    from r1kit.config import parse_overrides
+    from r1kit.tasks import TASKS, load_task, task_options
+
+    task = load_task(args.name, args.data, **parse_overrides(args.overrides))
+    console = Console()
+    console.print(f"[bold]{args.name}[/bold]: {(TASKS[args.name].__doc__ or '').strip()}")
+    console.print("options: " + ", ".join(f"{k}={v}" for k, v in task_options(args.name).items()))
+    console.print(f"rows: {len(task)}")
+    for row in task.rows[: args.rows]:
+        shown = {k: v for k, v in row.items() if not k.startswith("_")}
+        console.print_json(json.dumps(shown, ensure_ascii=False))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, every subcommand with its own --help."""
+    parser = argparse.ArgumentParser(
+        prog="r1kit", description="The DeepSeek-R1 recipe on your own hardware and your own verifiable tasks.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"r1kit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("eval", help="evaluate a model: pass@1 over k samples, cons@k, pass@k",
+                       description="Sample k completions per problem (T=0.6, top-p 0.95 as in the R1 paper), "
+                       "verify each, and write results.json, samples.jsonl and summary.md to --out.")
+    add_config_arguments(p, EvalConfig)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job: the embedded model on held-out arithmetic",
+                       description="Evaluate the embedded SmolLM2-135M-Instruct on held-out arithmetic problems.")
+    add_config_arguments(p, DemoConfig)
+    p.set_defaults(func=cmd_demo)
+
+    models = sub.add_parser("models", help="import GGUF files, show model identity").add_subparsers(
+        dest="models_command", required=True, metavar="ACTION")
+    p = models.add_parser("info", help="architecture, parameters, dtype and weight sha256 of a model")
+    p.add_argument("spec", help="'default', a .gguf file or a local HF folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models_info)
+    p = models.add_parser("import", help="dequantize a GGUF file into a trainable HF checkpoint")
+    p.add_argument("gguf", help="the .gguf file")
+    p.add_argument("out_dir", help="folder to write the HF checkpoint to")
+    p.set_defaults(func=cmd_models_import)
+
+    tasks = sub.add_parser("tasks", help="list the built-in tasks, show one").add_subparsers(
+        dest="tasks_command", required=True, metavar="ACTION")
+    p = tasks.add_parser("list", help="every built-in task with its options")
+    p.set_defaults(func=cmd_tasks_list)
+    p = tasks.add_parser("show", help="a task's description, options and first rows")
+    p.add_argument("name", help="task name")
+    p.add_argument("--data", help="JSONL file for data-backed tasks")
+    p.add_argument("--rows", type=int, default=3, help="rows to print (default: 3)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="task options, e.g. digits=3")
+    p.set_defaults(func=cmd_tasks_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `r1kit` command; expected errors print one line and exit 2."""
+    from r1kit.models import ModelError
+    from r1kit.tasks import DataError
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after flags too, which argparse alone does not allow
+    stray = [a for a in extra if "=" not in a or a.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        args.func(args)
+    except (ConfigError, ModelError, DataError, ValueError) as e:
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {e}", highlight=False)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

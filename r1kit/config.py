@@ -1,0 +1,145 @@
+"""Typed configs, one per command: defaults < YAML file < command-line flags < key=value overrides."""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names the source and each bad key."""
+
+
+class Config(BaseModel):
+    """Base of every command's config: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class EvalConfig(Config):
+    """`r1kit eval`: sample k completions per problem and score them."""
+
+    model: str = Field("default", description="'default', a .gguf file or a local HF folder")
+    task: str = Field("gsm8k", description="a built-in task (see `r1kit tasks list`)")
+    data: str | None = Field(None, description="JSONL file for data-backed tasks (gsm8k, math500, aime, jsonl)")
+    task_args: dict[str, Any] = Field(default_factory=dict,
+                                      description="task options, e.g. task_args.digits=3 (see `r1kit tasks show`)")
+    samples: int = Field(4, ge=1, description="k: completions sampled per problem")
+    temperature: float = Field(0.6, ge=0, description="sampling temperature; 0 is greedy")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 keeps all")
+    min_p: float = Field(0.0, ge=0, lt=1, description="drop tokens below min_p times the top probability")
+    max_new_tokens: int = Field(1024, ge=1, description="completion length limit in tokens")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first L problems")
+    template: Literal["auto", "r1zero", "chat", "chat_plain", "raw"] = Field(
+        "auto", description="prompt template (auto: chat for instruct models, r1zero for base models)")
+    seed: int = Field(0, description="sampling seed")
+    batch_size: int = Field(64, ge=1, description="sequences generated together")
+    backend: Literal["auto", "hf"] = Field("auto", description="generation backend")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU")
+    out: str = Field("runs/eval", description="output folder for results.json, samples.jsonl, summary.md")
+
+
+class DemoConfig(Config):
+    """`r1kit demo`: evaluate the embedded model on arithmetic problems."""
+
+    problems: int = Field(20, ge=1, description="held-out arithmetic problems")
+    samples: int = Field(4, ge=1, description="completions per problem")
+    max_new_tokens: int = Field(192, ge=1, description="completion length limit in tokens")
+    device: str = Field("auto", description="auto, cpu, cuda")
+    out: str = Field("runs/demo", description="output folder")
+
+
+def _set_dotted(target: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for p in parents:
+        target = target.setdefault(p, {})
+    target[last] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings into a nested dict; values are read as YAML (`3` is an int, `[a, b]` a list)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        _set_dotted(out, key.replace("-", "_"), yaml.safe_load(value) if value else "")
+    return out
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(cls: type[Config], path: str | Path | None = None, *layers: dict[str, Any]) -> Config:
+    """Build cls from a YAML file and then each layer of values in turn, later layers winning."""
+    values: dict[str, Any] = {}
+    source = "defaults"
+    if path:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read config ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config is a mapping of keys to values")
+        values = loaded
+    for layer in layers:
+        values = _merge(values, layer)
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"config ({source} and overrides): {problems}") from None
+
+
+def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
+    """(argparse type, choices) for a field annotation; None type for fields without a flag."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else annotation
+    if typing.get_origin(annotation) is Literal:
+        return str, list(typing.get_args(annotation))
+    if annotation is bool:
+        return "bool", None
+    if annotation in (int, float, str):
+        return annotation, None
+    return None, None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
+    """A --flag per scalar field of cls (help from its description), --config FILE and key=value overrides."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file of settings (flags and overrides win)")
+    for name, field in cls.model_fields.items():
+        kind, choices = _flag_type(field.annotation)
+        if kind is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = field.get_default(call_default_factory=True)
+        help_ = f"{field.description} (default: {default})"
+        if kind == "bool":
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="any setting, nested ones dotted (e.g. task_args.digits=3)")
+
+
+def config_from_args(cls: type[Config], args: argparse.Namespace) -> Config:
+    """The config a parsed command line describes."""
+    flags = {name: getattr(args, name) for name in cls.model_fields if getattr(args, name, None) is not None}
+    return load_config(cls, args.config, flags, parse_overrides(args.overrides))

@@ -1,0 +1,158 @@
+"""`r1kit eval`: sample k completions per problem, verify them, and write results, samples and a summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from r1kit import __version__
+from r1kit.config import EvalConfig
+from r1kit.eval.metrics import cons_at_k, length_stats, pass_at_k, pass_ks
+from r1kit.eval.report import metrics_table, write_summary
+from r1kit.prompts import build_prompt, resolve_template, split_trace
+from r1kit.rewards import (
+    format_reward,
+    language_consistency_reward,
+    reward_columns,
+    score_completions,
+    tag_count_reward,
+)
+from r1kit.rollout import Completion, Generator, SamplingParams, make_generator
+from r1kit.tasks import Task, load_task
+
+CORRECT = 0.5  # a sample counts as correct for pass@k / cons@k when its accuracy is at least this
+
+
+@dataclass
+class EvalRun:
+    """What an evaluation produced: one record per sample and the generation time they took."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    generation_s: float = 0.0
+    reward_failures: dict[str, int] = field(default_factory=dict)
+
+
+def score_group(task: Task, rows: list[dict], prompts: list[str], completions: list[Completion],
+                k: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """A record per completion (k per row, in row order) with its trace, extracted answer and rewards."""
+    flat_rows = [row for row in rows for _ in range(k)]
+    flat_prompts = [p for p in prompts for _ in range(k)]
+    texts = [c.text for c in completions]
+    rewards = {"accuracy": (task.reward, 1.0), "format": (format_reward, 0.0),
+               "tag_count": (tag_count_reward, 0.0), "language": (language_consistency_reward, 0.0)}
+    scores = score_completions(rewards, texts, reward_columns(flat_rows, flat_prompts))
+    records = []
+    for i, (row, completion) in enumerate(zip(flat_rows, completions, strict=True)):
+        reasoning, answer = split_trace(completion.text)
+        records.append({
+            "problem": row.get("id", i // k), "sample": i % k, "prompt": flat_prompts[i],
+            "completion": completion.text, "reasoning": reasoning, "answer": answer,
+            "extracted": task.extract(completion.text, row), "gold": row["answer"],
+            "rewards": {name: s[i] for name, s in scores.per_reward.items()},
+            "finish_reason": completion.finish_reason, "tokens": len(completion.token_ids),
+        })
+    return records, scores.failures
+
+
+def evaluate(task: Task, generator: Generator, tokenizer, params: SamplingParams, template: str = "auto",
+             chunk: int = 64, progress: Progress | None = None, on_records=None,
+             run: EvalRun | None = None) -> EvalRun:
+    """Generate params.n samples per row of task (chunk rows at a time) and score each, filling run."""
+    run = run if run is not None else EvalRun()
+    bar = progress.add_task(task.name, total=len(task) * params.n) if progress else None
+    advance = (lambda n: progress.advance(bar, n)) if progress else None
+    for start in range(0, len(task), chunk):
+        rows = task.rows[start : start + chunk]
+        prompts = [build_prompt(row["prompt"], tokenizer, template) for row in rows]
+        t0 = time.perf_counter()
+        completions = generator.generate(prompts, params, progress=advance)
+        run.generation_s += time.perf_counter() - t0
+        records, failures = score_group(task, rows, prompts, completions, params.n)
+        for name, count in failures.items():
+            run.reward_failures[name] = run.reward_failures.get(name, 0) + count
+        run.records.extend(records)
+        if on_records:
+            on_records(records)
+    return run
+
+
+def summarize(records: list[dict[str, Any]], k: int, same_answer, generation_s: float) -> dict[str, Any]:
+    """pass@1 (mean over k samples), pass@k, cons@k, format and truncation rates, lengths, throughput."""
+    problems = [records[i : i + k] for i in range(0, len(records), k)]
+    accuracy = [[s["rewards"]["accuracy"] for s in p] for p in problems]
+    correct = [sum(a >= CORRECT for a in acc) for acc in accuracy]
+    tokens = [s["tokens"] for s in records]
+    metrics: dict[str, Any] = {
+        "problems": len(problems), "samples_per_problem": k,
+        "pass@1": sum(sum(a) / k for a in accuracy) / max(len(problems), 1),
+    }
+    for kk in pass_ks(k)[1:]:
+        metrics[f"pass@{kk}"] = sum(pass_at_k(k, c, kk) for c in correct) / max(len(problems), 1)
+    metrics[f"cons@{k}"] = sum(
+        cons_at_k([s["extracted"] for s in p], [a >= CORRECT for a in acc], same_answer)
+        for p, acc in zip(problems, accuracy, strict=True)) / max(len(problems), 1)
+    metrics["format_rate"] = sum(s["rewards"]["format"] for s in records) / max(len(records), 1)
+    metrics["truncation_rate"] = sum(s["finish_reason"] == "length" for s in records) / max(len(records), 1)
+    metrics["response_tokens"] = length_stats(tokens)
+    metrics["generation_s"] = generation_s
+    metrics["tokens_per_s"] = sum(tokens) / generation_s if generation_s > 0 else 0.0
+    return metrics
+
+
+def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
+    """The eval command: load model and task, evaluate with a progress bar, write the run folder."""
+    from r1kit.models import load_model, weights_sha256
+
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    task = load_task(cfg.task, cfg.data, **cfg.task_args).head(cfg.limit)
+    model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype)
+    generator = make_generator(model, tokenizer, cfg.backend, cfg.batch_size)
+    params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            min_p=cfg.min_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples_file = (out / "samples.jsonl").open("w", encoding="utf-8")
+
+    def save(records: list[dict]) -> None:
+        samples_file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        samples_file.flush()
+
+    chunk = max(1, 4 * cfg.batch_size // cfg.samples)
+    interrupted = False
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    run = EvalRun()
+    with samples_file, Progress(*columns, console=console) as progress:
+        try:
+            evaluate(task, generator, tokenizer, params, cfg.template, chunk, progress, save, run)
+        except KeyboardInterrupt:
+            interrupted = True
+            console.print("[yellow]interrupted: writing results for the problems finished so far")
+    results = {
+        "r1kit_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"spec": cfg.model, "path": str(model.name_or_path), "sha256": weights_sha256(model.name_or_path),
+                  "architecture": type(model).__name__, "dtype": str(model.dtype).removeprefix("torch."),
+                  "device": str(model.device)},
+        "task": {"name": task.name, "rows": len(task), **task.meta},
+        "sampling": {**params.to_dict(), "template": resolve_template(cfg.template, tokenizer),
+                     "backend": cfg.backend},
+        "config": cfg.model_dump(),
+        "metrics": summarize(run.records, cfg.samples, task.same_answer, run.generation_s),
+        "reward_failures": run.reward_failures,
+        "wall_s": time.perf_counter() - started,
+        "interrupted": interrupted,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_summary(results, run.records, out / "summary.md")
+    console.print(metrics_table(results))
+    console.print(f"wrote {out}/results.json, samples.jsonl, summary.md")
+    return results

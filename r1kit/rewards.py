@@ -1,0 +1,188 @@
+"""Rule-based rewards with TRL's signature: `fn(completions: list[str], **columns) -> list[float]`.
+
+Completions may be plain strings or, as TRL passes them for conversational data, lists of
+messages; each function reads the text of the last message. Columns are the task rows' fields
+(`answer`, `prompts`, ...), one list entry per completion.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from r1kit.grading import score_answer
+from r1kit.prompts import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, split_trace
+
+RewardFn = Callable[..., list[float]]
+
+_FORMAT = re.compile(r"^\s*<think>(?P<reasoning>.*?\S.*?)</think>(?P<answer>.*)$", re.DOTALL)
+_WORD = re.compile(r"\w+")
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion given as a string or as TRL's list of messages."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    raise TypeError(f"a completion is a string or a list of messages, not {type(completion).__name__}")
+
+
+def accuracy_reward(completions: Sequence[Any], answer: Sequence[str], **kwargs: Any) -> list[float]:
+    """1.0 when the final answer (last \\boxed{}, else <answer>, else last number) equals `answer`."""
+    return [score_answer(completion_text(c), str(gold)) for c, gold in zip(completions, answer, strict=True)]
+
+
+def format_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
+    """1.0 when the reasoning is inside <think>...</think> and a non-empty answer follows."""
+    scores = []
+    for c in completions:
+        match = _FORMAT.match(completion_text(c))
+        ok = bool(match) and THINK_OPEN not in match["answer"] and THINK_CLOSE not in match["answer"]
+        if ok and ANSWER_OPEN in match["answer"]:
+            ok = ANSWER_CLOSE in match["answer"]
+        ok = ok and bool(split_trace(completion_text(c))[1])
+        scores.append(1.0 if ok else 0.0)
+    return scores
+
+
+def tag_count_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
+    """Partial credit, 0.25 a piece: <think> once, </think> once, an answer block (or \\boxed) after it."""
+    scores = []
+    for c in completions:
+        text = completion_text(c)
+        score = 0.25 * (text.count(THINK_OPEN) == 1) + 0.25 * (text.count(THINK_CLOSE) == 1)
+        after = text.split(THINK_CLOSE, 1)[1] if THINK_CLOSE in text else ""
+        if ANSWER_OPEN in after or ANSWER_CLOSE in after:
+            score += 0.25 * (after.count(ANSWER_OPEN) == 1) + 0.25 * (after.count(ANSWER_CLOSE) == 1)
+        elif "\\boxed" in after:
+            score += 0.5
+        scores.append(score)
+    return scores
+
+
+def script_of(word: str) -> str:
+    """The Unicode script of a word's first letter (LATIN, CJK, CYRILLIC, ...), or DIGIT."""
+    ch = word[0]
+    if ch.isdigit() or ch == "_":
+        return "DIGIT"
+    name = unicodedata.name(ch, "UNKNOWN")
+    for script in ("CJK", "HIRAGANA", "KATAKANA", "HANGUL"):
+        if script in name:
+            return "CJK"
+    return name.split(" ")[0]
+
+
+def _words_by_script(text: str) -> list[str]:
+    return [s for s in map(script_of, _WORD.findall(text)) if s != "DIGIT"]
+
+
+def language_consistency_reward(
+    completions: Sequence[Any], prompts: Sequence[Any] | None = None, **kwargs: Any
+) -> list[float]:
+    """Share of the reasoning's words written in the prompt's script, as in the R1 paper (1.0 if no words)."""
+    prompts = prompts if prompts is not None else kwargs.get("prompt")
+    if prompts is None:
+        raise ValueError("language_consistency_reward needs the prompts (column 'prompts' or 'prompt')")
+    scores = []
+    for c, p in zip(completions, prompts, strict=True):
+        prompt_scripts = _words_by_script(completion_text(p))
+        target = max(set(prompt_scripts), key=prompt_scripts.count) if prompt_scripts else "LATIN"
+        reasoning = split_trace(completion_text(c))[0] or completion_text(c)
+        words = _words_by_script(reasoning)
+        scores.append(sum(w == target for w in words) / len(words) if words else 1.0)
+    return scores
+
+
+def soft_overlong_penalty(
+    completions: Sequence[Any],
+    completion_ids: Sequence[Sequence[int]] | None = None,
+    *,
+    max_tokens: int,
+    buffer_tokens: int,
+    **kwargs: Any,
+) -> list[float]:
+    """DAPO's soft overlong penalty: 0 up to max-buffer tokens, falling linearly to -1 at max_tokens.
+
+    Lengths are token counts when `completion_ids` is given (as TRL passes it), else characters / 4.
+    """
+    if completion_ids is None:
+        lengths = [len(completion_text(c)) / 4 for c in completions]
+    else:
+        lengths = [len(ids) for ids in completion_ids]
+    start = max_tokens - buffer_tokens
+    return [max(-1.0, min(0.0, (start - n) / max(buffer_tokens, 1))) for n in lengths]
+
+
+REWARDS: dict[str, RewardFn] = {
+    "accuracy": accuracy_reward,
+    "format": format_reward,
+    "tag_count": tag_count_reward,
+    "language": language_consistency_reward,
+    "length": soft_overlong_penalty,
+}
+
+
+def make_reward(name: str, **options: Any) -> RewardFn:
+    """A built-in reward by name, its options bound (e.g. `length` with max_tokens, buffer_tokens)."""
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; built-in rewards: {', '.join(REWARDS)}")
+    fn = REWARDS[name]
+    return partial(fn, **options) if options else fn
+
+
+def reward_columns(rows: list[dict[str, Any]], prompts: list[Any]) -> dict[str, list[Any]]:
+    """TRL-style columns for one completion per (row, prompt): every row field, `prompts` and `row`."""
+    keys = dict.fromkeys(k for row in rows for k in row if not k.startswith("_"))
+    columns = {k: [row.get(k) for row in rows] for k in keys}
+    return {**columns, "prompts": list(prompts), "row": list(rows)}
+
+
+@dataclass
+class RewardScores:
+    """Rewards of one batch: the weighted total and each function's own scores."""
+
+    total: list[float]
+    per_reward: dict[str, list[float]]
+    failures: dict[str, int] = field(default_factory=dict)
+
+
+def _call_isolated(fn: RewardFn, completions: list[Any], columns: dict[str, list[Any]]) -> tuple[list[float], int]:
+    """Scores of fn, a sample whose call raises (or returns None) scoring 0.0; also the failure count."""
+    try:
+        return [0.0 if s is None else float(s) for s in fn(completions, **columns)], 0
+    except Exception:  # noqa: BLE001 - a user's reward function may raise anything
+        pass
+    scores, failures = [], 0
+    for i, c in enumerate(completions):
+        try:
+            (s,) = fn([c], **{k: [v[i]] for k, v in columns.items()})
+            scores.append(0.0 if s is None else float(s))
+        except Exception:  # noqa: BLE001
+            scores.append(0.0)
+            failures += 1
+    return scores, failures
+
+
+def score_completions(
+    rewards: dict[str, tuple[RewardFn, float]], completions: list[Any], columns: dict[str, list[Any]]
+) -> RewardScores:
+    """Weighted sum of reward functions; a function that raises scores 0.0 for that sample and warns."""
+    per_reward, failures = {}, {}
+    total = [0.0] * len(completions)
+    for name, (fn, weight) in rewards.items():
+        scores, failed = _call_isolated(fn, completions, columns)
+        if len(scores) != len(completions):
+            raise ValueError(f"reward {name!r} returned {len(scores)} scores for {len(completions)} completions")
+        if failed:
+            failures[name] = failed
+            warnings.warn(f"reward {name!r} raised on {failed} of {len(completions)} samples; scored 0.0",
+                          RuntimeWarning, stacklevel=2)
+        per_reward[name] = scores
+        total = [t + weight * s for t, s in zip(total, scores, strict=True)]
+    return RewardScores(total=total, per_reward=per_reward, failures=failures)

@@ -1,0 +1,110 @@
+"""The reference backend: HF `generate` for the forward passes and KV cache, r1kit's sampler for tokens."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from r1kit.rollout.sampler import sample
+from r1kit.rollout.types import Completion, Progress, SamplingParams
+
+
+class _Sampler(LogitsProcessor):
+    """Samples with r1kit's sampler and forces HF's greedy step to take that token, recording its logprob."""
+
+    def __init__(self, params: SamplingParams, generator: torch.Generator | None):
+        self.params, self.generator = params, generator
+        self.logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        tokens, logprobs = sample(scores.float(), self.params, self.generator)
+        self.logprobs.append(logprobs)
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter_(-1, tokens[:, None], 0.0)
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every token id that ends a sequence for this model (generation config and tokenizer)."""
+    ids = model.generation_config.eos_token_id if model.generation_config else None
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class HFGenerator:
+    """Generator backed by `model.generate`, batching prompts of similar length together."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 64):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    def encode(self, prompt: str) -> list[int]:
+        """Prompt token ids; no second BOS when the (chat-templated) text already starts with one."""
+        bos = self.tokenizer.bos_token
+        special = not (bos and prompt.startswith(bos))
+        return self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], params: SamplingParams, progress: Progress | None = None
+                 ) -> list[Completion]:
+        """n completions per prompt, grouped by prompt in prompt order."""
+        device = self.model.device
+        generator = torch.Generator(device).manual_seed(params.seed) if params.seed is not None else None
+        encoded = [self.encode(p) for p in prompts]
+        jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(params.n)),
+                      key=lambda job: -len(encoded[job[0]]))
+        results: dict[tuple[int, int], Completion] = {}
+        for start in range(0, len(jobs), self.batch_size):
+            batch = jobs[start : start + self.batch_size]
+            completions = self._generate_batch([encoded[i] for i, _ in batch], params, generator)
+            for (i, s), completion in zip(batch, completions, strict=True):
+                completion.prompt_index = i
+                results[i, s] = completion
+            if progress:
+                progress(len(batch))
+        return [results[i, s] for i in range(len(prompts)) for s in range(params.n)]
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
+                        generator: torch.Generator | None) -> list[Completion]:
+        width = max(map(len, prompts))
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.model.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                                      device=self.model.device)
+        sampler = _Sampler(params, generator)
+        config = GenerationConfig(max_new_tokens=params.max_tokens, do_sample=False, pad_token_id=self.pad_id,
+                                  eos_token_id=sorted(self.eos_ids), stop_strings=list(params.stop) or None)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                  logits_processor=LogitsProcessorList([sampler]), tokenizer=self.tokenizer)
+        new_tokens = out[:, width:].tolist()
+        logprobs = torch.stack(sampler.logprobs, 1).tolist()
+        return [self._completion(tokens, lps, params) for tokens, lps in zip(new_tokens, logprobs, strict=True)]
+
+    def _completion(self, tokens: list[int], logprobs: list[float], params: SamplingParams) -> Completion:
+        end = next((t + 1 for t, tok in enumerate(tokens) if tok in self.eos_ids), None)
+        stop_at = self._stop_position(tokens[: end or len(tokens)], params.stop)
+        if stop_at is not None:
+            ids, text = tokens[:stop_at[0]], stop_at[1]
+            reason = "stop"
+        elif end is not None:
+            ids, reason = tokens[:end], "stop"
+            text = self.tokenizer.decode(ids[:-1], skip_special_tokens=True)
+        else:
+            ids, reason = tokens, "length"
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return Completion(text=text, token_ids=ids, logprobs=logprobs[: len(ids)], finish_reason=reason)
+
+    def _stop_position(self, tokens: list[int], stop: tuple[str, ...]) -> tuple[int, str] | None:
+        """(tokens kept, text before the stop string) for the first stop string produced, if any."""
+        if not stop:
+            return None
+        full = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if not any(s in full for s in stop):
+            return None
+        for t in range(1, len(tokens) + 1):
+            text = self.tokenizer.decode(tokens[:t], skip_special_tokens=True)
+            hits = [text.index(s) for s in stop if s in text]
+            if hits:
+                return t, text[: min(hits)]
+        return None

@@ -1,0 +1,61 @@
+"""The types generation speaks: SamplingParams in, Completions out, through a Generator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample: n completions per prompt, temperature 0 meaning greedy."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_tokens < 1:
+            raise ValueError("n and max_tokens must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or not 0 <= self.min_p < 1:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0 and 0 <= min_p < 1")
+
+    def to_dict(self) -> dict:
+        """Every setting, for results files."""
+        return asdict(self)
+
+
+@dataclass
+class Completion:
+    """One sampled continuation: its text, token ids, the logprob of each token and why it ended.
+
+    `logprobs[i]` is log p(token_ids[i]) under softmax(logits / temperature), untruncated by
+    top-p/top-k: the quantity GRPO's importance ratio needs.
+    """
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: FinishReason = "length"
+    prompt_index: int = 0
+
+
+Progress = Callable[[int], None]
+
+
+class Generator(Protocol):
+    """Anything that turns prompts into completions: HF generate today, the rollout engine next."""
+
+    def generate(self, prompts: list[str], params: SamplingParams, progress: Progress | None = None
+                 ) -> list[Completion]:
+        """n completions per prompt, grouped by prompt in prompt order; progress(k) after k more finish."""
+        ...

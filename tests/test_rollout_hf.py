@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+
+from r1kit.models import load_model
+from r1kit.rollout import HFGenerator, SamplingParams
+from r1kit.rollout.sampler import filter_logits
+
+PROMPTS = ["What is 2 + 2?", "Name a prime number larger than one hundred, please.", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+def test_greedy_equals_hf_generate(tiny):
+    model, tokenizer = tiny
+    generator = HFGenerator(model, tokenizer, batch_size=2)
+    completions = generator.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12))
+    for prompt, completion in zip(PROMPTS, completions, strict=True):
+        ids = torch.tensor([generator.encode(prompt)])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        assert completion.token_ids == ref[: len(completion.token_ids)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+def test_logprobs_equal_a_forward_pass(tiny, temperature):
+    model, tokenizer = tiny
+    generator = HFGenerator(model, tokenizer)
+    params = SamplingParams(n=2, temperature=temperature, top_p=0.9, max_tokens=10, seed=3)
+    for completion in generator.generate(PROMPTS[:2], params):
+        prompt = generator.encode(PROMPTS[completion.prompt_index])
+        ids = torch.tensor([prompt + completion.token_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+        logits = logits / (temperature or 1.0)
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(completion.token_ids)[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-4)
+
+
+def test_n_samples_grouped_by_prompt_and_seeded(tiny):
+    generator = HFGenerator(*tiny, batch_size=4)
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=11)
+    first = generator.generate(PROMPTS, params)
+    assert [c.prompt_index for c in first] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [c.token_ids for c in generator.generate(PROMPTS, params)] == [c.token_ids for c in first]
+    other = generator.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=12))
+    assert [c.token_ids for c in other] != [c.token_ids for c in first]
+
+
+def test_stop_strings_cut_the_text(tiny):
+    generator = HFGenerator(*tiny)
+    full = generator.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=16))[0]
+    stop = full.text[len(full.text) // 2 :][:3]
+    assert stop.strip()
+    cut = generator.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=16, stop=(stop,)))[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert full.text.startswith(cut.text) and len(cut.token_ids) <= len(full.token_ids)
+
+
+def test_eos_and_length_finish_reasons(tiny):
+    model, tokenizer = tiny
+    generator = HFGenerator(model, tokenizer)
+    eos = tokenizer.eos_token_id
+    words = tokenizer.encode("hello world", add_special_tokens=False)
+    ended = generator._completion([*words, eos, eos, eos], [-0.1] * (len(words) + 3), SamplingParams())
+    assert ended.finish_reason == "stop" and ended.token_ids == [*words, eos] and ended.text == "hello world"
+    assert len(ended.logprobs) == len(words) + 1
+    cut = generator._completion(words, [-0.1] * len(words), SamplingParams())
+    assert cut.finish_reason == "length" and cut.token_ids == words
+
+
+def test_filter_logits_by_hand():
+    logits = torch.tensor([[math.log(p) for p in (0.5, 0.3, 0.15, 0.05)]])
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, **{"top_k": 0, "top_p": 1.0, "min_p": 0.0, **kw}))
+    assert kept(top_p=0.8).tolist() == [[True, True, False, False]]
+    assert kept(top_p=0.81).tolist() == [[True, True, True, False]]
+    assert kept(top_p=0.1).tolist() == [[True, False, False, False]]
+    assert kept(top_k=3).tolist() == [[True, True, True, False]]
+    assert kept(min_p=0.2).tolist() == [[True, True, True, False]]  # 0.05 < 0.2 * 0.5
+
+
+def test_bad_sampling_params():
+    with pytest.raises(ValueError, match="n and max_tokens must be at least 1"):
+        SamplingParams(n=0)
+    with pytest.raises(ValueError, match="0 < top_p <= 1"):
+        SamplingParams(top_p=0)

@@ -1,0 +1,100 @@
+import json
+
+import pytest
+
+from r1kit.tasks import DataError, load_task, read_jsonl, task_options
+from r1kit.tasks.countdown import check_equation, countdown_verify
+from r1kit.tasks.expr import evaluate
+
+
+def test_arithmetic_is_seeded_and_verified():
+    a, b = load_task("arithmetic", n=5, seed=7), load_task("arithmetic", n=5, seed=7)
+    assert a.rows == b.rows and a.rows != load_task("arithmetic", n=5, seed=8).rows
+    for row in load_task("arithmetic", n=50, digits=2, ops="+-*/", terms=3).rows:
+        value, _ = evaluate(row["expression"])
+        assert value == int(row["answer"])
+        assert a.verify(f"<think>...</think> \\boxed{{{row['answer']}}}", row) == 1.0
+        assert a.verify(f"\\boxed{{{int(row['answer']) + 1}}}", row) == 0.0
+
+
+def test_arithmetic_rejects_bad_options():
+    with pytest.raises(ValueError, match="ops must be made of"):
+        load_task("arithmetic", ops="+^")
+    with pytest.raises(ValueError, match="task 'arithmetic' has no option foo; its options: n, digits"):
+        load_task("arithmetic", foo=1)
+
+
+def test_countdown_rows_are_solvable_and_verified():
+    task = load_task("countdown", n=20, numbers=3, seed=1)
+    row = {"numbers": [3, 5, 7], "target": 22}
+    assert countdown_verify("<think>..</think><answer> 3 * 5 + 7 </answer>", row) == 1.0
+    assert countdown_verify("<answer>(7 + 5) * 3 - 14 = 22</answer>", row) == 0.0  # 14 not given
+    assert countdown_verify("\\boxed{3 \\times 5 + 7}", row) == 1.0
+    assert countdown_verify("<answer>3 * 5 + 7 = 22</answer>", row) == 1.0
+    assert countdown_verify("<answer>3 * 5 + 8</answer>", row) == 0.0
+    assert countdown_verify("no answer", row) == 0.0
+    assert all(r["target"] >= 1 and len(r["numbers"]) == 3 for r in task.rows)
+
+
+@pytest.mark.parametrize("equation, message", [
+    ("__import__('os').system('echo hacked')", "found Call"),
+    ("(5 + 5) * 3 - 7", "uses numbers not given \\(or reused\\): \\[5\\]"),
+    ("3 * 5 + 9", "uses numbers not given \\(or reused\\): \\[9\\]"),
+    ("3 ** 5", "found BinOp"),
+    ("-3 + 5 * 7", "found UnaryOp"),
+    ("3.0 * 5 + 7", "found Constant"),
+    ("7 / (5 - 5)", "division by zero"),
+    ("x + 3", "found Name"),
+    ("3 +", "not an arithmetic expression"),
+    ("(" * 150 + "3" + ")" * 150, "longer than 200 characters"),
+])
+def test_countdown_rejects_unsafe_or_invalid(equation, message):
+    with pytest.raises(ValueError, match=message):
+        check_equation(equation, [3, 5, 7], 22)
+    assert countdown_verify(f"<answer>{equation}</answer>", {"numbers": [3, 5, 7], "target": 22}) == 0.0
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b", "answer": 2\n')
+    with pytest.raises(DataError, match=f"^{path}:3: not valid JSON"):
+        read_jsonl(path)
+    path.write_text('{"prompt": "a", "answer": "1"}\n[1, 2]\n')
+    with pytest.raises(DataError, match=f"^{path}:2: expected a JSON object, got list$"):
+        read_jsonl(path)
+    path.write_text('{"question": "a", "answer": "1"}\n')
+    with pytest.raises(DataError, match=f"^{path}:1: missing field 'prompt' \\(fields: question, answer\\)$"):
+        load_task("jsonl", data=str(path))
+
+
+def test_jsonl_task_with_field_mapping_and_custom_verifier(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"q": f"Say {w}", "gold": w}) + "\n" for w in ["yes", "no"]))
+    verifier = tmp_path / "my_verifier.py"
+    verifier.write_text("def verify(completion, row):\n    return completion.strip().lower() == row['gold']\n")
+    task = load_task("jsonl", data=str(path), prompt_field="q", answer_field="gold",
+                     verifier=f"{verifier}:verify")
+    assert [r["prompt"] for r in task.rows] == ["Say yes", "Say no"]
+    assert task.verify(" YES", task.rows[0]) == 1.0 and task.verify("yes", task.rows[1]) == 0.0
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        load_task("jsonl", data=str(path), prompt_field="q", answer_field="gold", verifier=f"{verifier}:nope")
+    with pytest.raises(ValueError, match="verifier must be 'module:function'"):
+        load_task("jsonl", data=str(path), prompt_field="q", answer_field="gold", verifier="nocolon")
+
+
+@pytest.mark.parametrize("name, file", [("gsm8k", "gsm8k_test.jsonl"), ("math500", "math500_test.jsonl"),
+                                        ("aime", "aime24.jsonl")])
+def test_benchmarks_load_and_grade_their_own_gold(name, file, data_dir):
+    task = load_task(name, data=str(data_dir / file)).head(25)
+    assert task.rows and all(r["prompt"] and r["answer"] for r in task.rows)
+    for row in task.rows:
+        assert task.verify(f"<think>solved</think> The answer is \\boxed{{{row['answer']}}}.", row) == 1.0
+
+
+def test_benchmark_without_data_says_how(monkeypatch):
+    monkeypatch.delenv("R1KIT_DATA", raising=False)
+    with pytest.raises(DataError, match="task 'gsm8k' needs its data: pass --data PATH"):
+        load_task("gsm8k")
+    with pytest.raises(ValueError, match="takes no data file"):
+        load_task("arithmetic", data="x.jsonl")
+    assert task_options("countdown") == {"n": 100, "numbers": 3, "max_number": 50, "seed": 0}
