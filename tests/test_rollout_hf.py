@@ -75,7 +75,8 @@ def test_eos_and_length_finish_reasons(tiny):
 
 def test_filter_logits_by_hand():
     logits = torch.tensor([[math.log(p) for p in (0.5, 0.3, 0.15, 0.05)]])
-    kept = lambda **kw: torch.isfinite(filter_logits(logits, **{"top_k": 0, "top_p": 1.0, "min_p": 0.0, **kw}))
+    def kept(**kw):
+        return torch.isfinite(filter_logits(logits, **{"top_k": 0, "top_p": 1.0, "min_p": 0.0, **kw}))
     assert kept(top_p=0.8).tolist() == [[True, True, False, False]]
     assert kept(top_p=0.81).tolist() == [[True, True, True, False]]
     assert kept(top_p=0.1).tolist() == [[True, False, False, False]]
