@@ -10,12 +10,21 @@ from rich.console import Console
 from rich.table import Table
 
 from r1kit import __version__
-from r1kit.config import ConfigError, DemoConfig, EvalConfig, add_config_arguments, config_from_args
+from r1kit.config import (
+    ConfigError,
+    DemoConfig,
+    EvalConfig,
+    TrainConfig,
+    add_config_arguments,
+    config_from_args,
+)
 
 EPILOG = """examples:
   r1kit demo                                    evaluate the embedded model on arithmetic
   r1kit eval --task gsm8k --data gsm8k_test.jsonl --samples 4 --limit 200
   r1kit eval --task arithmetic task_args.digits=3 --temperature 0
+  r1kit train --config examples/train_addition.yaml steps=50
+  r1kit report runs/train
   r1kit tasks show countdown
   r1kit models info default
 """
@@ -25,6 +34,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from r1kit.eval.harness import run_eval
 
     run_eval(config_from_args(EvalConfig, args))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from r1kit.rl.run import INTERRUPTED, run_train
+
+    return INTERRUPTED if run_train(config_from_args(TrainConfig, args))["interrupted"] else 0
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from r1kit.eval.report import write_training_report
+
+    print(f"wrote {write_training_report(args.run_dir)}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -91,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("train", help="GRPO with rule-based rewards (R1-Zero from a base model)",
+                       description="Group Relative Policy Optimization: G completions per prompt, rewards from "
+                       "verifiers, group-relative advantages, the clipped objective. Ctrl-C saves a checkpoint; "
+                       "resume=latest continues exactly. Writes metrics.jsonl, TensorBoard events, checkpoints/.")
+    add_config_arguments(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="plots and sample pages of a training run")
+    p.add_argument("run_dir", help="the run folder (the `out` of r1kit train)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("demo", help="the main job: the embedded model on held-out arithmetic",
                        description="Evaluate the embedded SmolLM2-135M-Instruct on held-out arithmetic problems.")
     add_config_arguments(p, DemoConfig)
@@ -122,9 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `r1kit` command; expected errors print one line and exit 2."""
+    from transformers.utils import logging as hf_logging
+
     from r1kit.models import ModelError
     from r1kit.tasks import DataError
 
+    hf_logging.disable_progress_bar()  # r1kit shows its own progress; HF's bars only interleave with it
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after flags too, which argparse alone does not allow
@@ -134,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        args.func(args)
+        code = args.func(args)
     except (ConfigError, ModelError, DataError, ValueError) as e:
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {e}", highlight=False)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

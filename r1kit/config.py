@@ -47,6 +47,63 @@ class EvalConfig(Config):
     out: str = Field("runs/eval", description="output folder for results.json, samples.jsonl, summary.md")
 
 
+class TrainConfig(Config):
+    """`r1kit train`: GRPO with rule-based rewards (R1-Zero when started from a base model)."""
+
+    model: str = Field("default", description="'default', a .gguf file or a local HF folder")
+    task: str = Field("addition", description="a built-in task (see `r1kit tasks list`)")
+    data: str | None = Field(None, description="JSONL training data for data-backed tasks")
+    task_args: dict[str, Any] = Field(default_factory=dict, description="task options, e.g. task_args.high=99")
+    template: Literal["auto", "r1zero", "chat", "chat_plain", "raw"] = Field(
+        "auto", description="prompt template (auto: chat for instruct models, r1zero for base models)")
+    rewards: dict[str, Any] = Field(default_factory=lambda: {"accuracy": 1.0},
+                                    description="reward weights, e.g. rewards.format=0.2 (see README)")
+    group_size: int = Field(8, ge=2, description="G: completions per prompt")
+    prompts_per_step: int = Field(16, ge=1, description="prompts (groups) per step")
+    max_prompt_tokens: int = Field(512, ge=1, description="longer prompts are skipped with a warning")
+    max_completion_tokens: int = Field(256, ge=1, description="completion length limit in tokens")
+    temperature: float = Field(1.0, gt=0, description="rollout sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="rollout nucleus mass")
+    top_k: int = Field(0, ge=0, description="rollout top-k; 0 keeps all")
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = Field("grpo", description="loss aggregation")
+    advantage_scale: Literal["group", "batch", "none"] = Field("group", description="advantage normalization")
+    beta: float = Field(0.0, ge=0, description="KL weight to the reference model (0 loads no reference)")
+    clip_low: float = Field(0.2, ge=0, description="ratio clip below 1")
+    clip_high: float = Field(0.2, ge=0, description="ratio clip above 1 (DAPO clip-higher: 0.28)")
+    num_iterations: int = Field(1, ge=1, description="mu: optimization passes over each batch of rollouts")
+    old_logprobs: Literal["rollout", "recompute"] = Field(
+        "rollout", description="old logprobs from the rollout, or one no-grad pass of the trainer's forward")
+    dynamic_sampling: bool = Field(False, description="drop groups of equal rewards and sample more prompts")
+    max_rollout_rounds: int = Field(4, ge=1, description="dynamic sampling: rollout rounds per step at most")
+    mask_truncated: bool = Field(False, description="leave completions cut at the length limit out of the loss")
+    lr: float = Field(1e-6, gt=0, description="learning rate")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warmup")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup (optimizer steps)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient norm clip")
+    micro_batch_size: int = Field(32, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
+    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 trains all weights")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
+    steps: int = Field(100, ge=1, description="training steps")
+    time_budget_s: float | None = Field(None, gt=0, description="stop after this many seconds of training")
+    seed: int = Field(0, description="seed of data order and sampling")
+    eval_every: int = Field(0, ge=0, description="held-out evaluation every N steps (0: only before and after)")
+    eval_problems: int = Field(256, ge=0, description="held-out problems (0: no evaluation)")
+    eval_samples: int = Field(1, ge=1, description="samples per held-out problem at eval_temperature")
+    eval_temperature: float = Field(1.0, ge=0, description="temperature of sampled evaluation (greedy is also run)")
+    eval_task_args: dict[str, Any] = Field(default_factory=lambda: {"seed": 10_000},
+                                           description="task options of the held-out rows")
+    eval_data: str | None = Field(None, description="JSONL of held-out rows for data-backed tasks")
+    save_every: int = Field(50, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept")
+    resume: str | None = Field(None, description="'latest' or a checkpoint folder to continue from")
+    backend: Literal["auto", "hf"] = Field("auto", description="rollout backend")
+    batch_size: int = Field(256, ge=1, description="sequences generated together")
+    device: str = Field("auto", description="auto, cpu, cuda")
+    out: str = Field("runs/train", description="run folder")
+
+
 class DemoConfig(Config):
     """`r1kit demo`: evaluate the embedded model on arithmetic problems."""
 

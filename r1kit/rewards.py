@@ -143,6 +143,34 @@ def reward_columns(rows: list[dict[str, Any]], prompts: list[Any]) -> dict[str, 
     return {**columns, "prompts": list(prompts), "row": list(rows)}
 
 
+def import_reward(spec: str) -> RewardFn:
+    """A TRL-style reward function named `module:function` (or `path/to/file.py:function`)."""
+    from r1kit.tasks.datasets import import_function
+
+    return import_function(spec, "reward")
+
+
+def build_rewards(weights: dict[str, float | dict[str, Any]], accuracy: RewardFn | None = None
+                  ) -> dict[str, tuple[RewardFn, float]]:
+    """Reward functions with weights from config: `{accuracy: 1.0, length: {weight: 0.5, max_tokens: 256}}`.
+
+    Names are built-ins, or `module:function` for your own TRL-style function; `accuracy` is the
+    task's verifier when one is given.
+    """
+    built = {}
+    for name, setting in weights.items():
+        options = dict(setting) if isinstance(setting, dict) else {"weight": setting}
+        weight = float(options.pop("weight", 1.0))
+        if name == "accuracy" and accuracy is not None and not options:
+            fn = accuracy
+        elif ":" in name:
+            fn = import_reward(name)
+        else:
+            fn = make_reward(name, **options)
+        built[name] = (fn, weight)
+    return built
+
+
 @dataclass
 class RewardScores:
     """Rewards of one batch: the weighted total and each function's own scores."""

@@ -78,3 +78,18 @@ def test_weighted_sum_and_raising_reward_scores_zero_with_warning():
 def test_unknown_reward():
     with pytest.raises(ValueError, match="unknown reward 'nope'"):
         make_reward("nope")
+
+
+def test_build_rewards_from_config(tmp_path):
+    from r1kit.rewards import build_rewards
+
+    mine = tmp_path / "my_rewards.py"
+    mine.write_text("def shorter(completions, **kw):\n    return [1.0 / len(c) for c in completions]\n")
+    rewards = build_rewards({"accuracy": 1.0, "format": 0.25, "length": {"weight": 0.5, "max_tokens": 4,
+                             "buffer_tokens": 2}, f"{mine}:shorter": 2.0})
+    assert {k: w for k, (_, w) in rewards.items()} == {"accuracy": 1.0, "format": 0.25, "length": 0.5,
+                                                         f"{mine}:shorter": 2.0}
+    scores = score_completions(rewards, ["<think>a</think>\\boxed{4}"], {"answer": ["4"], "completion_ids": [[1] * 3]})
+    assert scores.total == [pytest.approx(1.0 + 0.25 - 0.25 + 2.0 / 25)]
+    with pytest.raises(ValueError, match="reward 'nope:fn': cannot import 'nope'"):
+        build_rewards({"nope:fn": 1.0})

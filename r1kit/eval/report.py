@@ -57,3 +57,82 @@ def write_summary(results: dict[str, Any], records: list[dict[str, Any]], path: 
         lines += ["", f"**problem {r['problem']}** (gold `{r['gold']}`, extracted `{r['extracted']}`, "
                   f"accuracy {r['rewards']['accuracy']:.0f})", "", "```text", r["completion"].strip(), "```"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+PANELS: list[tuple[str, list[str]]] = [
+    ("reward", ["reward", "rollout_reward_mean"]),
+    ("held-out accuracy", ["eval/greedy_accuracy", "eval/sampled_accuracy"]),
+    ("rewards", []),  # filled with every rewards/* key
+    ("KL to reference", ["kl"]),
+    ("clip fraction", ["clip_fraction", "clip_low_fraction", "clip_high_fraction"]),
+    ("entropy", ["entropy"]),
+    ("completion length", ["completion_length_mean", "completion_length_max"]),
+    ("truncation / reflection", ["truncation_rate", "reflection_rate"]),
+    ("tokens/s (generation)", ["tokens_per_s"]),
+    ("seconds per step", ["generation_s", "scoring_s", "update_s", "step_s"]),
+    ("groups with zero reward variance", ["zero_variance_groups"]),
+    ("GPU memory (GB)", ["gpu_memory_gb"]),
+]
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_training(rows: list[dict[str, Any]], path: Path) -> None:
+    """One PNG with a panel per family of metrics that the run logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reward_keys = sorted({k for r in rows for k in r if k.startswith("rewards/")})
+    panels = [(title, keys or reward_keys) for title, keys in PANELS]
+    panels = [(t, [k for k in keys if _series(rows, k)[0]]) for t, keys in panels]
+    panels = [(t, keys) for t, keys in panels if keys]
+    cols = 3
+    fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(15, 3.2 * ((len(panels) + 2) // 3)),
+                             squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels, strict=False):
+        for key in keys:
+            steps, values = _series(rows, key)
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_training_report(run_dir: str | Path) -> Path:
+    """report/ of a training run: curves.png and index.md with completions from start, middle and end."""
+    from r1kit.rl.runlog import read_jsonl_rows
+
+    run_dir = Path(run_dir)
+    rows = read_jsonl_rows(run_dir / "metrics.jsonl")
+    if not rows:
+        raise ValueError(f"{run_dir}: no metrics.jsonl (is it the `out` folder of r1kit train?)")
+    report = run_dir / "report"
+    report.mkdir(exist_ok=True)
+    plot_training(rows, report / "curves.png")
+    samples = read_jsonl_rows(run_dir / "samples.jsonl")
+    steps = sorted({s["step"] for s in samples})
+    chosen = dict.fromkeys(steps[i] for i in (0, len(steps) // 2, -1)) if steps else {}
+    evals = [r for r in rows if "eval/greedy_accuracy" in r]
+    lines = [f"# Training report: {run_dir.name}", "", "![curves](curves.png)", ""]
+    if evals:
+        lines += ["| step | held-out greedy | held-out sampled |", "|---|---|---|"]
+        lines += [f"| {r['step']} | {r['eval/greedy_accuracy']:.3f} | {r['eval/sampled_accuracy']:.3f} |"
+                  for r in evals]
+    for step in chosen:
+        lines += ["", f"## Step {step}"]
+        for s in [s for s in samples if s["step"] == step][:4]:
+            lines += ["", f"**{s['prompt']}** (gold `{s['answer']}`, reward {s['reward']:.2f}, {s['finish_reason']})",
+                      "", "```text", s["completion"].strip(), "```"]
+    (report / "index.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return report

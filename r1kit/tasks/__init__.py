@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from r1kit.tasks.addition import addition
 from r1kit.tasks.arithmetic import arithmetic
 from r1kit.tasks.base import DataError, Row, Task, read_jsonl
 from r1kit.tasks.countdown import countdown
@@ -13,6 +14,7 @@ from r1kit.tasks.datasets import aime, gsm8k, jsonl, math500
 
 TASKS: dict[str, Callable[..., Task]] = {
     "arithmetic": arithmetic,
+    "addition": addition,
     "countdown": countdown,
     "gsm8k": gsm8k,
     "math500": math500,

@@ -39,11 +39,11 @@ def _benchmark(name: str) -> Callable[..., Task]:
 gsm8k, math500, aime = (_benchmark(n) for n in ("gsm8k", "math500", "aime"))
 
 
-def load_verifier(spec: str) -> Callable[[str, Row], float]:
-    """The function `module:function` (or `path/to/file.py:function`) that verifies (completion, row)."""
+def import_function(spec: str, what: str = "verifier") -> Callable:
+    """The function `module:function` (or `path/to/file.py:function`)."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"verifier must be 'module:function', got {spec!r}")
+        raise ValueError(f"{what} must be 'module:function', got {spec!r}")
     try:
         if module_name.endswith(".py"):
             spec_ = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
@@ -54,10 +54,16 @@ def load_verifier(spec: str) -> Callable[[str, Row], float]:
         else:
             module = importlib.import_module(module_name)
     except (ImportError, FileNotFoundError) as e:
-        raise ValueError(f"verifier {spec!r}: cannot import {module_name!r} ({e})") from None
+        raise ValueError(f"{what} {spec!r}: cannot import {module_name!r} ({e})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"verifier {spec!r}: {module_name!r} has no function {attr!r}")
+        raise ValueError(f"{what} {spec!r}: {module_name!r} has no function {attr!r}")
+    return fn
+
+
+def load_verifier(spec: str) -> Callable[[str, Row], float]:
+    """A verifier `module:function` called as fn(completion, row), its result read as a float."""
+    fn = import_function(spec)
     return lambda completion, row: float(fn(completion, row))
 
 

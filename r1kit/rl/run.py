@@ -1,0 +1,223 @@
+"""`r1kit train`: build the run (model, tasks, rewards, trainer), loop over steps, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from r1kit.config import TrainConfig
+from r1kit.eval.harness import evaluate, summarize
+from r1kit.models import load_model, resolve_model
+from r1kit.rewards import build_rewards
+from r1kit.rl.checkpoint import list_checkpoints, load_state, save_checkpoint, set_rng_state
+from r1kit.rl.runlog import RunLog
+from r1kit.rl.trainer import GRPOTrainer, Rollouts
+from r1kit.rollout import SamplingParams, make_generator
+from r1kit.tasks import Task, load_task, task_options
+
+HELD_OUT_SEED = 10_000
+INTERRUPTED = 130
+
+
+def build_tasks(cfg: TrainConfig) -> tuple[Task, Task | None]:
+    """Training rows and held-out rows; no held-out prompt is ever trained on."""
+    train = load_task(cfg.task, cfg.data, **cfg.task_args)
+    if cfg.eval_problems == 0:
+        return train, None
+    options = task_options(cfg.task)
+    if "data" in options and cfg.eval_data is None:
+        held = Task(train.name, train.rows[-cfg.eval_problems :], train.verify, train.extract, train.same_answer,
+                    train.meta)
+    else:
+        args = {**cfg.task_args, **cfg.eval_task_args}
+        if "seed" in options and "seed" not in cfg.eval_task_args:
+            args["seed"] = HELD_OUT_SEED
+        if "n" in options and "n" not in cfg.eval_task_args:
+            args["n"] = cfg.eval_problems
+        held = load_task(cfg.task, cfg.eval_data, **args).head(cfg.eval_problems)
+    held_prompts = {row["prompt"] for row in held.rows}
+    train.rows = [row for row in train.rows if row["prompt"] not in held_prompts]
+    if not train.rows:
+        raise ValueError("every training row is also a held-out row; change eval_task_args or eval_data")
+    return train, held
+
+
+def find_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The checkpoint `resume` names: `latest` in this run's folder, or a path."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "latest":
+        found = list_checkpoints(Path(cfg.out) / "checkpoints")
+        if not found:
+            raise ValueError(f"resume=latest: no checkpoint in {cfg.out}/checkpoints")
+        return found[-1]
+    path = Path(cfg.resume)
+    if not (path / "trainer_state.pt").is_file():
+        raise ValueError(f"resume: {path} is not a checkpoint (no trainer_state.pt)")
+    return path
+
+
+def build_policy(cfg: TrainConfig, checkpoint: Path | None):
+    """(policy, tokenizer, reference or None): fp32 master weights, LoRA when lora_r > 0."""
+    full_resume = checkpoint is not None and cfg.lora_r == 0
+    model, tokenizer = load_model(str(checkpoint) if full_resume else cfg.model, cfg.device, "float32")
+    ref = None
+    if cfg.beta > 0 and cfg.lora_r == 0:
+        ref = load_model(cfg.model, cfg.device, "float32")[0] if full_resume else copy.deepcopy(model)
+        ref.requires_grad_(False).eval()
+    if cfg.lora_r:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if checkpoint is not None:
+            model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+        else:
+            model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora_r:
+            model.enable_input_require_grads()
+    model.train()
+    return model, tokenizer, ref
+
+
+def held_out_eval(trainer: GRPOTrainer, task: Task, cfg: TrainConfig) -> dict[str, float]:
+    """Greedy and sampled (eval_temperature) accuracy on the held-out rows."""
+    model = trainer.model
+    model.eval()
+    results = {}
+    settings = {"greedy": SamplingParams(n=1, temperature=0.0, max_tokens=cfg.max_completion_tokens),
+                "sampled": SamplingParams(n=cfg.eval_samples, temperature=cfg.eval_temperature,
+                                          max_tokens=cfg.max_completion_tokens, seed=cfg.seed + HELD_OUT_SEED)}
+    with torch.no_grad(), trainer.autocast():
+        for name, params in settings.items():
+            run = evaluate(task, trainer.generator, trainer.tokenizer, params, cfg.template, chunk=len(task))
+            m = summarize(run.records, params.n, task.same_answer, run.generation_s)
+            results[f"eval/{name}_accuracy"] = m["pass@1"]
+            results[f"eval/{name}_format_rate"] = m["format_rate"]
+            results[f"eval/{name}_length_mean"] = m["response_tokens"]["mean"]
+    model.train()
+    return results
+
+
+def step_samples(batch: Rollouts, group_size: int, groups: int = 1) -> list[dict[str, Any]]:
+    """The completions of the first groups of a step, with their rewards, for the report."""
+    out = []
+    for j, row in enumerate(batch.rows[:groups]):
+        for k in range(group_size):
+            i = j * group_size + k
+            out.append({"prompt": row["prompt"], "answer": row["answer"], "completion": batch.completions[i].text,
+                        "reward": batch.rewards[i].item(), "finish_reason": batch.completions[i].finish_reason})
+    return out
+
+
+class StopRequest:
+    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def progress_line(m: dict[str, Any]) -> str:
+    """A short live summary of a step's metrics."""
+    acc = m.get("rewards/accuracy")
+    parts = [f"reward {m['reward']:.3f}", f"acc {acc:.3f}" if acc is not None else "",
+             f"len {m['completion_length_mean']:.0f}", f"{m['step_s']:.1f} s/step"]
+    if "eval/greedy_accuracy" in m:
+        parts.append("held-out " + eval_line(m))
+    return " · ".join(p for p in parts if p)
+
+
+def eval_line(m: dict[str, float]) -> str:
+    """Held-out accuracy, greedy and sampled, in one line."""
+    return f"greedy {m['eval/greedy_accuracy']:.3f} · sampled {m['eval/sampled_accuracy']:.3f}"
+
+
+def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any]:
+    """The train command; returns the run summary (with `interrupted` when Ctrl-C stopped it)."""
+    console = console or Console(stderr=True)
+    out = Path(cfg.out)
+    checkpoint = find_checkpoint(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    torch.manual_seed(cfg.seed)
+    train_task, held = build_tasks(cfg)
+    model, tokenizer, ref = build_policy(cfg, checkpoint)
+    generator = make_generator(model, tokenizer, cfg.backend, cfg.batch_size)
+    rewards = build_rewards(cfg.rewards, accuracy=train_task.reward)
+    trainer = GRPOTrainer(cfg, model, tokenizer, train_task, rewards, generator, ref)
+    summary: dict[str, Any] = {"model": cfg.model, "model_path": str(resolve_model(cfg.model)), "interrupted": False}
+    if checkpoint is not None:
+        state = load_state(checkpoint)
+        trainer.load_state_dict(state)
+        set_rng_state(state["rng"])
+        summary.update(state.get("summary", {}))
+        console.print(f"resumed from {checkpoint} at step {trainer.step_count}")
+    log = RunLog(out, trainer.step_count)
+    if held is not None and trainer.step_count == 0:
+        summary["before"] = held_out_eval(trainer, held, cfg)
+        log.metrics(0, summary["before"])
+        console.print("held-out before training: " + eval_line(summary["before"]))
+
+    def save() -> Path:
+        return save_checkpoint(out / "checkpoints", trainer.step_count, trainer.model, tokenizer,
+                               {**trainer.state_dict(), "summary": summary}, cfg.keep_checkpoints)
+
+    stop = StopRequest()
+    started, metrics = time.perf_counter(), {}
+    columns = (TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    try:
+        with Progress(*columns, console=console) as progress, warnings.catch_warnings():
+            warnings.simplefilter("always", RuntimeWarning)
+            bar = progress.add_task("", total=cfg.steps, completed=trainer.step_count)
+            while trainer.step_count < cfg.steps:
+                metrics, batch = trainer.step()
+                step = trainer.step_count
+                if held is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    metrics.update(held_out_eval(trainer, held, cfg))
+                metrics["train_s"] = summary.get("train_s", 0.0) + time.perf_counter() - started
+                log.metrics(step, metrics)
+                log.samples(step, step_samples(batch, cfg.group_size))
+                progress.update(bar, completed=step, description=progress_line(metrics))
+                out_of_time = cfg.time_budget_s is not None and metrics["train_s"] >= cfg.time_budget_s
+                if stop.requested or out_of_time:
+                    break
+                if cfg.save_every and step % cfg.save_every == 0:
+                    save()
+    finally:
+        stop.restore()
+    summary["train_s"] = metrics.get("train_s", summary.get("train_s", 0.0))
+    summary["steps"] = trainer.step_count
+    if stop.requested:
+        summary["interrupted"] = True
+        path = save()
+        console.print(f"[yellow]interrupted: saved {path}; continue with resume=latest")
+        log.close()
+        return summary
+    if held is not None:
+        summary["after"] = held_out_eval(trainer, held, cfg)
+        log.metrics(trainer.step_count, summary["after"])
+        console.print("held-out after training: " + eval_line(summary["after"]))
+    path = save()
+    log.close()
+    console.print(f"saved {path}")
+    return summary

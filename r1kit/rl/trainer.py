@@ -1,0 +1,334 @@
+"""The GRPO step as three separate stages over a batch: rollout, score, update.
+
+Each stage takes and returns plain data, so data-parallel ranks (torchrun) can each roll out and
+score their share of prompts and meet only in the gradient all-reduce of `update`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from r1kit.config import TrainConfig
+from r1kit.prompts import build_prompt
+from r1kit.rewards import RewardFn, reward_columns, score_completions
+from r1kit.rl.advantages import group_advantages, informative_groups
+from r1kit.rl.loss import policy_loss
+from r1kit.rollout import Completion, Generator, SamplingParams
+from r1kit.tasks import Row, Task
+
+REFLECTION = re.compile(r"\b(wait|verify|check again|re-?check|double[- ]check|let me check|hmm+)\b", re.IGNORECASE)
+
+
+@dataclass
+class Rollouts:
+    """One step's groups: a row and its prompt ids per group, G completions per group, their rewards."""
+
+    rows: list[Row]
+    prompt_ids: list[list[int]]
+    completions: list[Completion]
+    rewards: torch.Tensor
+    per_reward: dict[str, list[float]]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class PromptStream:
+    """Indices of training rows in a seeded order, reshuffled each epoch; its position is checkpointed."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch, self.index = size, seed, 0, 0
+
+    def take(self, k: int) -> list[int]:
+        """The next k row indices."""
+        out: list[int] = []
+        while len(out) < k:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+            take = order[self.index : self.index + k - len(out)].tolist()
+            out += take
+            self.index += len(take)
+            if self.index >= self.size:
+                self.epoch, self.index = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+def pad_sequences(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """Prompts left-padded and completions right-padded into one (N, P + C) batch, with positions and masks."""
+    p_len = max(map(len, prompt_ids))
+    c_len = max(1, max(map(len, completion_ids)))
+    ids, attention, targets, mask = [], [], [], []
+    for p, c in zip(prompt_ids, completion_ids, strict=True):
+        left, right = p_len - len(p), c_len - len(c)
+        ids.append([pad_id] * left + p + c + [pad_id] * right)
+        attention.append([0] * left + [1] * (len(p) + len(c)) + [0] * right)
+        targets.append(c + [pad_id] * right)
+        mask.append([1] * len(c) + [0] * right)
+    attention_t = torch.tensor(attention, device=device)
+    return {
+        "input_ids": torch.tensor(ids, device=device),
+        "attention_mask": attention_t,
+        "position_ids": (attention_t.cumsum(-1) - 1).clamp(min=0),
+        "targets": torch.tensor(targets, device=device),
+        "mask": torch.tensor(mask, device=device, dtype=torch.float32),
+    }
+
+
+def token_logprobs(model, batch: dict[str, torch.Tensor], rows: slice, temperature: float,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) under softmax(logits / temperature) for the completion tokens of batch[rows]."""
+    targets = batch["targets"][rows]
+    out = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                position_ids=batch["position_ids"][rows], logits_to_keep=targets.shape[1] + 1, use_cache=False)
+    logprobs = (out.logits[:, :-1].float() / temperature).log_softmax(-1)
+    picked = logprobs.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return picked, entropy
+
+
+class GRPOTrainer:
+    """Holds the policy, its optimizer and the data stream; `step()` runs rollout, score and update once."""
+
+    def __init__(self, cfg: TrainConfig, model, tokenizer, task: Task, rewards: dict[str, tuple[RewardFn, float]],
+                 generator: Generator, ref_model=None):
+        self.cfg, self.model, self.tokenizer, self.task = cfg, model, tokenizer, task
+        self.rewards, self.generator, self.ref_model = rewards, generator, ref_model
+        self.device = next(model.parameters()).device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.stream = PromptStream(len(task.rows), cfg.seed)
+        self.prompts = [build_prompt(row["prompt"], tokenizer, cfg.template) for row in task.rows]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.step_count = 0
+
+    def _lr_factor(self, opt_step: int) -> float:
+        cfg = self.cfg
+        if opt_step < cfg.warmup_steps:
+            return (opt_step + 1) / (cfg.warmup_steps + 1)
+        total = max(1, cfg.steps * cfg.num_iterations - cfg.warmup_steps)
+        progress = min(1.0, (opt_step - cfg.warmup_steps) / total)
+        if cfg.lr_schedule == "linear":
+            return 1.0 - progress
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    def autocast(self):
+        """bf16 autocast on GPU (fp32 master weights); nothing on CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def sampling(self, round_: int) -> SamplingParams:
+        """Rollout sampling; the seed depends only on (seed, step, round), so a resumed run samples the same."""
+        cfg = self.cfg
+        return SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                              max_tokens=cfg.max_completion_tokens,
+                              seed=(cfg.seed * 1_000_003 + self.step_count * 101 + round_) % 2**63)
+
+    # -- rollout -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, indices: list[int], round_: int = 0) -> list[Completion]:
+        """G completions for each training row index, group-major, from the current policy."""
+        self.model.eval()
+        with self.autocast():
+            completions = self.generator.generate([self.prompts[i] for i in indices], self.sampling(round_))
+        self.model.train()
+        return completions
+
+    # -- score ---------------------------------------------------------------------------------
+    def score(self, indices: list[int], completions: list[Completion]) -> tuple[torch.Tensor, dict, dict]:
+        """(total reward per completion, each reward's scores, failure counts)."""
+        g = self.cfg.group_size
+        rows = [self.task.rows[i] for i in indices for _ in range(g)]
+        prompts = [self.prompts[i] for i in indices for _ in range(g)]
+        columns = {**reward_columns(rows, prompts), "completion_ids": [c.token_ids for c in completions]}
+        with warnings.catch_warnings(record=True):
+            scores = score_completions(self.rewards, [c.text for c in completions], columns)
+        return torch.tensor(scores.total, dtype=torch.float32), scores.per_reward, scores.failures
+
+    def collect(self) -> Rollouts:
+        """Roll out and score prompts_per_step groups; with dynamic sampling, keep only informative groups."""
+        cfg, g = self.cfg, self.cfg.group_size
+        kept_idx: list[int] = []
+        kept_completions: list[Completion] = []
+        kept_rewards: list[torch.Tensor] = []
+        kept_per: dict[str, list[float]] = {}
+        stats = {"generation_s": 0.0, "scoring_s": 0.0, "groups_generated": 0, "zero_variance_groups": 0,
+                 "generated_tokens": 0, "reward_failures": 0}
+        all_rewards: list[torch.Tensor] = []
+        for round_ in range(cfg.max_rollout_rounds if cfg.dynamic_sampling else 1):
+            indices = self.stream.take(cfg.prompts_per_step)
+            t0 = time.perf_counter()
+            completions = self.rollout(indices, round_)
+            t1 = time.perf_counter()
+            rewards, per_reward, failures = self.score(indices, completions)
+            stats["generation_s"] += t1 - t0
+            stats["scoring_s"] += time.perf_counter() - t1
+            stats["groups_generated"] += len(indices)
+            stats["generated_tokens"] += sum(len(c.token_ids) for c in completions)
+            stats["reward_failures"] += sum(failures.values())
+            all_rewards.append(rewards)
+            useful = informative_groups(rewards, g)
+            stats["zero_variance_groups"] += int((~useful).sum())
+            keep = useful if cfg.dynamic_sampling else torch.ones_like(useful)
+            for j in keep.nonzero().flatten().tolist():
+                if len(kept_idx) == cfg.prompts_per_step:
+                    break
+                kept_idx.append(indices[j])
+                kept_completions += completions[j * g : (j + 1) * g]
+                kept_rewards.append(rewards[j * g : (j + 1) * g])
+                for name, values in per_reward.items():
+                    kept_per.setdefault(name, []).extend(values[j * g : (j + 1) * g])
+            if len(kept_idx) == cfg.prompts_per_step:
+                break
+        stats["rollout_reward_mean"] = torch.cat(all_rewards).mean().item()
+        return Rollouts(
+            rows=[self.task.rows[i] for i in kept_idx],
+            prompt_ids=[self.generator.encode(self.prompts[i]) for i in kept_idx],
+            completions=kept_completions,
+            rewards=torch.cat(kept_rewards) if kept_rewards else torch.zeros(0),
+            per_reward=kept_per, stats=stats)
+
+    # -- update --------------------------------------------------------------------------------
+    def update(self, batch: Rollouts) -> dict[str, float]:
+        """num_iterations optimizer steps on the batch, old logprobs fixed at rollout time."""
+        cfg, g = self.cfg, self.cfg.group_size
+        n = len(batch.completions)
+        if n == 0:
+            return {"skipped": 1.0}
+        tensors = pad_sequences([p for p in batch.prompt_ids for _ in range(g)],
+                                [c.token_ids for c in batch.completions], self.pad_id, self.device)
+        mask = tensors["mask"]
+        if cfg.mask_truncated:
+            truncated = torch.tensor([c.finish_reason == "length" for c in batch.completions], device=self.device)
+            mask = mask * (~truncated)[:, None]
+        advantages = group_advantages(batch.rewards, g, cfg.advantage_scale).to(self.device)
+        old_logp = self._old_logprobs(batch, tensors)
+        ref_logp = self._ref_logprobs(tensors) if cfg.beta > 0 else None
+        normalizer = {"grpo": n, "bnpo": mask.sum().clamp(min=1).item(), "dapo": mask.sum().clamp(min=1).item(),
+                      "dr_grpo": n * cfg.max_completion_tokens}[cfg.loss_type]
+        totals: dict[str, float] = {}
+        skipped = 0
+        for _ in range(cfg.num_iterations):
+            sums, ok = self._accumulate(tensors, mask, advantages, old_logp, ref_logp, normalizer)
+            if not ok:
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                warnings.warn(f"step {self.step_count}: non-finite loss, update skipped", RuntimeWarning, stacklevel=2)
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            for key, value in {**sums, "grad_norm": grad_norm}.items():
+                totals[key] = totals.get(key, 0.0) + value / cfg.num_iterations
+        totals["skipped"] = float(skipped)
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        return totals
+
+    def _accumulate(self, tensors, mask, advantages, old_logp, ref_logp, normalizer) -> tuple[dict, bool]:
+        """Forward/backward every micro-batch; metrics weighted by tokens. False on a non-finite loss."""
+        cfg, n = self.cfg, mask.shape[0]
+        sums: dict[str, float] = {"loss": 0.0}
+        tokens = mask.sum().clamp(min=1).item()
+        for start in range(0, n, cfg.micro_batch_size):
+            rows = slice(start, start + cfg.micro_batch_size)
+            with self.autocast():
+                logp, entropy = token_logprobs(self.model, tensors, rows, cfg.temperature, with_entropy=True)
+            loss, metrics = policy_loss(
+                logp, old_logp[rows], advantages[rows], mask[rows],
+                ref_logp=None if ref_logp is None else ref_logp[rows], beta=cfg.beta,
+                clip_low=cfg.clip_low, clip_high=cfg.clip_high, loss_type=cfg.loss_type,
+                max_completion_length=cfg.max_completion_tokens, normalizer=normalizer, entropy=entropy)
+            if not torch.isfinite(loss):
+                return sums, False
+            loss.backward()
+            sums["loss"] += loss.item()
+            share = mask[rows].sum().item() / tokens
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value * share
+        return sums, True
+
+    @torch.no_grad()
+    def _old_logprobs(self, batch: Rollouts, tensors) -> torch.Tensor:
+        if self.cfg.old_logprobs == "recompute":
+            return self._forward_logprobs(self.model, tensors)
+        width = tensors["targets"].shape[1]
+        rows = [c.logprobs + [0.0] * (width - len(c.logprobs)) for c in batch.completions]
+        return torch.tensor(rows, device=self.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def _ref_logprobs(self, tensors) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self._forward_logprobs(self.ref_model, tensors)
+        with self.model.disable_adapter():  # LoRA: the reference is the base model, adapters off
+            return self._forward_logprobs(self.model, tensors)
+
+    def _forward_logprobs(self, model, tensors) -> torch.Tensor:
+        parts = []
+        for start in range(0, tensors["targets"].shape[0], self.cfg.micro_batch_size):
+            with self.autocast():
+                parts.append(token_logprobs(model, tensors, slice(start, start + self.cfg.micro_batch_size),
+                                            self.cfg.temperature)[0].float())
+        return torch.cat(parts)
+
+    # -- one step ------------------------------------------------------------------------------
+    def step(self) -> tuple[dict[str, Any], Rollouts]:
+        """Rollout, score and update once; the step's metrics and its rollouts."""
+        t0 = time.perf_counter()
+        batch = self.collect()
+        t1 = time.perf_counter()
+        update = self.update(batch)
+        t2 = time.perf_counter()
+        self.step_count += 1
+        return self._metrics(batch, update, t2 - t1, t2 - t0), batch
+
+    def _metrics(self, batch: Rollouts, update: dict[str, float], update_s: float, step_s: float) -> dict[str, Any]:
+        lengths = [len(c.token_ids) for c in batch.completions] or [0]
+        n = max(len(batch.completions), 1)
+        m: dict[str, Any] = {"step": self.step_count}
+        m["reward"] = batch.rewards.mean().item() if batch.rewards.numel() else 0.0
+        m["reward_std"] = batch.rewards.std().item() if batch.rewards.numel() > 1 else 0.0
+        for name, values in batch.per_reward.items():
+            m[f"rewards/{name}"] = sum(values) / n
+        m["completion_length_mean"] = sum(lengths) / len(lengths)
+        m["completion_length_max"] = max(lengths)
+        m["truncation_rate"] = sum(c.finish_reason == "length" for c in batch.completions) / n
+        m["reflection_rate"] = sum(bool(REFLECTION.search(c.text)) for c in batch.completions) / n
+        m.update(update)
+        s = batch.stats
+        m.update({k: s[k] for k in ("rollout_reward_mean", "groups_generated", "zero_variance_groups",
+                                    "reward_failures", "generation_s", "scoring_s")})
+        m["update_s"], m["step_s"] = update_s, step_s
+        m["tokens_per_s"] = s["generated_tokens"] / s["generation_s"] if s["generation_s"] else 0.0
+        if self.device.type == "cuda":
+            m["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return m
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that a resumed run needs."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "stream": self.stream.state_dict(), "step_count": self.step_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["stream"])
+        self.step_count = state["step_count"]

@@ -1,0 +1,157 @@
+"""The GRPO loop on a tiny random model: mu > 1, NaN skip, failing rewards, exact resume, Ctrl-C."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import r1kit.rl.trainer as trainer_module
+from r1kit.config import TrainConfig
+from r1kit.rewards import build_rewards
+from r1kit.rl.run import build_policy, build_tasks, run_train
+from r1kit.rl.trainer import GRPOTrainer
+from r1kit.rollout import make_generator
+
+TIMING = ("_s", "tokens_per_s")
+
+REWARD_FILE = '''
+def vowels(completions, **kw):
+    """Varies from sample to sample even for a random model, so every group carries signal."""
+    return [sum(ch in "aeiou" for ch in c) / (1 + len(c)) for c in completions]
+
+def flaky(completions, answer, **kw):
+    return [1.0 if int(a) % 2 else 1 / 0 for a in answer]
+'''
+
+
+@pytest.fixture()
+def reward_file(tmp_path) -> Path:
+    path = tmp_path / "toy_rewards.py"
+    path.write_text(REWARD_FILE)
+    return path
+
+
+def config(tiny_model_dir, out, reward_file, **kw) -> TrainConfig:
+    base = dict(model=str(tiny_model_dir), out=str(out), task="addition", group_size=4, prompts_per_step=2,
+                max_completion_tokens=6, steps=3, eval_problems=4, lr=1e-3, device="cpu", save_every=1,
+                rewards={f"{reward_file}:vowels": 1.0}, micro_batch_size=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def make_trainer(cfg):
+    train, _ = build_tasks(cfg)
+    model, tokenizer, ref = build_policy(cfg, None)
+    generator = make_generator(model, tokenizer, "hf", cfg.batch_size)
+    return GRPOTrainer(cfg, model, tokenizer, train, build_rewards(cfg.rewards, train.reward), generator, ref)
+
+
+def test_held_out_rows_are_never_trained_on(tiny_model_dir, tmp_path, reward_file):
+    cfg = config(tiny_model_dir, tmp_path, reward_file, task_args={"n": 3000}, eval_problems=256)
+    train, held = build_tasks(cfg)
+    assert len(held) == 256 and held.rows[0]["prompt"] == "What is 37 + 49? Put the final answer after 'Answer:'."
+    assert not {r["prompt"] for r in train.rows} & {r["prompt"] for r in held.rows}
+
+
+def test_mu_iterations_use_the_rollout_logprobs(tiny_model_dir, tmp_path, reward_file, monkeypatch):
+    trainer = make_trainer(config(tiny_model_dir, tmp_path, reward_file, num_iterations=2, micro_batch_size=64))
+    seen = []
+    real = trainer_module.policy_loss
+
+    def spy(logp, old_logp, *args, **kw):
+        seen.append((logp.detach().clone(), old_logp.clone()))
+        return real(logp, old_logp, *args, **kw)
+
+    monkeypatch.setattr(trainer_module, "policy_loss", spy)
+    metrics, batch = trainer.step()
+    assert len(seen) == 2
+    rollout = torch.tensor([c.logprobs + [0.0] * (6 - len(c.logprobs)) for c in batch.completions])
+    assert torch.equal(seen[0][1], rollout) and torch.equal(seen[1][1], rollout)
+    assert torch.allclose(seen[0][0], rollout, atol=1e-4)  # first pass: ratio 1 up to kernel noise
+    assert not torch.allclose(seen[1][0], seen[0][0], atol=1e-4)  # second pass: the policy has moved
+    assert metrics["skipped"] == 0.0 and metrics["step"] == 1
+
+
+def test_nan_loss_skips_the_update(tiny_model_dir, tmp_path, reward_file, monkeypatch):
+    trainer = make_trainer(config(tiny_model_dir, tmp_path, reward_file))
+    before = [p.detach().clone() for p in trainer.params]
+    monkeypatch.setattr(trainer_module, "policy_loss", lambda *a, **k: (torch.tensor(float("nan")), {}))
+    with pytest.warns(RuntimeWarning, match="step 0: non-finite loss, update skipped"):
+        metrics, _ = trainer.step()
+    assert metrics["skipped"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
+
+
+def test_failing_reward_does_not_stop_training(tiny_model_dir, tmp_path, reward_file):
+    cfg = config(tiny_model_dir, tmp_path / "run", reward_file, steps=2,
+                 rewards={f"{reward_file}:vowels": 1.0, f"{reward_file}:flaky": 1.0})
+    summary = run_train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward" in r]
+    assert summary["steps"] == 2 and len(steps) == 2
+    assert sum(r["reward_failures"] for r in steps) > 0
+    assert "eval/greedy_accuracy" in rows[0] and "eval/greedy_accuracy" in rows[-1]
+
+
+def _cli(cfg_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "r1kit.cli", "train", "--config", str(cfg_path), *extra]
+
+
+def _write(cfg: TrainConfig, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.model_dump()))
+    return path
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "process ended"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def _steps(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in rows if "reward" in r]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, reward_file):
+    steps = 12
+    whole = config(tiny_model_dir, tmp_path / "whole", reward_file, steps=steps, eval_problems=0)
+    subprocess.run(_cli(_write(whole, tmp_path / "whole.yaml")), check=True, capture_output=True)
+
+    cut = config(tiny_model_dir, tmp_path / "cut", reward_file, steps=steps, eval_problems=0)
+    cut_yaml = _write(cut, tmp_path / "cut.yaml")
+    proc = subprocess.Popen(_cli(cut_yaml), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for(tmp_path / "cut" / "checkpoints" / "step-3" / "trainer_state.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(_steps(tmp_path / "cut")) < steps
+    subprocess.run(_cli(cut_yaml, "resume=latest"), check=True, capture_output=True)
+
+    assert _steps(tmp_path / "cut") == _steps(tmp_path / "whole")
+    a = load_file(tmp_path / "whole" / "checkpoints" / f"step-{steps}" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoints" / f"step-{steps}" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path, reward_file):
+    cfg = config(tiny_model_dir, tmp_path / "run", reward_file, steps=100_000, eval_problems=0, save_every=1)
+    proc = subprocess.Popen(_cli(_write(cfg, tmp_path / "run.yaml")), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "200"})
+    _wait_for(tmp_path / "run" / "checkpoints" / "step-1" / "trainer_state.pt", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    assert "interrupted: saved" in err.decode() and "Traceback" not in err.decode()
+    last = _steps(tmp_path / "run")[-1]["step"]
+    assert (tmp_path / "run" / "checkpoints" / f"step-{last}" / "trainer_state.pt").is_file()
