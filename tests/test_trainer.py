@@ -155,3 +155,20 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path, r
     assert "interrupted: saved" in err.decode() and "Traceback" not in err.decode()
     last = _steps(tmp_path / "run")[-1]["step"]
     assert (tmp_path / "run" / "checkpoints" / f"step-{last}" / "trainer_state.pt").is_file()
+
+
+def test_nan_gradient_skips_the_update(tiny_model_dir, tmp_path, reward_file, monkeypatch):
+    trainer = make_trainer(config(tiny_model_dir, tmp_path, reward_file))
+    before = [p.detach().clone() for p in trainer.params]
+    real = trainer_module.policy_loss
+
+    def poisoned(logp, *args, **kw):
+        loss, metrics = real(logp, *args, **kw)
+        # finite value, NaN gradient: d sqrt(x)/dx at 0 is inf, and 0 * inf is NaN
+        return loss + 0.0 * torch.sqrt(logp.sum() * 0.0), metrics
+
+    monkeypatch.setattr(trainer_module, "policy_loss", poisoned)
+    with pytest.warns(RuntimeWarning, match="step 0: non-finite gradient, update skipped"):
+        metrics, _ = trainer.step()
+    assert metrics["skipped"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))

@@ -228,12 +228,15 @@ class GRPOTrainer:
         skipped = 0
         for _ in range(cfg.num_iterations):
             sums, ok = self._accumulate(tensors, mask, advantages, old_logp, ref_logp, normalizer)
-            if not ok:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item() if ok else math.nan
+            if not math.isfinite(grad_norm):
+                # one bad batch (overflow, a degenerate sequence) must not turn the weights into NaN
                 self.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
-                warnings.warn(f"step {self.step_count}: non-finite loss, update skipped", RuntimeWarning, stacklevel=2)
+                what = "loss" if not ok else "gradient"
+                warnings.warn(f"step {self.step_count}: non-finite {what}, update skipped", RuntimeWarning,
+                              stacklevel=2)
                 continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item()
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
