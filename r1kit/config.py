@@ -105,13 +105,11 @@ class TrainConfig(Config):
 
 
 class DemoConfig(Config):
-    """`r1kit demo`: evaluate the embedded model on arithmetic problems."""
+    """`r1kit demo`: GRPO on held-out-checked addition with the embedded model, sized to the machine."""
 
-    problems: int = Field(20, ge=1, description="held-out arithmetic problems")
-    samples: int = Field(4, ge=1, description="completions per problem")
-    max_new_tokens: int = Field(192, ge=1, description="completion length limit in tokens")
+    time_budget_s: float | None = Field(None, gt=0, description="training seconds (default: 420 on GPU, 240 on CPU)")
     device: str = Field("auto", description="auto, cpu, cuda")
-    out: str = Field("runs/demo", description="output folder")
+    out: str = Field("runs/demo", description="run folder")
 
 
 def _set_dotted(target: dict, key: str, value: Any) -> None:

@@ -172,3 +172,34 @@ def test_nan_gradient_skips_the_update(tiny_model_dir, tmp_path, reward_file, mo
         metrics, _ = trainer.step()
     assert metrics["skipped"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
+
+
+def test_report_plots_and_sample_pages(tiny_model_dir, tmp_path, reward_file):
+    from r1kit.cli import main
+
+    run = tmp_path / "run"
+    run_train(config(tiny_model_dir, run, reward_file, steps=3, eval_every=2))
+    assert main(["report", str(run)]) == 0
+    page = (run / "report" / "index.md").read_text()
+    assert "![curves](curves.png)" in page and "## Step 1" in page and "## Step 3" in page
+    assert "| 0 |" in page and "| 2 |" in page  # held-out before, and at eval_every
+    assert (run / "report" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["report", str(tmp_path)]) == 2  # no metrics.jsonl: a one-line error
+
+
+def test_demo_sizes_itself():
+    from r1kit.config import DemoConfig
+    from r1kit.demo import demo_config
+
+    cpu = demo_config(DemoConfig(device="cpu"))
+    assert cpu.time_budget_s == 240 and cpu.task == "addition" and cpu.eval_problems == 32
+    assert demo_config(DemoConfig(device="cpu", time_budget_s=5)).time_budget_s == 5
+
+
+def test_prompts_over_the_limit_are_skipped(tiny_model_dir, tmp_path, reward_file):
+    with pytest.warns(RuntimeWarning, match="of 1000 training prompts are longer than max_prompt_tokens=66"):
+        trainer = make_trainer(config(tiny_model_dir, tmp_path, reward_file, max_prompt_tokens=66, eval_problems=0))
+    assert 0 < len(trainer.task.rows) < 1000
+    assert all(len(trainer.generator.encode(p)) <= 66 for p in trainer.prompts)
+    with pytest.raises(ValueError, match="no training prompt fits max_prompt_tokens=2"):
+        make_trainer(config(tiny_model_dir, tmp_path, reward_file, max_prompt_tokens=2, eval_problems=0))

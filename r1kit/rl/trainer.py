@@ -112,8 +112,16 @@ class GRPOTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.stream = PromptStream(len(task.rows), cfg.seed)
         self.prompts = [build_prompt(row["prompt"], tokenizer, cfg.template) for row in task.rows]
+        fits = [len(generator.encode(p)) <= cfg.max_prompt_tokens for p in self.prompts]
+        if not all(fits):
+            warnings.warn(f"{fits.count(False)} of {len(fits)} training prompts are longer than max_prompt_tokens="
+                          f"{cfg.max_prompt_tokens} and are skipped", RuntimeWarning, stacklevel=2)
+            task.rows = [row for row, ok in zip(task.rows, fits, strict=True) if ok]
+            self.prompts = [p for p, ok in zip(self.prompts, fits, strict=True) if ok]
+        if not task.rows:
+            raise ValueError(f"no training prompt fits max_prompt_tokens={cfg.max_prompt_tokens}")
+        self.stream = PromptStream(len(task.rows), cfg.seed)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.step_count = 0
 
