@@ -5,7 +5,7 @@ import torch
 
 from r1kit.models import load_model
 from r1kit.rollout import HFGenerator, SamplingParams
-from r1kit.rollout.sampler import filter_logits
+from r1kit.rollout.sampler import SamplingBatch, filter_logits, sample
 
 PROMPTS = ["What is 2 + 2?", "Name a prime number larger than one hundred, please.", "Hi"]
 
@@ -75,13 +75,35 @@ def test_eos_and_length_finish_reasons(tiny):
 
 def test_filter_logits_by_hand():
     logits = torch.tensor([[math.log(p) for p in (0.5, 0.3, 0.15, 0.05)]])
-    def kept(**kw):
-        return torch.isfinite(filter_logits(logits, **{"top_k": 0, "top_p": 1.0, "min_p": 0.0, **kw}))
-    assert kept(top_p=0.8).tolist() == [[True, True, False, False]]
-    assert kept(top_p=0.81).tolist() == [[True, True, True, False]]
-    assert kept(top_p=0.1).tolist() == [[True, False, False, False]]
-    assert kept(top_k=3).tolist() == [[True, True, True, False]]
-    assert kept(min_p=0.2).tolist() == [[True, True, True, False]]  # 0.05 < 0.2 * 0.5
+
+    def kept(top_k=0, top_p=1.0, min_p=0.0):
+        one = lambda v, dtype: torch.tensor([v], dtype=dtype)  # noqa: E731
+        filtered = filter_logits(logits, one(top_k, torch.int64), one(top_p, torch.float32), one(min_p, torch.float32))
+        return torch.isfinite(filtered).tolist()
+
+    assert kept(top_p=0.8) == [[True, True, False, False]]
+    assert kept(top_p=0.81) == [[True, True, True, False]]
+    assert kept(top_p=0.1) == [[True, False, False, False]]
+    assert kept(top_k=3) == [[True, True, True, False]]
+    assert kept(min_p=0.2) == [[True, True, True, False]]  # 0.05 < 0.2 * 0.5
+    assert kept(top_k=2, top_p=0.7) == [[True, True, False, False]]  # nucleus of the top-2: 0.625, 0.375
+    assert kept(top_k=2, top_p=0.6) == [[True, False, False, False]]
+
+
+def test_sampling_follows_the_distribution_and_is_batch_invariant():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    rows = 20_000
+    logits = probs.log().expand(rows, 4)
+    batch = SamplingBatch.of([SamplingParams(temperature=1.0)] * rows, "cpu")
+    keys = torch.arange(rows)
+    tokens, logprobs = sample(logits, batch, keys, torch.zeros(rows, dtype=torch.int64))
+    freq = torch.bincount(tokens, minlength=4).float() / rows
+    assert torch.allclose(freq, probs, atol=0.015)
+    assert torch.allclose(logprobs, probs.log()[tokens])
+    # a row's token depends on its key and step only, not on its neighbours
+    one = SamplingBatch.of([SamplingParams()], "cpu")
+    alone, _ = sample(logits[:1], one, keys[7:8], torch.zeros(1, dtype=torch.int64))
+    assert alone.item() == tokens[7].item()
 
 
 def test_bad_sampling_params():

@@ -5,19 +5,21 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from r1kit.rollout.sampler import sample
+from r1kit.rollout.sampler import SamplingBatch, sample, sequence_key
 from r1kit.rollout.types import Completion, Progress, SamplingParams
 
 
 class _Sampler(LogitsProcessor):
     """Samples with r1kit's sampler and forces HF's greedy step to take that token, recording its logprob."""
 
-    def __init__(self, params: SamplingParams, generator: torch.Generator | None):
-        self.params, self.generator = params, generator
+    def __init__(self, params: SamplingParams, keys: list[int], device: torch.device):
+        self.batch = SamplingBatch.of([params] * len(keys), device)
+        self.keys = torch.tensor(keys, device=device)
         self.logprobs: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        tokens, logprobs = sample(scores.float(), self.params, self.generator)
+        steps = torch.full_like(self.keys, len(self.logprobs))
+        tokens, logprobs = sample(scores.float(), self.batch, self.keys, steps)
         self.logprobs.append(logprobs)
         forced = torch.full_like(scores, float("-inf"))
         return forced.scatter_(-1, tokens[:, None], 0.0)
@@ -50,15 +52,15 @@ class HFGenerator:
     def generate(self, prompts: list[str], params: SamplingParams, progress: Progress | None = None
                  ) -> list[Completion]:
         """n completions per prompt, grouped by prompt in prompt order."""
-        device = self.model.device
-        generator = torch.Generator(device).manual_seed(params.seed) if params.seed is not None else None
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()).item())
         encoded = [self.encode(p) for p in prompts]
         jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(params.n)),
                       key=lambda job: -len(encoded[job[0]]))
         results: dict[tuple[int, int], Completion] = {}
         for start in range(0, len(jobs), self.batch_size):
             batch = jobs[start : start + self.batch_size]
-            completions = self._generate_batch([encoded[i] for i, _ in batch], params, generator)
+            keys = [sequence_key(seed, i * params.n + s) for i, s in batch]
+            completions = self._generate_batch([encoded[i] for i, _ in batch], params, keys)
             for (i, s), completion in zip(batch, completions, strict=True):
                 completion.prompt_index = i
                 results[i, s] = completion
@@ -66,13 +68,13 @@ class HFGenerator:
                 progress(len(batch))
         return [results[i, s] for i in range(len(prompts)) for s in range(params.n)]
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
-                        generator: torch.Generator | None) -> list[Completion]:
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, keys: list[int]
+                        ) -> list[Completion]:
         width = max(map(len, prompts))
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.model.device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
                                       device=self.model.device)
-        sampler = _Sampler(params, generator)
+        sampler = _Sampler(params, keys, self.model.device)
         config = GenerationConfig(max_new_tokens=params.max_tokens, do_sample=False, pad_token_id=self.pad_id,
                                   eos_token_id=sorted(self.eos_ids), stop_strings=list(params.stop) or None)
         out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,

@@ -1,38 +1,95 @@
-"""Token sampling on the device: temperature, top-k, top-p, min-p, and the sampled token's logprob."""
+"""Token sampling on the device, shared by every backend.
+
+Per-row settings (temperature, top-k, top-p, min-p) are tensors, so one call serves a batch of
+requests with different settings. Randomness is Gumbel-max with noise hashed from a per-sequence key
+and the token position: a sequence samples the same tokens whatever else is in its batch, which makes
+continuous batching, group sharing and the HF backend agree token for token under a fixed seed.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from r1kit.rollout.types import SamplingParams
 
-
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Logits with tokens outside the top-k / nucleus / min-p set to -inf (the top token always kept)."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
-    if top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token once the mass before it already reaches top_p
-        drop = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) of an int64 tensor, elementwise."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def sequence_key(seed: int, index: int) -> int:
+    """The key of the index-th sequence of a seeded request."""
+    return int(hash32(torch.tensor([(seed * _GOLDEN + index) & _MASK32]) ^ 0x5BD1E995).item())
+
+
+def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, vocab) uniforms in (0, 1), a pure function of each row's (key, step)."""
+    row = hash32(keys.to(torch.int64) ^ hash32(steps.to(torch.int64) * _GOLDEN))
+    ids = torch.arange(vocab, device=keys.device, dtype=torch.int64)
+    bits = hash32(row[:, None] ^ (ids[None, :] * _GOLDEN)) >> 8  # 24 bits: exact in float32
+    return (bits.to(torch.float32) + 0.5) / float(1 << 24)
+
+
+@dataclass
+class SamplingBatch:
+    """Sampling settings of a batch, one entry per row."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], device: torch.device | str) -> SamplingBatch:
+        """The settings of each row's SamplingParams as tensors."""
+        def column(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+
+        return cls(column("temperature", torch.float32), column("top_k", torch.int64),
+                   column("top_p", torch.float32), column("min_p", torch.float32))
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+                  ) -> torch.Tensor:
+    """Logits outside each row's top-k, min-p and (then) nucleus set to -inf; the top token is always kept.
+
+    top-k 0, top-p 1 and min-p 0 keep everything. The nucleus is taken over the distribution left after
+    top-k and min-p.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)
+    drop = (top_k[:, None] > 0) & (ranks[None, :] >= top_k[:, None])
+    probs = sorted_logits.softmax(-1)
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    kept = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    drop |= (kept.cumsum(-1) - kept) >= top_p[:, None]
+    drop[:, 0] = False
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, keys: torch.Tensor, steps: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, logprobs) for a (batch, vocab) float32 logit matrix; logprobs from softmax(logits / T)."""
-    if params.temperature == 0:
-        logprobs = logits.log_softmax(-1)
-        tokens = logits.argmax(-1)
-    else:
-        scaled = logits / params.temperature
-        logprobs = scaled.log_softmax(-1)
-        probs = filter_logits(scaled, params.top_k, params.top_p, params.min_p).softmax(-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """(tokens, logprobs) for (B, vocab) float32 logits; a row with temperature 0 is greedy.
+
+    logprobs are log softmax(logits / T) of the chosen token, untruncated by top-k/top-p/min-p (raw
+    logits for greedy rows): what the trainer's forward computes for the same token.
+    """
+    greedy = batch.temperature == 0
+    temperature = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
+    scaled = logits / temperature[:, None]
+    logprobs = scaled.log_softmax(-1)
+    filtered = filter_logits(scaled, batch.top_k, batch.top_p, batch.min_p)
+    gumbel = -torch.log(-torch.log(uniform_noise(keys, steps, logits.shape[-1])))
+    tokens = torch.where(greedy, logits.argmax(-1), (filtered + gumbel).argmax(-1))
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
