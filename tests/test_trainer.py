@@ -203,3 +203,13 @@ def test_prompts_over_the_limit_are_skipped(tiny_model_dir, tmp_path, reward_fil
     assert all(len(trainer.generator.encode(p)) <= 66 for p in trainer.prompts)
     with pytest.raises(ValueError, match="no training prompt fits max_prompt_tokens=2"):
         make_trainer(config(tiny_model_dir, tmp_path, reward_file, max_prompt_tokens=2, eval_problems=0))
+
+
+def test_engine_and_hf_backends_train_alike(tiny_model_dir, tmp_path, reward_file):
+    runs = {}
+    for backend in ("hf", "engine"):
+        run_train(config(tiny_model_dir, tmp_path / backend, reward_file, steps=2, eval_problems=0, backend=backend))
+        runs[backend] = _steps(tmp_path / backend)
+    for a, b in zip(runs["hf"], runs["engine"], strict=True):
+        assert a["reward"] == b["reward"] and a["completion_length_mean"] == b["completion_length_mean"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)

@@ -155,6 +155,9 @@ class GRPOTrainer:
     def rollout(self, indices: list[int], round_: int = 0) -> list[Completion]:
         """G completions for each training row index, group-major, from the current policy."""
         self.model.eval()
+        sync = getattr(self.generator, "sync_weights", None)
+        if sync is not None:  # the engine's bf16 buffers follow the fp32 weights the last update changed
+            sync()
         with self.autocast():
             completions = self.generator.generate([self.prompts[i] for i in indices], self.sampling(round_))
         self.model.train()

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import torch
+
 from r1kit.rollout.hf import HFGenerator
 from r1kit.rollout.types import Completion, Generator, SamplingParams
 
 __all__ = ["Completion", "Generator", "HFGenerator", "SamplingParams", "make_generator"]
 
-BACKENDS = ("auto", "hf")
+BACKENDS = ("auto", "hf", "engine")
+KV_MEMORY_SHARE = 0.3  # of free GPU memory, leaving the rest to training
 
 
 def make_generator(model, tokenizer, backend: str = "auto", batch_size: int = 64) -> Generator:
-    """The generator for a loaded model; `auto` is HF generate until the rollout engine lands."""
+    """The generator for a loaded model.
+
+    `engine` is r1kit's rollout engine (paged KV cache, continuous batching, shared group prompts);
+    `auto` still means HF generate until the engine's GPU path is measured.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return HFGenerator(model, tokenizer, batch_size=batch_size)
+    if backend != "engine":
+        return HFGenerator(model, tokenizer, batch_size=batch_size)
+    from r1kit.rollout.engine import EngineGenerator
+    from r1kit.rollout.engine.engine import kv_bytes_per_token
+
+    device = next(model.parameters()).device
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    kv_tokens = 65_536
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        kv_tokens = int(KV_MEMORY_SHARE * free) // kv_bytes_per_token(model.config, dtype)
+    return EngineGenerator(model, tokenizer, kv_cache_tokens=kv_tokens, max_num_seqs=max(batch_size, 1), dtype=dtype)

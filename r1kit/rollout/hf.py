@@ -6,7 +6,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from r1kit.rollout.sampler import SamplingBatch, sample, sequence_key
-from r1kit.rollout.types import Completion, Progress, SamplingParams
+from r1kit.rollout.types import Completion, Progress, SamplingParams, encode_prompt
 
 
 class _Sampler(LogitsProcessor):
@@ -43,10 +43,8 @@ class HFGenerator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
 
     def encode(self, prompt: str) -> list[int]:
-        """Prompt token ids; no second BOS when the (chat-templated) text already starts with one."""
-        bos = self.tokenizer.bos_token
-        special = not (bos and prompt.startswith(bos))
-        return self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+        """Prompt token ids as this generator feeds them to the model."""
+        return encode_prompt(self.tokenizer, prompt)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams, progress: Progress | None = None
@@ -75,10 +73,12 @@ class HFGenerator:
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
                                       device=self.model.device)
         sampler = _Sampler(params, keys, self.model.device)
+        # Stop strings are cut afterwards (_stop_position), as the engine does: HF's own stop-string check
+        # ended sequences whose text did not contain the string yet (seen with a tiny Qwen3 in the tests).
         config = GenerationConfig(max_new_tokens=params.max_tokens, do_sample=False, pad_token_id=self.pad_id,
-                                  eos_token_id=sorted(self.eos_ids), stop_strings=list(params.stop) or None)
+                                  eos_token_id=sorted(self.eos_ids))
         out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                  logits_processor=LogitsProcessorList([sampler]), tokenizer=self.tokenizer)
+                                  logits_processor=LogitsProcessorList([sampler]))
         new_tokens = out[:, width:].tolist()
         logprobs = torch.stack(sampler.logprobs, 1).tolist()
         return [self._completion(tokens, lps, params) for tokens, lps in zip(new_tokens, logprobs, strict=True)]

@@ -52,6 +52,12 @@ class Completion:
 Progress = Callable[[int], None]
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt token ids; no second BOS when the (chat-templated) text already starts with one."""
+    bos = tokenizer.bos_token
+    return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+
+
 class Generator(Protocol):
     """Anything that turns prompts into completions: HF generate today, the rollout engine next."""
 

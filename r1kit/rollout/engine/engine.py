@@ -1,0 +1,160 @@
+"""The engine loop: `add_request()` queues a prompt's n sequences, `step()` runs one prefill or decode."""
+
+from __future__ import annotations
+
+import torch
+
+from r1kit.rollout.engine.block_manager import BlockManager
+from r1kit.rollout.engine.model import PagedDecoder
+from r1kit.rollout.engine.scheduler import Request, Scheduler
+from r1kit.rollout.engine.sequence import Sequence
+from r1kit.rollout.hf import eos_token_ids
+from r1kit.rollout.sampler import SamplingBatch, sample, sequence_key
+from r1kit.rollout.types import Completion, Progress, SamplingParams, encode_prompt
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """KV cache bytes one token takes across all layers."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache, sharing weights with the policy model."""
+
+    def __init__(self, model, tokenizer, *, kv_cache_tokens: int = 65_536, block_size: int = 16,
+                 max_num_seqs: int = 512, max_prefill_tokens: int = 16_384, dtype: torch.dtype | None = None,
+                 share_prompts: bool = True):
+        num_blocks = -(-kv_cache_tokens // block_size)
+        self.decoder = PagedDecoder(model, num_blocks * block_size, dtype)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_prefill_tokens)
+        self.tokenizer, self.share_prompts = tokenizer, share_prompts
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.block_size, self.device = block_size, self.decoder.device
+        self._next_id = 0
+
+    def sync_weights(self) -> None:
+        """Refresh the engine's weight buffers after an optimizer step (free when it shares the policy's)."""
+        self.decoder.sync_weights()
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, keys: list[int] | None = None) -> Request:
+        """Queue params.n sequences of a prompt; `keys` seeds each one's sampling (random when None)."""
+        if keys is None:
+            base = params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()).item())
+            keys = [sequence_key(base, i) for i in range(params.n)]
+        seqs = [Sequence(self._next_id, i, list(prompt_ids), params, keys[i]) for i in range(params.n)]
+        request = Request(self._next_id, seqs, shared=self.share_prompts and params.n > 1)
+        self.scheduler.add(request)
+        self._next_id += 1
+        return request
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def step(self) -> list[Sequence]:
+        """One prefill (admitting requests) or one decode step; the sequences that got a token."""
+        kind, work = self.scheduler.schedule()
+        if kind == "prefill":
+            return self._prefill(work)
+        return self._decode(list(work)) if work else []
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _prefill(self, requests: list[Request]) -> list[Sequence]:
+        prompts, slots, rows, seqs = [], [], [], []
+        for request in requests:
+            heads = request.sequences[:1] if request.shared else request.sequences
+            for seq in heads:
+                prompts.append(seq.prompt_ids)
+                slots.append(self._slots(seq, 0, len(seq.prompt_ids)))
+            first = len(prompts) - len(heads)
+            rows += [first if request.shared else first + i for i in range(len(request.sequences))]
+            seqs += request.sequences
+        logits = self.decoder.prefill(prompts, slots)
+        for request in requests:
+            if request.shared:
+                self._copy_partial_block(request)
+        self.scheduler.running += seqs
+        return self._advance(seqs, logits[torch.tensor(rows, device=self.device)])
+
+    def _copy_partial_block(self, request: Request) -> None:
+        """Give each group member its own copy of the prompt's last, partly filled block."""
+        full, rest = divmod(len(request.prompt_ids), self.block_size)
+        if not rest:
+            return
+        source = request.sequences[0].block_table[full] * self.block_size
+        for seq in request.sequences[1:]:
+            target = seq.block_table[full] * self.block_size
+            for cache in (self.decoder.k_cache, self.decoder.v_cache):
+                cache[:, target : target + rest] = cache[:, source : source + rest]
+
+    def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
+        lengths = [seq.length for seq in seqs]
+        width = max(lengths)
+        context = [self._slots(seq, 0, n) + [0] * (width - n) for seq, n in zip(seqs, lengths, strict=True)]
+        as_tensor = lambda values: torch.tensor(values, device=self.device)  # noqa: E731
+        logits = self.decoder.decode(as_tensor([s.last_token for s in seqs]), as_tensor([n - 1 for n in lengths]),
+                                     as_tensor([c[n - 1] for c, n in zip(context, lengths, strict=True)]),
+                                     as_tensor(context), as_tensor(lengths))
+        return self._advance(seqs, logits)
+
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
+        batch = SamplingBatch.of([s.params for s in seqs], self.device)
+        keys = torch.tensor([s.key for s in seqs], device=self.device)
+        steps = torch.tensor([len(s.output_ids) for s in seqs], device=self.device)
+        tokens, logprobs = sample(logits, batch, keys, steps)
+        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
+            seq.output_ids.append(token)
+            seq.logprobs.append(logprob)
+            self._check_finished(seq)
+            if seq.finished:
+                self.scheduler.finish(seq)
+        return seqs
+
+    def _check_finished(self, seq: Sequence) -> None:
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        if seq.output_ids[-1] in self.eos_ids:
+            seq.finish_reason, seq.text = "stop", decode(seq.output_ids[:-1])
+            return
+        if seq.params.stop:
+            text = decode(seq.output_ids)
+            hits = [text.index(s) for s in seq.params.stop if s in text]
+            if hits:
+                seq.finish_reason, seq.text = "stop", text[: min(hits)]
+                return
+        if len(seq.output_ids) >= seq.params.max_tokens:
+            seq.finish_reason, seq.text = "length", decode(seq.output_ids)
+
+
+class EngineGenerator:
+    """The Generator interface over LLMEngine: same prompts and seed give the HF backend's tokens."""
+
+    def __init__(self, model, tokenizer, **engine_options):
+        self.tokenizer = tokenizer
+        self.engine = LLMEngine(model, tokenizer, **engine_options)
+
+    def encode(self, prompt: str) -> list[int]:
+        """Prompt token ids as this generator feeds them to the model."""
+        return encode_prompt(self.tokenizer, prompt)
+
+    def sync_weights(self) -> None:
+        self.engine.sync_weights()
+
+    def generate(self, prompts: list[str], params: SamplingParams, progress: Progress | None = None
+                 ) -> list[Completion]:
+        """n completions per prompt, grouped by prompt in prompt order."""
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()).item())
+        requests = [self.engine.add_request(self.encode(p), params,
+                                            [sequence_key(seed, i * params.n + s) for s in range(params.n)])
+                    for i, p in enumerate(prompts)]
+        while self.engine.has_work():
+            done = sum(seq.finished for seq in self.engine.step())
+            if progress and done:
+                progress(done)
+        return [Completion(text=seq.text, token_ids=seq.output_ids, logprobs=seq.logprobs,
+                           finish_reason=seq.finish_reason, prompt_index=i)
+                for i, request in enumerate(requests) for seq in request.sequences]

@@ -1,0 +1,138 @@
+"""A plain-PyTorch forward of the Llama family (Llama, Mistral, Qwen2, Qwen3) over a paged KV cache.
+
+It holds references to the HF model's own parameter tensors, never copies, so optimizer steps on the
+policy are seen by the next rollout. When the engine runs in another dtype than the policy (bf16
+rollouts of fp32 master weights), it keeps one preallocated buffer per parameter and `sync_weights()`
+refreshes them in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, as HF's Llama does."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of (tokens, heads, head_dim) with (tokens, 1, head_dim) cos and sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class PagedDecoder:
+    """The decoder's forward for prefill (whole prompts) and decode (one token per sequence)."""
+
+    def __init__(self, model, num_slots: int, dtype: torch.dtype | None = None):
+        config = model.config
+        if config.model_type not in SUPPORTED:
+            raise ValueError(f"the rollout engine runs {', '.join(SUPPORTED)} models, not {config.model_type!r}; "
+                             "use backend=hf")
+        if not hasattr(model, "lm_head") or not hasattr(model, "model"):
+            raise ValueError("the rollout engine needs a plain HF causal LM (merge LoRA adapters first, "
+                             "or use backend=hf)")
+        self.config, self.rotary = config, model.model.rotary_emb
+        params = dict(model.named_parameters())
+        params.setdefault("lm_head.weight", params["model.embed_tokens.weight"])
+        self.dtype = dtype or params["model.embed_tokens.weight"].dtype
+        self.device = params["model.embed_tokens.weight"].device
+        self.w: dict[str, torch.Tensor] = {}
+        self._shadowed: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for name, p in params.items():
+            if p.dtype == self.dtype:
+                self.w[name] = p.data  # the policy's own storage
+            else:
+                self.w[name] = torch.empty_like(p.data, dtype=self.dtype)
+                self._shadowed.append((p.data, self.w[name]))
+        self.sync_weights()
+        self.layers = config.num_hidden_layers
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.qk_norm = "model.layers.0.self_attn.q_norm.weight" in self.w
+        shape = (self.layers, num_slots, self.kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @torch.no_grad()
+    def sync_weights(self) -> None:
+        """Copy the policy's weights into the engine's buffers, in place (no-op when they are shared)."""
+        for source, buffer in self._shadowed:
+            buffer.copy_(source)
+
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
+
+    def _qkv(self, x: torch.Tensor, i: int, positions: torch.Tensor):
+        p = f"model.layers.{i}.self_attn."
+        q = self._linear(x, p + "q_proj").view(-1, self.heads, self.head_dim)
+        k = self._linear(x, p + "k_proj").view(-1, self.kv_heads, self.head_dim)
+        v = self._linear(x, p + "v_proj").view(-1, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = rms_norm(q, self.w[p + "q_norm.weight"], self.eps)
+            k = rms_norm(k, self.w[p + "k_norm.weight"], self.eps)
+        cos, sin = self.rotary(v, positions[None])
+        cos, sin = cos[0, :, None, :].to(q.dtype), sin[0, :, None, :].to(q.dtype)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def _block(self, x: torch.Tensor, i: int, positions: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
+        p = f"model.layers.{i}."
+        q, k, v = self._qkv(rms_norm(x, self.w[p + "input_layernorm.weight"], self.eps), i, positions)
+        self.k_cache[i, slots] = k
+        self.v_cache[i, slots] = v
+        x = x + self._linear(attend(q, k, v, i).reshape(x.shape[0], -1), p + "self_attn.o_proj")
+        h = rms_norm(x, self.w[p + "post_attention_layernorm.weight"], self.eps)
+        gate, up = self._linear(h, p + "mlp.gate_proj"), self._linear(h, p + "mlp.up_proj")
+        return x + self._linear(F.silu(gate) * up, p + "mlp.down_proj")
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(x, self.w["model.norm.weight"], self.eps)
+        return F.linear(x, self.w["lm_head.weight"]).float()
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
+        """Run whole prompts, writing their KV into the given slots; (prompts, vocab) logits of each last token."""
+        lengths = [len(p) for p in prompts]
+        ids = torch.tensor([t for p in prompts for t in p], device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        slot_t = torch.tensor([s for seq in slots for s in seq], device=self.device)
+        bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+
+        def attend(q, k, v, layer):
+            out = torch.empty_like(q)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                out[a:b] = F.scaled_dot_product_attention(
+                    q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                    is_causal=True, enable_gqa=True).transpose(0, 1)
+            return out
+
+        x = F.embedding(ids, self.w["model.embed_tokens.weight"])
+        for i in range(self.layers):
+            x = self._block(x, i, positions, slot_t, attend)
+        return self._logits(x[torch.tensor(bounds[1:], device=self.device) - 1])
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+               context: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: (B,) tokens at (B,) positions; `context` (B, L) holds each sequence's
+        slots for positions 0..L-1, valid up to context_lens. Returns (B, vocab) logits."""
+        valid = torch.arange(context.shape[1], device=self.device)[None, :] < context_lens[:, None]
+        mask = valid[:, None, None, :]
+
+        def attend(q, k, v, layer):
+            keys, values = self.k_cache[layer, context], self.v_cache[layer, context]
+            out = F.scaled_dot_product_attention(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
+                                                 attn_mask=mask, enable_gqa=True)
+            return out[:, :, 0]
+
+        x = F.embedding(tokens, self.w["model.embed_tokens.weight"])
+        for i in range(self.layers):
+            x = self._block(x, i, positions, slots, attend)
+        return self._logits(x)

@@ -1,0 +1,149 @@
+"""The rollout engine (eager, on CPU) against HF on tiny random Llama, Qwen2 and Qwen3 models."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from r1kit.rollout import HFGenerator, SamplingParams
+from r1kit.rollout.engine import EngineGenerator, LLMEngine
+from r1kit.rollout.sampler import sequence_key
+from r1kit.rollout.types import encode_prompt
+
+PROMPTS = ["What is 2 + 2?", "Name a prime number larger than one hundred, please, and explain why.", "Hi",
+           "Count: one two three four five six seven eight nine ten eleven twelve thirteen"]
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def tiny(request, tokenizer):
+    config_cls, model_cls, extra = FAMILIES[request.param]
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, **extra)
+    model = model_cls(config).eval()
+    if request.param == "qwen2":  # random biases, so the q/k/v bias path is exercised
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    return model, tokenizer
+
+
+def engine(model, tokenizer, **kw):
+    return EngineGenerator(model, tokenizer, **{"kv_cache_tokens": 4096, "block_size": 4, **kw})
+
+
+def test_greedy_equals_hf_generate(tiny):
+    model, tokenizer = tiny
+    gen = engine(model, tokenizer)
+    completions = gen.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16))
+    for prompt, completion in zip(PROMPTS, completions, strict=True):
+        ids = torch.tensor([gen.encode(prompt)])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1] :].tolist()
+        assert completion.token_ids == ref[: len(completion.token_ids)]
+        assert len(completion.token_ids) == 16 or completion.finish_reason == "stop"
+
+
+def test_sampled_logprobs_equal_a_forward_pass(tiny):
+    model, tokenizer = tiny
+    gen = engine(model, tokenizer)
+    for completion in gen.generate(PROMPTS, SamplingParams(n=2, temperature=0.8, top_p=0.9, max_tokens=10, seed=1)):
+        prompt = gen.encode(PROMPTS[completion.prompt_index])
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion.token_ids])).logits[0, len(prompt) - 1 : -1]
+        expected = (logits / 0.8).log_softmax(-1).gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-4)
+
+
+def test_same_tokens_as_the_hf_backend_under_a_seed(tiny):
+    model, tokenizer = tiny
+    params = SamplingParams(n=3, temperature=1.0, top_k=50, max_tokens=12, seed=7)
+    ours = engine(model, tokenizer).generate(PROMPTS, params)
+    theirs = HFGenerator(model, tokenizer).generate(PROMPTS, params)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+
+
+def test_continuous_batching_equals_one_at_a_time(tiny):
+    model, tokenizer = tiny
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=3)
+    together = engine(model, tokenizer).generate(PROMPTS, params)
+    # two sequences at a time, and a cache that holds only a few requests: they queue and take freed slots
+    squeezed = engine(model, tokenizer, max_num_seqs=2, kv_cache_tokens=128).generate(PROMPTS, params)
+    alone = []
+    for i, prompt in enumerate(PROMPTS):  # each prompt by itself, with the keys it has in the batch
+        llm = LLMEngine(model, tokenizer, kv_cache_tokens=4096, block_size=4)
+        keys = [sequence_key(3, i * 2 + s) for s in (0, 1)]
+        request = llm.add_request(encode_prompt(tokenizer, prompt), params, keys)
+        while llm.has_work():
+            llm.step()
+        alone += [type(together[0])(seq.text, seq.output_ids) for seq in request.sequences]
+    assert [c.token_ids for c in together] == [c.token_ids for c in squeezed] == [c.token_ids for c in alone]
+
+
+def test_shared_group_prompts_equal_unshared(tiny):
+    model, tokenizer = tiny
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=10, seed=11)
+    shared = engine(model, tokenizer, share_prompts=True)
+    unshared = engine(model, tokenizer, share_prompts=False)
+    a, b = shared.generate(PROMPTS, params), unshared.generate(PROMPTS, params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert [lp for c in a for lp in c.logprobs] == pytest.approx([lp for c in b for lp in c.logprobs], abs=1e-5)
+    blocks = shared.engine.blocks
+    assert len(blocks.free) == len(blocks.refs) and not any(blocks.refs)  # every block returned
+
+
+def test_group_members_share_the_prompt_blocks(tiny):
+    model, tokenizer = tiny
+    llm = LLMEngine(model, tokenizer, kv_cache_tokens=4096, block_size=4)
+    prompt = tokenizer.encode("one two three four five six seven eight nine ten")  # 10 tokens: 2 full blocks
+    request = llm.add_request(prompt, SamplingParams(n=3, max_tokens=4, seed=0))
+    llm.step()
+    tables = [seq.block_table for seq in request.sequences]
+    assert tables[0][:2] == tables[1][:2] == tables[2][:2]
+    assert len({t[2] for t in tables}) == 3  # the partly filled third block is each member's own
+    assert llm.blocks.refs[tables[0][0]] == 3
+
+
+def test_stop_strings_and_reproducible_seeds(tiny):
+    model, tokenizer = tiny
+    gen = engine(model, tokenizer)
+    full = gen.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=16))[0]
+    stop = full.text[len(full.text) // 2 :][:3]
+    cut = gen.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=16, stop=(stop,)))[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+    hf_cut = HFGenerator(model, tokenizer).generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=16,
+                                                                                stop=(stop,)))[0]
+    assert (cut.text, cut.token_ids) == (hf_cut.text, hf_cut.token_ids)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=9)
+    assert [c.token_ids for c in gen.generate(PROMPTS, params)] == [c.token_ids for c in gen.generate(PROMPTS, params)]
+
+
+def test_weights_are_shared_or_refreshed_in_place(tiny):
+    model, tokenizer = tiny
+    same = LLMEngine(model, tokenizer, kv_cache_tokens=64)
+    weight = model.model.layers[0].mlp.up_proj.weight
+    assert same.decoder.w["model.layers.0.mlp.up_proj.weight"].data_ptr() == weight.data_ptr()
+    low = LLMEngine(model, tokenizer, kv_cache_tokens=64, dtype=torch.bfloat16)
+    buffer = low.decoder.w["model.layers.0.mlp.up_proj.weight"]
+    pointer = buffer.data_ptr()
+    with torch.no_grad():
+        weight.add_(1.0)
+    assert not torch.equal(buffer, weight.to(torch.bfloat16))
+    low.sync_weights()
+    assert torch.equal(buffer, weight.to(torch.bfloat16)) and buffer.data_ptr() == pointer
+    with torch.no_grad():
+        weight.sub_(1.0)
+
+
+def test_request_larger_than_the_cache_is_refused(tiny):
+    model, tokenizer = tiny
+    llm = LLMEngine(model, tokenizer, kv_cache_tokens=32, block_size=4)
+    # 30 prompt tokens + 4 new in blocks of 4: 7 shared prompt blocks + 2 own blocks for each of 2 sequences
+    with pytest.raises(ValueError, match="needs 11 KV blocks and the cache has 8"):
+        llm.add_request([1] * 30, SamplingParams(n=2, max_tokens=4))
