@@ -147,3 +147,23 @@ def test_request_larger_than_the_cache_is_refused(tiny):
     # 30 prompt tokens + 4 new in blocks of 4: 7 shared prompt blocks + 2 own blocks for each of 2 sequences
     with pytest.raises(ValueError, match="needs 11 KV blocks and the cache has 8"):
         llm.add_request([1] * 30, SamplingParams(n=2, max_tokens=4))
+
+
+def test_repetition_penalty_and_top_logprobs_agree_with_hf(tiny):
+    model, tokenizer = tiny
+    params = SamplingParams(n=2, temperature=0.7, repetition_penalty=1.3, top_logprobs=3, max_tokens=10, seed=5)
+    ours = engine(model, tokenizer).generate(PROMPTS, params)
+    theirs = HFGenerator(model, tokenizer).generate(PROMPTS, params)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert len(a.top_logprobs) == len(a.token_ids)
+        assert [list(t) for t in a.top_logprobs] == [list(t) for t in b.top_logprobs]
+        assert all(len(t) == 3 and max(t.values()) >= lp - 1e-6 for t, lp in zip(a.top_logprobs, a.logprobs,
+                                                                                 strict=True))
+    # HF's greedy decoding with its own repetition penalty picks the same tokens
+    greedy = engine(model, tokenizer).generate(PROMPTS[:1], SamplingParams(temperature=0, repetition_penalty=1.3,
+                                                                           max_tokens=12))[0]
+    ids = torch.tensor([encode_prompt(tokenizer, PROMPTS[0])])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                         repetition_penalty=1.3, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+    assert greedy.token_ids == ref[: len(greedy.token_ids)]

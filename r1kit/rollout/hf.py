@@ -5,22 +5,30 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from r1kit.rollout.sampler import SamplingBatch, sample, sequence_key
+from r1kit.rollout.sampler import SamplingBatch, sample, sequence_key, top_logprobs
 from r1kit.rollout.types import Completion, Progress, SamplingParams, encode_prompt
 
 
 class _Sampler(LogitsProcessor):
     """Samples with r1kit's sampler and forces HF's greedy step to take that token, recording its logprob."""
 
-    def __init__(self, params: SamplingParams, keys: list[int], device: torch.device):
-        self.batch = SamplingBatch.of([params] * len(keys), device)
+    def __init__(self, params: SamplingParams, keys: list[int], pad_widths: list[int], device: torch.device):
+        self.params, self.batch = params, SamplingBatch.of([params] * len(keys), device)
         self.keys = torch.tensor(keys, device=device)
+        self.pad_widths = torch.tensor(pad_widths, device=device)
         self.logprobs: list[torch.Tensor] = []
+        self.top: list[list[dict[int, float]]] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         steps = torch.full_like(self.keys, len(self.logprobs))
-        tokens, logprobs = sample(scores.float(), self.batch, self.keys, steps)
+        history = None
+        if self.batch.penalized:  # left padding is no history
+            columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+            history = input_ids.masked_fill(columns[None, :] < self.pad_widths[:, None], -1)
+        tokens, logprobs = sample(scores.float(), self.batch, self.keys, steps, history)
         self.logprobs.append(logprobs)
+        if self.params.top_logprobs:
+            self.top.append(top_logprobs(scores.float(), self.batch, self.params.top_logprobs))
         forced = torch.full_like(scores, float("-inf"))
         return forced.scatter_(-1, tokens[:, None], 0.0)
 
@@ -72,7 +80,7 @@ class HFGenerator:
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.model.device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
                                       device=self.model.device)
-        sampler = _Sampler(params, keys, self.model.device)
+        sampler = _Sampler(params, keys, [width - len(p) for p in prompts], self.model.device)
         # Stop strings are cut afterwards (_stop_position), as the engine does: HF's own stop-string check
         # ended sequences whose text did not contain the string yet (seen with a tiny Qwen3 in the tests).
         config = GenerationConfig(max_new_tokens=params.max_tokens, do_sample=False, pad_token_id=self.pad_id,
@@ -81,7 +89,11 @@ class HFGenerator:
                                   logits_processor=LogitsProcessorList([sampler]))
         new_tokens = out[:, width:].tolist()
         logprobs = torch.stack(sampler.logprobs, 1).tolist()
-        return [self._completion(tokens, lps, params) for tokens, lps in zip(new_tokens, logprobs, strict=True)]
+        completions = [self._completion(tokens, lps, params) for tokens, lps in zip(new_tokens, logprobs, strict=True)]
+        if params.top_logprobs:
+            for row, completion in enumerate(completions):
+                completion.top_logprobs = [step[row] for step in sampler.top[: len(completion.token_ids)]]
+        return completions
 
     def _completion(self, tokens: list[int], logprobs: list[float], params: SamplingParams) -> Completion:
         end = next((t + 1 for t, tok in enumerate(tokens) if tok in self.eos_ids), None)

@@ -49,6 +49,7 @@ class SamplingBatch:
     top_k: torch.Tensor
     top_p: torch.Tensor
     min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
 
     @classmethod
     def of(cls, params: list[SamplingParams], device: torch.device | str) -> SamplingBatch:
@@ -57,7 +58,13 @@ class SamplingBatch:
             return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
 
         return cls(column("temperature", torch.float32), column("top_k", torch.int64),
-                   column("top_p", torch.float32), column("min_p", torch.float32))
+                   column("top_p", torch.float32), column("min_p", torch.float32),
+                   column("repetition_penalty", torch.float32))
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any row asks for a repetition penalty (then sample() needs the token history)."""
+        return bool((self.repetition_penalty != 1).any())
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
@@ -78,18 +85,42 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, keys: torch.Tensor, steps: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, logprobs) for (B, vocab) float32 logits; a row with temperature 0 is greedy.
+def penalize(logits: torch.Tensor, history: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """HF's repetition penalty: logits of tokens in each row's history (B, L; -1 pads) divided by the
+    penalty when positive, multiplied when negative."""
+    counts = torch.zeros_like(logits, dtype=torch.int32).scatter_add_(
+        1, history.clamp(min=0), (history >= 0).to(torch.int32))
+    p = penalty[:, None]
+    return torch.where(counts > 0, torch.where(logits > 0, logits / p, logits * p), logits)
 
-    logprobs are log softmax(logits / T) of the chosen token, untruncated by top-k/top-p/min-p (raw
-    logits for greedy rows): what the trainer's forward computes for the same token.
-    """
+
+def _scale(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     greedy = batch.temperature == 0
     temperature = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
-    scaled = logits / temperature[:, None]
+    return logits / temperature[:, None], greedy
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, keys: torch.Tensor, steps: torch.Tensor,
+           history: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, logprobs) for (B, vocab) float32 logits; a row with temperature 0 is greedy.
+
+    logprobs are log softmax(logits / T) of the chosen token, untruncated by top-k/top-p/min-p and
+    unpenalized (raw logits for greedy rows): what the trainer's forward computes for the same token.
+    `history` (B, L) holds the tokens the repetition penalty looks at.
+    """
+    scaled, greedy = _scale(logits, batch)
     logprobs = scaled.log_softmax(-1)
+    if history is not None and batch.penalized:
+        logits = penalize(logits, history, batch.repetition_penalty)
+        scaled, _ = _scale(logits, batch)
     filtered = filter_logits(scaled, batch.top_k, batch.top_p, batch.min_p)
     gumbel = -torch.log(-torch.log(uniform_noise(keys, steps, logits.shape[-1])))
     tokens = torch.where(greedy, logits.argmax(-1), (filtered + gumbel).argmax(-1))
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def top_logprobs(logits: torch.Tensor, batch: SamplingBatch, n: int) -> list[dict[int, float]]:
+    """The n most likely tokens of each row with their logprobs under softmax(logits / T)."""
+    values, ids = _scale(logits, batch)[0].log_softmax(-1).topk(n, dim=-1)
+    return [dict(zip(row_ids, row_values, strict=True)) for row_ids, row_values in zip(ids.tolist(), values.tolist(),
+                                                                                        strict=True)]

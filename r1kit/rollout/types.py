@@ -19,15 +19,18 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     max_tokens: int = 256
+    repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    logprobs: bool = True
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_tokens < 1:
             raise ValueError("n and max_tokens must be at least 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or not 0 <= self.min_p < 1:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0 and 0 <= min_p < 1")
+        if self.repetition_penalty <= 0 or self.top_logprobs < 0:
+            raise ValueError("need repetition_penalty > 0 and top_logprobs >= 0")
 
     def to_dict(self) -> dict:
         """Every setting, for results files."""
@@ -39,7 +42,8 @@ class Completion:
     """One sampled continuation: its text, token ids, the logprob of each token and why it ended.
 
     `logprobs[i]` is log p(token_ids[i]) under softmax(logits / temperature), untruncated by
-    top-p/top-k: the quantity GRPO's importance ratio needs.
+    top-p/top-k and without repetition penalty: the quantity GRPO's importance ratio needs.
+    `top_logprobs[i]`, when asked for, maps the most likely tokens at position i to their logprobs.
     """
 
     text: str
@@ -47,6 +51,7 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: FinishReason = "length"
     prompt_index: int = 0
+    top_logprobs: list[dict[int, float]] | None = None
 
 
 Progress = Callable[[int], None]

@@ -9,7 +9,7 @@ from r1kit.rollout.engine.model import PagedDecoder
 from r1kit.rollout.engine.scheduler import Request, Scheduler
 from r1kit.rollout.engine.sequence import Sequence
 from r1kit.rollout.hf import eos_token_ids
-from r1kit.rollout.sampler import SamplingBatch, sample, sequence_key
+from r1kit.rollout.sampler import SamplingBatch, sample, sequence_key, top_logprobs
 from r1kit.rollout.types import Completion, Progress, SamplingParams, encode_prompt
 
 
@@ -106,14 +106,22 @@ class LLMEngine:
         batch = SamplingBatch.of([s.params for s in seqs], self.device)
         keys = torch.tensor([s.key for s in seqs], device=self.device)
         steps = torch.tensor([len(s.output_ids) for s in seqs], device=self.device)
-        tokens, logprobs = sample(logits, batch, keys, steps)
-        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
+        tokens, logprobs = sample(logits, batch, keys, steps, self._history(seqs) if batch.penalized else None)
+        top_n = max(s.params.top_logprobs for s in seqs)
+        tops = top_logprobs(logits, batch, top_n) if top_n else [{}] * len(seqs)
+        for seq, token, logprob, top in zip(seqs, tokens.tolist(), logprobs.tolist(), tops, strict=True):
             seq.output_ids.append(token)
             seq.logprobs.append(logprob)
+            if seq.params.top_logprobs:
+                seq.top_logprobs.append(dict(list(top.items())[: seq.params.top_logprobs]))
             self._check_finished(seq)
             if seq.finished:
                 self.scheduler.finish(seq)
         return seqs
+
+    def _history(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(s.length for s in seqs)
+        return torch.tensor([s.token_ids + [-1] * (width - s.length) for s in seqs], device=self.device)
 
     def _check_finished(self, seq: Sequence) -> None:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
@@ -156,5 +164,6 @@ class EngineGenerator:
             if progress and done:
                 progress(done)
         return [Completion(text=seq.text, token_ids=seq.output_ids, logprobs=seq.logprobs,
-                           finish_reason=seq.finish_reason, prompt_index=i)
+                           finish_reason=seq.finish_reason, prompt_index=i,
+                           top_logprobs=seq.top_logprobs if params.top_logprobs else None)
                 for i, request in enumerate(requests) for seq in request.sequences]

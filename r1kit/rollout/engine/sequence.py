@@ -18,6 +18,7 @@ class Sequence:
     key: int
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     text: str = ""
@@ -26,6 +27,11 @@ class Sequence:
     def length(self) -> int:
         """Prompt plus generated tokens."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Prompt and generated tokens (what the repetition penalty looks at)."""
+        return self.prompt_ids + self.output_ids
 
     @property
     def last_token(self) -> int:
