@@ -84,7 +84,7 @@ class HFGenerator:
         # Stop strings are cut afterwards (_stop_position), as the engine does: HF's own stop-string check
         # ended sequences whose text did not contain the string yet (seen with a tiny Qwen3 in the tests).
         config = GenerationConfig(max_new_tokens=params.max_tokens, do_sample=False, pad_token_id=self.pad_id,
-                                  eos_token_id=sorted(self.eos_ids))
+                                  eos_token_id=None if params.ignore_eos else sorted(self.eos_ids))
         out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                   logits_processor=LogitsProcessorList([sampler]))
         new_tokens = out[:, width:].tolist()
@@ -96,7 +96,7 @@ class HFGenerator:
         return completions
 
     def _completion(self, tokens: list[int], logprobs: list[float], params: SamplingParams) -> Completion:
-        end = next((t + 1 for t, tok in enumerate(tokens) if tok in self.eos_ids), None)
+        end = None if params.ignore_eos else next((t + 1 for t, tok in enumerate(tokens) if tok in self.eos_ids), None)
         stop_at = self._stop_position(tokens[: end or len(tokens)], params.stop)
         if stop_at is not None:
             ids, text = tokens[:stop_at[0]], stop_at[1]

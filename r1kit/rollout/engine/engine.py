@@ -93,14 +93,17 @@ class LLMEngine:
                 cache[:, target : target + rest] = cache[:, source : source + rest]
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
-        lengths = [seq.length for seq in seqs]
-        width = max(lengths)
-        context = [self._slots(seq, 0, n) + [0] * (width - n) for seq, n in zip(seqs, lengths, strict=True)]
-        as_tensor = lambda values: torch.tensor(values, device=self.device)  # noqa: E731
-        logits = self.decoder.decode(as_tensor([s.last_token for s in seqs]), as_tensor([n - 1 for n in lengths]),
-                                     as_tensor([c[n - 1] for c, n in zip(context, lengths, strict=True)]),
-                                     as_tensor(context), as_tensor(lengths))
-        return self._advance(seqs, logits)
+        # Block tables are fixed at admission, so each step only stacks them and maps positions on device.
+        lengths = torch.tensor([seq.length for seq in seqs], device=self.device)
+        width = max(len(seq.block_table) for seq in seqs)
+        tables = torch.tensor([seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs],
+                              device=self.device)
+        positions = torch.arange(int(lengths.max()), device=self.device)
+        context = tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
+        last = lengths - 1
+        tokens = torch.tensor([seq.last_token for seq in seqs], device=self.device)
+        slots = context.gather(1, last[:, None]).squeeze(1)
+        return self._advance(seqs, self.decoder.decode(tokens, last, slots, context, lengths))
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
         batch = SamplingBatch.of([s.params for s in seqs], self.device)
@@ -125,7 +128,7 @@ class LLMEngine:
 
     def _check_finished(self, seq: Sequence) -> None:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        if seq.output_ids[-1] in self.eos_ids:
+        if seq.output_ids[-1] in self.eos_ids and not seq.params.ignore_eos:
             seq.finish_reason, seq.text = "stop", decode(seq.output_ids[:-1])
             return
         if seq.params.stop:
