@@ -14,6 +14,7 @@ from r1kit.config import (
     ConfigError,
     DemoConfig,
     EvalConfig,
+    ServeConfig,
     TrainConfig,
     add_config_arguments,
     config_from_args,
@@ -40,6 +41,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from r1kit.rl.run import INTERRUPTED, run_train
 
     return INTERRUPTED if run_train(config_from_args(TrainConfig, args))["interrupted"] else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from r1kit.serve.server import run_serve
+
+    run_serve(config_from_args(ServeConfig, args))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -118,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "resume=latest continues exactly. Writes metrics.jsonl, TensorBoard events, checkpoints/.")
     add_config_arguments(p, TrainConfig)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API with the reasoning trace, and a web chat page",
+                       description="Serve a model: POST /v1/chat/completions (reasoning in reasoning_content), "
+                       "/v1/completions, GET /v1/models (with weight sha256), /health, and a chat page at /.")
+    add_config_arguments(p, ServeConfig)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="plots and sample pages of a training run")
     p.add_argument("run_dir", help="the run folder (the `out` of r1kit train)")

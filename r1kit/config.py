@@ -104,6 +104,23 @@ class TrainConfig(Config):
     out: str = Field("runs/train", description="run folder")
 
 
+class ServeConfig(Config):
+    """`r1kit serve`: an OpenAI-compatible server with the reasoning trace apart from the answer."""
+
+    model: str = Field("default", description="'default', a .gguf file or a local HF folder")
+    name: str | None = Field(None, description="model name clients use (default: the folder name)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port (0: any free port)")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' (or set R1KIT_API_KEY)")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="larger request bodies are refused (413)")
+    max_prompt_tokens: int = Field(4096, ge=1, description="longer prompts are refused (400)")
+    max_tokens: int = Field(2048, ge=1, description="the most tokens a request may ask for (400 above)")
+    default_max_tokens: int = Field(512, ge=1, description="completion length when a request sets none")
+    max_concurrent: int = Field(64, ge=1, description="requests in flight at once; more are refused (429)")
+    kv_cache_tokens: int = Field(65_536, ge=16, description="KV cache size in tokens")
+    device: str = Field("auto", description="auto, cpu, cuda")
+
+
 class DemoConfig(Config):
     """`r1kit demo`: GRPO on held-out-checked addition with the embedded model, sized to the machine."""
 

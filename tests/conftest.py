@@ -56,3 +56,44 @@ def data_dir(tmp_path) -> Path:
     for name, items in rows.items():
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in items))
     return tmp_path
+
+
+SCRIPT = "<think>Two plus two makes four</think>The answer is 4."
+
+
+@pytest.fixture(scope="session")
+def scripted_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 1-layer Llama that, after a chat prompt, always says SCRIPT and stops.
+
+    Attention and MLP outputs are zeroed, so each next token depends on the current token alone; the
+    script's tokens get one-hot embeddings and the LM head maps each to its successor. `<think>` and
+    `</think>` are single added tokens, as in R1-style tokenizers.
+    """
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(["<think>", "</think>"])
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chain = [tok(prompt, add_special_tokens=False)["input_ids"][-1], *tok.encode(SCRIPT, add_special_tokens=False),
+             tok.eos_token_id]
+    assert len(set(chain)) == len(chain), "the script's tokens must be unique"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.normal_(std=0.01)
+        model.lm_head.weight.zero_()
+        for i, (token, successor) in enumerate(zip(chain, chain[1:], strict=False)):
+            model.model.embed_tokens.weight[token] = 0.0
+            model.model.embed_tokens.weight[token, i] = 1.0
+            model.lm_head.weight[successor, i] = 10.0
+    folder = tmp_path_factory.mktemp("scripted")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -111,3 +111,11 @@ def test_bad_sampling_params():
         SamplingParams(n=0)
     with pytest.raises(ValueError, match="0 < top_p <= 1"):
         SamplingParams(top_p=0)
+
+
+def test_uniforms_stay_strictly_inside_the_unit_interval():
+    from r1kit.rollout.sampler import to_unit
+
+    u = to_unit(torch.tensor([0, 2**32 - 1, 2**31, 511, 512]))
+    assert (u > 0).all() and (u < 1).all()
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()

@@ -37,8 +37,16 @@ def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.
     """(B, vocab) uniforms in (0, 1), a pure function of each row's (key, step)."""
     row = hash32(keys.to(torch.int64) ^ hash32(steps.to(torch.int64) * _GOLDEN))
     ids = torch.arange(vocab, device=keys.device, dtype=torch.int64)
-    bits = hash32(row[:, None] ^ (ids[None, :] * _GOLDEN)) >> 8  # 24 bits: exact in float32
-    return (bits.to(torch.float32) + 0.5) / float(1 << 24)
+    return to_unit(hash32(row[:, None] ^ (ids[None, :] * _GOLDEN)))
+
+
+def to_unit(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes to float32 uniforms strictly inside (0, 1).
+
+    23 bits, not 24: (2^24 - 0.5) / 2^24 rounds to 1.0 in float32, and a uniform of 1.0 is an infinite
+    Gumbel draw that wins over any logit (seen as a stray token once every few hundred steps).
+    """
+    return ((bits >> 9).to(torch.float32) + 0.5) / float(1 << 23)
 
 
 @dataclass

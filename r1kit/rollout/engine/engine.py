@@ -50,6 +50,20 @@ class LLMEngine:
         self._next_id += 1
         return request
 
+    def abort(self, request: Request) -> None:
+        """Stop a request's unfinished sequences (finish reason `abort`) and free their blocks."""
+        if request in self.scheduler.waiting:
+            self.scheduler.waiting.remove(request)
+            running = []
+        else:
+            running = [seq for seq in request.sequences if not seq.finished]
+        for seq in request.sequences:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        for seq in running:
+            self.scheduler.finish(seq)
+
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 

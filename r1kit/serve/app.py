@@ -1,0 +1,284 @@
+"""`create_app()`: the OpenAI-compatible API over the engine, with the reasoning trace apart from the answer."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from r1kit.config import ServeConfig
+from r1kit.prompts import THINK_OPEN
+from r1kit.rollout.types import SamplingParams, encode_prompt
+from r1kit.serve.reasoning import ReasoningSplitter, split_reasoning
+from r1kit.serve.schemas import ChatRequest, CompletionRequest, SamplingFields, error_body, usage
+from r1kit.serve.worker import EngineWorker, Event
+
+
+class APIError(Exception):
+    """An error the client gets in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, kind, code, param)
+
+
+@dataclass
+class ServedModel:
+    """A model the server answers as `name`: its engine worker, tokenizer and weight identity."""
+
+    name: str
+    worker: EngineWorker
+    tokenizer: Any
+    sha256: str
+    path: str
+    created: int
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], bool]:
+        """Prompt ids of a conversation, and whether the template already opened a <think> block."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return encode_prompt(self.tokenizer, text), text.rstrip().endswith(THINK_OPEN)
+
+
+class ChoiceText:
+    """Turns a choice's token events into text deltas.
+
+    Text is held back while it ends in an incomplete UTF-8 character or could be the start of a stop
+    string, so a stream never shows what the final message will not contain.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.finish_reason: str | None = None
+        self.tokens = 0
+
+    def add(self, event: Event) -> str:
+        """The text this event adds."""
+        self.tokens += 1
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+            new = event.text[len(self.sent):] if event.text.startswith(self.sent) else ""
+            self.sent = event.text
+            return new
+        self.ids.append(event.token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd")
+        safe = text[: len(text) - self.hold] if self.hold else text
+        if not safe.startswith(self.sent) or len(safe) <= len(self.sent):
+            return ""
+        new, self.sent = safe[len(self.sent):], safe
+        return new
+
+
+def sampling(req: SamplingFields, cfg: ServeConfig, max_tokens: int | None) -> SamplingParams:
+    """SamplingParams of a request, with OpenAI's defaults and this server's limits."""
+    wanted = max_tokens or cfg.default_max_tokens
+    if wanted > cfg.max_tokens:
+        raise APIError(400, f"max_tokens is {wanted}; this server allows at most {cfg.max_tokens}", param="max_tokens")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    return SamplingParams(n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+                          top_p=req.top_p or 1.0, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+                          repetition_penalty=req.repetition_penalty or 1.0, max_tokens=wanted, stop=stop,
+                          seed=req.seed)
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `models` under `cfg`'s limits; `api_key` turns on bearer-token auth."""
+    app = FastAPI(title="r1kit", docs_url=None, redoc_url=None)
+    by_name = {m.name: m for m in models}
+    state = {"in_flight": 0}
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/"):
+            if api_key and not _authorized(request, api_key):
+                return JSONResponse(error_body("Incorrect API key provided.", "invalid_request_error",
+                                               "invalid_api_key"), status_code=401)
+            length = request.headers.get("content-length")
+            if length and int(length) > cfg.max_body_bytes:
+                return JSONResponse(error_body(f"request body of {length} bytes is over the limit of "
+                                               f"{cfg.max_body_bytes}", "invalid_request_error",
+                                               "body_too_large"), status_code=413)
+        return await call_next(request)
+
+    async def parse(request: Request, schema):
+        body = await request.body()
+        if len(body) > cfg.max_body_bytes:
+            raise APIError(413, f"request body over the limit of {cfg.max_body_bytes} bytes", code="body_too_large")
+        try:
+            return schema.model_validate(json.loads(body or b"null"))
+        except json.JSONDecodeError as e:
+            raise APIError(400, f"request body is not JSON: {e}") from None
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(map(str, err["loc"]))
+            raise APIError(400, f"{where}: {err['msg']}", param=where) from None
+
+    def model_for(name: str) -> ServedModel:
+        if name not in by_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server has {', '.join(by_name)}",
+                           code="model_not_found", param="model")
+        return by_name[name]
+
+    def admit() -> None:
+        if state["in_flight"] >= cfg.max_concurrent:
+            raise APIError(429, f"{cfg.max_concurrent} requests are in flight; try again shortly",
+                           kind="rate_limit_error", code="too_many_requests")
+
+    def check_prompt(ids: list[int]) -> None:
+        if len(ids) > cfg.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; this server allows at most "
+                           f"{cfg.max_prompt_tokens}", code="context_length_exceeded")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": m.name, "object": "model", "created": m.created,
+                                            "owned_by": "r1kit", "sha256": m.sha256, "path": m.path}
+                                           for m in models]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return (files("r1kit.serve") / "static" / "index.html").read_text(encoding="utf-8")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = await parse(request, ChatRequest)
+        served = model_for(req.model)
+        prompt, in_reasoning = served.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
+        check_prompt(prompt)
+        params = sampling(req, cfg, req.max_completion_tokens or req.max_tokens)
+        admit()
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
+        choices = [ChoiceText(served.tokenizer, params.stop) for _ in range(params.n)]
+        events = _counted(state, served.worker.stream([prompt], params))
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            splitters = [ReasoningSplitter(in_reasoning) for _ in range(params.n)]
+            return StreamingResponse(_chat_stream(meta, choices, splitters, events, len(prompt), include_usage,
+                                                  served), media_type="text/event-stream")
+        async for _, batch in events:
+            for event in batch:
+                choices[event.index].add(event)
+        out, reasoning_tokens = [], 0
+        for i, choice in enumerate(choices):
+            reasoning, content = split_reasoning(choice.sent, in_reasoning)
+            reasoning_tokens += _count(served.tokenizer, reasoning)
+            out.append({"index": i, "finish_reason": choice.finish_reason, "logprobs": None,
+                        "message": {"role": "assistant", "content": content, "reasoning_content": reasoning or None,
+                                    "reasoning": reasoning or None}})
+        completion_tokens = sum(c.tokens for c in choices)
+        return {**meta, "object": "chat.completion", "choices": out,
+                "usage": usage(len(prompt), completion_tokens, reasoning_tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await parse(request, CompletionRequest)
+        served = model_for(req.model)
+        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        prompts = [encode_prompt(served.tokenizer, t) for t in texts]
+        for ids in prompts:
+            check_prompt(ids)
+        params = sampling(req, cfg, req.max_tokens or 16)
+        admit()
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
+        choices = [ChoiceText(served.tokenizer, params.stop) for _ in range(params.n * len(prompts))]
+        events = _counted(state, served.worker.stream(prompts, params))
+        prompt_tokens = sum(map(len, prompts))
+        if req.stream:
+            return StreamingResponse(_completion_stream(meta, choices, events, params.n),
+                                     media_type="text/event-stream")
+        async for p, batch in events:
+            for event in batch:
+                choices[p * params.n + event.index].add(event)
+        out = [{"index": i, "text": c.sent, "finish_reason": c.finish_reason, "logprobs": None}
+               for i, c in enumerate(choices)]
+        return {**meta, "object": "text_completion", "choices": out,
+                "usage": usage(prompt_tokens, sum(c.tokens for c in choices))}
+
+    return app
+
+
+def _authorized(request: Request, api_key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
+
+
+def _count(tokenizer, text: str) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=False)) if text else 0
+
+
+async def _counted(state: dict, events: AsyncIterator) -> AsyncIterator:
+    """The events, counting the request as in flight until they end or the client leaves."""
+    state["in_flight"] += 1
+    try:
+        async for item in events:
+            yield item
+    finally:
+        state["in_flight"] -= 1
+        await events.aclose()
+
+
+async def _chat_stream(meta: dict, choices: list[ChoiceText], splitters: list[ReasoningSplitter],
+                       events: AsyncIterator, prompt_tokens: int, include_usage: bool, served: ServedModel
+                       ) -> AsyncIterator[str]:
+    chunk = {**meta, "object": "chat.completion.chunk"}
+    for i in range(len(choices)):
+        yield sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                         "finish_reason": None}]})
+    reasoning_text = [""] * len(choices)
+    async for _, batch in events:
+        for event in batch:
+            choice, splitter = choices[event.index], splitters[event.index]
+            reasoning, content = splitter.feed(choice.add(event))
+            if choice.finish_reason:
+                tail = splitter.finish()
+                reasoning, content = reasoning + tail[0], content + tail[1]
+            reasoning_text[event.index] += reasoning
+            delta = {}
+            if reasoning:
+                delta.update(reasoning_content=reasoning, reasoning=reasoning)
+            if content:
+                delta["content"] = content
+            finish = choice.finish_reason
+            if delta or finish:
+                yield sse({**chunk, "choices": [{"index": event.index, "delta": delta, "finish_reason": finish}]})
+    if include_usage:
+        reasoning_tokens = sum(_count(served.tokenizer, r) for r in reasoning_text)
+        yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, sum(c.tokens for c in choices),
+                                                          reasoning_tokens)})
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_stream(meta: dict, choices: list[ChoiceText], events: AsyncIterator, n: int
+                             ) -> AsyncIterator[str]:
+    async for p, batch in events:
+        for event in batch:
+            choice = choices[p * n + event.index]
+            text = choice.add(event)
+            if text or choice.finish_reason:
+                yield sse({**meta, "object": "text_completion", "choices": [
+                    {"index": p * n + event.index, "text": text, "finish_reason": choice.finish_reason,
+                     "logprobs": None}]})
+    yield "data: [DONE]\n\n"

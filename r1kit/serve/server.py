@@ -1,0 +1,35 @@
+"""`r1kit serve`: load the model, start the engine thread, run the app under uvicorn."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from r1kit.config import ServeConfig
+from r1kit.serve.app import ServedModel, create_app
+from r1kit.serve.worker import EngineWorker
+
+
+def load_served(spec: str, name: str | None, device: str, kv_cache_tokens: int) -> ServedModel:
+    """A model ready to serve: weights loaded (bf16 on GPU), engine thread running, sha256 computed."""
+    from r1kit.models import load_model, resolve_model, weights_sha256
+    from r1kit.rollout.engine import LLMEngine
+
+    folder = resolve_model(spec)
+    model, tokenizer = load_model(spec, device)
+    engine = LLMEngine(model, tokenizer, kv_cache_tokens=kv_cache_tokens)
+    served_name = name or (Path(spec).name if spec != "default" else "SmolLM2-135M-Instruct")
+    return ServedModel(name=served_name, worker=EngineWorker(engine), tokenizer=tokenizer,
+                       sha256=weights_sha256(folder), path=str(folder), created=int(time.time()))
+
+
+def run_serve(cfg: ServeConfig) -> None:
+    """Serve until interrupted."""
+    import uvicorn
+
+    served = load_served(cfg.model, cfg.name, cfg.device, cfg.kv_cache_tokens)
+    app = create_app([served], cfg, api_key=cfg.api_key or os.environ.get("R1KIT_API_KEY"))
+    print(f"serving {served.name} (sha256 {served.sha256[:12]}) at http://{cfg.host}:{cfg.port}/ "
+          f"(OpenAI API under /v1)")
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

@@ -1,0 +1,167 @@
+"""The server with the official openai client on 127.0.0.1, on a scripted and a random tiny model."""
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+
+import openai
+import pytest
+import uvicorn
+from conftest import SCRIPT
+
+from r1kit.config import ServeConfig
+from r1kit.models import model_info
+from r1kit.serve.app import create_app
+from r1kit.serve.server import load_served
+
+REASONING, CONTENT = "Two plus two makes four", "The answer is 4."
+KEY = "sk-test-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """uvicorn on a thread, for one test module."""
+
+    def __init__(self, model_dir, **limits):
+        self.cfg = ServeConfig(model=str(model_dir), port=free_port(), device="cpu", kv_cache_tokens=8192, **limits)
+        self.served = load_served(self.cfg.model, "tiny", "cpu", self.cfg.kv_cache_tokens)
+        app = create_app([self.served], self.cfg, api_key=KEY)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.cfg.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.cfg.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.served.worker.close()
+
+
+@pytest.fixture(scope="module")
+def scripted(scripted_dir):
+    server = Server(scripted_dir, max_tokens=64, max_prompt_tokens=200, max_body_bytes=20_000)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def rambler(tiny_model_dir):
+    server = Server(tiny_model_dir, max_concurrent=1, max_tokens=4000)
+    yield server
+    server.stop()
+
+
+def ask(server, **kw):
+    return server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], **kw)
+
+
+def test_chat_separates_reasoning(scripted):
+    response = ask(scripted, max_tokens=32)
+    message = response.choices[0].message
+    assert message.content == CONTENT, response
+    assert message.reasoning_content == REASONING and message.reasoning == REASONING
+    assert response.choices[0].finish_reason == "stop" and response.model == "tiny"
+
+
+def test_streaming_sends_reasoning_then_content(scripted):
+    reasoning, content, order = "", "", []
+    for chunk in ask(scripted, max_tokens=32, stream=True, stream_options={"include_usage": True}):
+        if not chunk.choices:
+            usage = chunk.usage
+            continue
+        delta = chunk.choices[0].delta
+        if getattr(delta, "reasoning_content", None):
+            reasoning += delta.reasoning_content
+            order.append("r")
+        if delta.content:
+            content += delta.content
+            order.append("c")
+    assert (reasoning, content) == (REASONING, CONTENT)
+    assert order == sorted(order, key=lambda x: x == "c")  # all reasoning before any content
+    assert usage.completion_tokens == len(scripted.served.tokenizer.encode(SCRIPT, add_special_tokens=False)) + 1
+    assert usage.completion_tokens_details.reasoning_tokens == 5  # Two, plus, two, makes, four
+
+
+def test_n_choices_usage_and_stop(scripted):
+    response = ask(scripted, max_tokens=32, n=3, temperature=1.0, seed=1)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert all(c.message.content == CONTENT for c in response.choices)
+    prompt = scripted.served.chat_prompt([{"role": "user", "content": "hi"}])[0]
+    per_choice = len(scripted.served.tokenizer.encode(SCRIPT, add_special_tokens=False)) + 1
+    assert response.usage.prompt_tokens == len(prompt)
+    assert response.usage.completion_tokens == 3 * per_choice
+    assert response.usage.total_tokens == len(prompt) + 3 * per_choice
+    stopped = ask(scripted, max_tokens=32, stop=[" is"])
+    assert stopped.choices[0].message.content == "The answer" and stopped.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in ask(scripted, max_tokens=32, stop=" is", stream=True)
+                       if c.choices)
+    assert streamed == "The answer"
+    short = ask(scripted, max_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.choices[0].message.reasoning_content == "Two plus"
+
+
+def test_completions_endpoint(scripted):
+    response = scripted.client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=5, n=2)
+    assert len(response.choices) == 4 and all(c.finish_reason == "length" for c in response.choices)
+    assert response.usage.completion_tokens == 20
+
+
+def test_models_lists_the_weight_sha256(scripted, scripted_dir):
+    models = scripted.client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    assert models[0].sha256 == model_info(str(scripted_dir))["sha256"]
+    with urllib.request.urlopen(scripted.url + "/health") as r:
+        assert json.load(r) == {"status": "ok"}
+    with urllib.request.urlopen(scripted.url + "/") as r:
+        assert "<title>r1kit chat</title>" in r.read().decode()
+
+
+def test_bad_key_and_limits_are_refused(scripted):
+    bad = openai.OpenAI(base_url=scripted.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    with pytest.raises(openai.BadRequestError, match="max_tokens is 100; this server allows at most 64"):
+        ask(scripted, max_tokens=100)
+    with pytest.raises(openai.BadRequestError, match="this server allows at most 200") as e:
+        scripted.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x " * 500}])
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.APIStatusError) as e:
+        scripted.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "y" * 30_000}])
+    assert e.value.status_code == 413
+    with pytest.raises(openai.NotFoundError, match="The model `nope` does not exist"):
+        scripted.client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="n: Input should be less than or equal to 64"):
+        ask(scripted, n=65)
+
+
+def test_concurrency_limit_and_disconnect(rambler):
+    first = ask(rambler, max_tokens=3000, stream=True)
+    chunks = iter(first)
+    next(chunks), next(chunks)  # generating now
+    with rambler.served.worker.lock:
+        (seq,) = rambler.served.worker.engine.scheduler.running
+    with pytest.raises(openai.RateLimitError):
+        ask(rambler, max_tokens=5)
+    first.close()  # the client goes away: its generation stops and frees the slot
+    worker, engine = rambler.served.worker, rambler.served.worker.engine
+
+    def idle() -> bool:
+        with worker.lock:  # between steps, not inside one
+            return not engine.has_work() and len(engine.blocks.free) == len(engine.blocks.refs)
+
+    deadline = time.time() + 5  # far less than the 3000 tokens would take
+    while not idle() and time.time() < deadline:
+        time.sleep(0.02)
+    assert idle() and seq.finish_reason == "abort" and len(seq.output_ids) < 3000
+    assert ask(rambler, max_tokens=5).choices[0].finish_reason in ("length", "stop")
