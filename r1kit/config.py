@@ -104,11 +104,44 @@ class TrainConfig(Config):
     out: str = Field("runs/train", description="run folder")
 
 
+class ServedModelConfig(Config):
+    """One model of a multi-model server."""
+
+    name: str = Field(description="the name clients use")
+    model: str = Field(description="'default', a .gguf file or a local HF folder")
+
+
+class RouteConfig(Config):
+    """How the model name `auto` picks a model: hard questions to the reasoner, the rest to the fast one."""
+
+    reasoner: str = Field(description="name of the reasoning model")
+    fast: str = Field(description="name of the fast model")
+    rule: Literal["keywords", "length", "classifier"] = Field("keywords", description="how to decide")
+    keywords: list[str] = Field(default_factory=lambda: ["prove", "solve", "calculate", "compute", "how many",
+                                                         "derive", "step by step", "why"],
+                                description="rule keywords: any of these (case-insensitive) goes to the reasoner")
+    min_chars: int = Field(200, ge=0, description="rule length: prompts this long or longer go to the reasoner")
+    classifier: str | None = Field(None, description="rule classifier: module:function(text) -> bool (reasoner?)")
+
+
+class GateConfig(Config):
+    """The model name `gate`: sample several answers and answer only when they agree (or pass a verifier)."""
+
+    model: str = Field(description="name of the model that answers")
+    samples: int = Field(5, ge=2, le=64, description="answers sampled per question")
+    min_agreement: float = Field(0.6, gt=0, le=1, description="share of samples that must agree (or verify)")
+    verifier: str | None = Field(None, description="module:function(answer_text) -> bool; default: majority vote")
+    temperature: float = Field(0.6, ge=0, description="sampling temperature of the gate's samples")
+
+
 class ServeConfig(Config):
     """`r1kit serve`: an OpenAI-compatible server with the reasoning trace apart from the answer."""
 
     model: str = Field("default", description="'default', a .gguf file or a local HF folder")
     name: str | None = Field(None, description="model name clients use (default: the folder name)")
+    models: list[ServedModelConfig] = Field(default_factory=list, description="several models (YAML); replaces model")
+    route: RouteConfig | None = Field(None, description="serve the name `auto` by this routing rule (YAML)")
+    gate: GateConfig | None = Field(None, description="serve the name `gate` by sampling and consensus (YAML)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port (0: any free port)")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' (or set R1KIT_API_KEY)")

@@ -165,3 +165,49 @@ def test_concurrency_limit_and_disconnect(rambler):
         time.sleep(0.02)
     assert idle() and seq.finish_reason == "abort" and len(seq.output_ids) < 3000
     assert ask(rambler, max_tokens=5).choices[0].finish_reason in ("length", "stop")
+
+
+def test_router_and_gate(scripted_dir, tiny_model_dir):
+    from r1kit.config import GateConfig, RouteConfig, ServedModelConfig
+    from r1kit.serve.server import build_app
+
+    cfg = ServeConfig(port=free_port(), device="cpu", kv_cache_tokens=8192,
+                      models=[ServedModelConfig(name="reasoner", model=str(scripted_dir)),
+                              ServedModelConfig(name="fast", model=str(tiny_model_dir))],
+                      route=RouteConfig(reasoner="reasoner", fast="fast", keywords=["solve"]),
+                      gate=GateConfig(model="reasoner", samples=4))
+    app, served = build_app(cfg)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=cfg.port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.port}/v1", api_key="none", max_retries=0)
+    try:
+        chat = lambda model, text: client.chat.completions.create(  # noqa: E731
+            model=model, messages=[{"role": "user", "content": text}], max_tokens=16)
+        assert chat("auto", "Please solve 2 + 2").model == "reasoner"
+        assert chat("auto", "hello there").model == "fast"
+        gated = chat("gate", "What is 2 + 2?")
+        assert gated.choices[0].message.content == CONTENT
+        assert gated.gate == {"confident": True, "agreement": 1.0, "answer": "4", "samples": 4, "model": "reasoner"}
+        assert {m.id for m in client.models.list().data} == {"reasoner", "fast", "auto", "gate"}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        for m in served:
+            m.worker.close()
+
+
+def test_gate_refuses_without_consensus_and_rules_route():
+    from r1kit.config import GateConfig, RouteConfig
+    from r1kit.serve.router import Gate, Router
+
+    gate = Gate(GateConfig(model="m", samples=4, min_agreement=0.75))
+    verdict = gate.decide(["\\boxed{4}", "It is 4", "\\boxed{5}", "no idea"])
+    assert not verdict.confident and verdict.agreement == 0.5 and verdict.answer == "4"
+    assert gate.refusal(verdict) == ("I am not confident enough to answer: only 50% of my 4 attempts agree "
+                                     "(at least 75% needed).")
+    assert gate.decide(["\\boxed{1/2}", "so 0.5", "\\boxed{\\frac{1}{2}}", "3"]).confident
+    by_length = Router(RouteConfig(reasoner="r", fast="f", rule="length", min_chars=10))
+    assert (by_length.pick("short"), by_length.pick("a much longer question")) == ("f", "r")

@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from typing import Any
 
@@ -19,6 +19,7 @@ from r1kit.config import ServeConfig
 from r1kit.prompts import THINK_OPEN
 from r1kit.rollout.types import SamplingParams, encode_prompt
 from r1kit.serve.reasoning import ReasoningSplitter, split_reasoning
+from r1kit.serve.router import Gate, Router
 from r1kit.serve.schemas import ChatRequest, CompletionRequest, SamplingFields, error_body, usage
 from r1kit.serve.worker import EngineWorker, Event
 
@@ -95,10 +96,18 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `models` under `cfg`'s limits; `api_key` turns on bearer-token auth."""
+def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None = None,
+               router: Router | None = None, gate: Gate | None = None) -> FastAPI:
+    """The FastAPI app serving `models` under `cfg`'s limits; `api_key` turns on bearer-token auth.
+
+    With a router the name `auto` picks a model per request (the response's `model` says which); with a
+    gate the name `gate` answers only when its samples agree.
+    """
     app = FastAPI(title="r1kit", docs_url=None, redoc_url=None)
     by_name = {m.name: m for m in models}
+    for name in ([router.cfg.reasoner, router.cfg.fast] if router else []) + ([gate.cfg.model] if gate else []):
+        if name not in by_name:
+            raise ValueError(f"route/gate names model {name!r}, which is not served ({', '.join(by_name)})")
     state = {"in_flight": 0}
 
     @app.exception_handler(APIError)
@@ -153,9 +162,15 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": m.name, "object": "model", "created": m.created,
-                                            "owned_by": "r1kit", "sha256": m.sha256, "path": m.path}
-                                           for m in models]}
+        data = [{"id": m.name, "object": "model", "created": m.created, "owned_by": "r1kit", "sha256": m.sha256,
+                 "path": m.path} for m in models]
+        if router is not None:
+            data.append({"id": "auto", "object": "model", "created": models[0].created, "owned_by": "r1kit",
+                         "routes_to": [router.cfg.reasoner, router.cfg.fast]})
+        if gate is not None:
+            data.append({"id": "gate", "object": "model", "created": models[0].created, "owned_by": "r1kit",
+                         "answers_with": gate.cfg.model, "samples": gate.cfg.samples})
+        return {"object": "list", "data": data}
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -164,8 +179,14 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await parse(request, ChatRequest)
-        served = model_for(req.model)
-        prompt, in_reasoning = served.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        if gate is not None and req.model == "gate":
+            return await gated(req, messages)
+        name = req.model
+        if router is not None and name == "auto":
+            name = router.pick(next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""))
+        served = model_for(name)
+        prompt, in_reasoning = served.chat_prompt(messages)
         check_prompt(prompt)
         params = sampling(req, cfg, req.max_completion_tokens or req.max_tokens)
         admit()
@@ -190,6 +211,37 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         completion_tokens = sum(c.tokens for c in choices)
         return {**meta, "object": "chat.completion", "choices": out,
                 "usage": usage(len(prompt), completion_tokens, reasoning_tokens)}
+
+    async def gated(req: ChatRequest, messages: list[dict[str, str]]):
+        served = model_for(gate.cfg.model)
+        prompt, in_reasoning = served.chat_prompt(messages)
+        check_prompt(prompt)
+        params = replace(sampling(req, cfg, req.max_completion_tokens or req.max_tokens), n=gate.cfg.samples,
+                         temperature=gate.cfg.temperature)
+        admit()
+        choices = [ChoiceText(served.tokenizer, params.stop) for _ in range(params.n)]
+        async for _, batch in _counted(state, served.worker.stream([prompt], params)):
+            for event in batch:
+                choices[event.index].add(event)
+        splits = [split_reasoning(c.sent, in_reasoning) for c in choices]
+        verdict = gate.decide([content for _, content in splits])
+        reasoning, content = splits[verdict.chosen] if verdict.confident else ("", gate.refusal(verdict))
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": "gate"}
+        message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None,
+                   "reasoning": reasoning or None}
+        body = {**meta, "object": "chat.completion",
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
+                "usage": usage(len(prompt), sum(c.tokens for c in choices)),
+                "gate": {"confident": verdict.confident, "agreement": verdict.agreement, "answer": verdict.answer,
+                         "samples": params.n, "model": served.name}}
+        if not req.stream:
+            return body
+        delta = {"role": "assistant", "content": content}
+        if reasoning:
+            delta.update(reasoning_content=reasoning, reasoning=reasoning)
+        chunk = {**meta, "object": "chat.completion.chunk", "gate": body["gate"],
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": "stop"}]}
+        return StreamingResponse(iter([sse(chunk), "data: [DONE]\n\n"]), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(request: Request):

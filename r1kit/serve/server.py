@@ -8,6 +8,7 @@ from pathlib import Path
 
 from r1kit.config import ServeConfig
 from r1kit.serve.app import ServedModel, create_app
+from r1kit.serve.router import Gate, Router
 from r1kit.serve.worker import EngineWorker
 
 
@@ -24,12 +25,21 @@ def load_served(spec: str, name: str | None, device: str, kv_cache_tokens: int) 
                        sha256=weights_sha256(folder), path=str(folder), created=int(time.time()))
 
 
+def build_app(cfg: ServeConfig):
+    """The app for a config: one model, or several with the router and gate the config names."""
+    entries = [(m.model, m.name) for m in cfg.models] or [(cfg.model, cfg.name)]
+    served = [load_served(spec, name, cfg.device, cfg.kv_cache_tokens) for spec, name in entries]
+    app = create_app(served, cfg, api_key=cfg.api_key or os.environ.get("R1KIT_API_KEY"),
+                     router=Router(cfg.route) if cfg.route else None, gate=Gate(cfg.gate) if cfg.gate else None)
+    return app, served
+
+
 def run_serve(cfg: ServeConfig) -> None:
     """Serve until interrupted."""
     import uvicorn
 
-    served = load_served(cfg.model, cfg.name, cfg.device, cfg.kv_cache_tokens)
-    app = create_app([served], cfg, api_key=cfg.api_key or os.environ.get("R1KIT_API_KEY"))
-    print(f"serving {served.name} (sha256 {served.sha256[:12]}) at http://{cfg.host}:{cfg.port}/ "
-          f"(OpenAI API under /v1)")
+    app, served = build_app(cfg)
+    for m in served:
+        print(f"serving {m.name} (sha256 {m.sha256[:12]})")
+    print(f"at http://{cfg.host}:{cfg.port}/ (chat page) and http://{cfg.host}:{cfg.port}/v1 (OpenAI API)")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
