@@ -29,17 +29,17 @@ def free_port() -> int:
 class Server:
     """uvicorn on a thread, for one test module."""
 
-    def __init__(self, model_dir, **limits):
+    def __init__(self, model_dir, api_key: str | None = KEY, **limits):
         self.cfg = ServeConfig(model=str(model_dir), port=free_port(), device="cpu", kv_cache_tokens=8192, **limits)
         self.served = load_served(self.cfg.model, "tiny", "cpu", self.cfg.kv_cache_tokens)
-        app = create_app([self.served], self.cfg, api_key=KEY)
+        app = create_app([self.served], self.cfg, api_key=api_key)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.cfg.port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
             time.sleep(0.02)
         self.url = f"http://127.0.0.1:{self.cfg.port}"
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or "none", max_retries=0)
 
     def stop(self):
         self.server.should_exit = True
