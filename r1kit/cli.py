@@ -11,6 +11,7 @@ from rich.table import Table
 
 from r1kit import __version__
 from r1kit.config import (
+    ChatConfig,
     ConfigError,
     DemoConfig,
     EvalConfig,
@@ -26,6 +27,8 @@ EPILOG = """examples:
   r1kit eval --task arithmetic task_args.digits=3 --temperature 0
   r1kit train --config examples/train_addition.yaml steps=50
   r1kit report runs/train
+  r1kit serve --model runs/train/checkpoints/step-100 --api-key secret
+  r1kit chat --url http://127.0.0.1:8000 --api-key secret
   r1kit tasks show countdown
   r1kit models info default
 """
@@ -47,6 +50,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from r1kit.serve.server import run_serve
 
     run_serve(config_from_args(ServeConfig, args))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from r1kit.serve.chat import run_chat
+
+    run_chat(config_from_args(ChatConfig, args))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -131,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "/v1/completions, GET /v1/models (with weight sha256), /health, and a chat page at /.")
     add_config_arguments(p, ServeConfig)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="terminal chat with a model (--model) or a server (--url)",
+                       description="Chat in the terminal: replies stream in, the reasoning dimmed.")
+    add_config_arguments(p, ChatConfig)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("report", help="plots and sample pages of a training run")
     p.add_argument("run_dir", help="the run folder (the `out` of r1kit train)")

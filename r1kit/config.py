@@ -154,6 +154,19 @@ class ServeConfig(Config):
     device: str = Field("auto", description="auto, cpu, cuda")
 
 
+class ChatConfig(Config):
+    """`r1kit chat`: a terminal chat, streaming, the reasoning dimmed."""
+
+    model: str | None = Field(None, description="chat with this model in-process ('default', .gguf, HF folder)")
+    url: str | None = Field(None, description="or with a running r1kit/OpenAI-compatible server, e.g. "
+                            "http://127.0.0.1:8000")
+    api_key: str | None = Field(None, description="bearer key for --url (or set R1KIT_API_KEY)")
+    name: str | None = Field(None, description="model name to ask for (default: the server's first)")
+    temperature: float = Field(0.6, ge=0, description="sampling temperature")
+    max_tokens: int = Field(1024, ge=1, description="reply length limit in tokens")
+    device: str = Field("auto", description="auto, cpu, cuda (with --model)")
+
+
 class DemoConfig(Config):
     """`r1kit demo`: GRPO on held-out-checked addition with the embedded model, sized to the machine."""
 

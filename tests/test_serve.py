@@ -211,3 +211,21 @@ def test_gate_refuses_without_consensus_and_rules_route():
     assert gate.decide(["\\boxed{1/2}", "so 0.5", "\\boxed{\\frac{1}{2}}", "3"]).confident
     by_length = Router(RouteConfig(reasoner="r", fast="f", rule="length", min_chars=10))
     assert (by_length.pick("short"), by_length.pick("a much longer question")) == ("f", "r")
+
+
+def test_terminal_chat_streams_reasoning_and_answer(scripted_dir, scripted):
+    import subprocess
+    import sys
+
+    lines = "What is 2 + 2?\n/reset\nAgain?\n/exit\n"
+    local = subprocess.run([sys.executable, "-m", "r1kit.cli", "chat", "--model", str(scripted_dir), "--device", "cpu"],
+                           input=lines, capture_output=True, text=True, timeout=120)
+    assert local.returncode == 0, local.stderr
+    assert local.stdout.count(f"thinking: {REASONING}\n{CONTENT}") == 2
+    remote = subprocess.run([sys.executable, "-m", "r1kit.cli", "chat", "--url", scripted.url, "--api-key", KEY,
+                             "--max-tokens", "32"],
+                            input="hi\n", capture_output=True, text=True, timeout=60)
+    assert f"thinking: {REASONING}\n{CONTENT}" in remote.stdout
+    wrong = subprocess.run([sys.executable, "-m", "r1kit.cli", "chat", "--url", scripted.url, "--api-key", "bad"],
+                           input="hi\n", capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "Incorrect API key provided" in wrong.stderr
