@@ -58,6 +58,8 @@ class SamplingBatch:
     top_p: torch.Tensor
     min_p: torch.Tensor
     repetition_penalty: torch.Tensor
+    filtered: bool = True  # some row keeps fewer than all tokens (top-k, top-p or min-p)
+    penalized: bool = False  # some row has a repetition penalty (then sample() needs the token history)
 
     @classmethod
     def of(cls, params: list[SamplingParams], device: torch.device | str) -> SamplingBatch:
@@ -65,14 +67,12 @@ class SamplingBatch:
         def column(name: str, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
 
+        # decided on the host, so that checking them costs no device synchronization
+        filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params)
+        penalized = any(p.repetition_penalty != 1 for p in params)
         return cls(column("temperature", torch.float32), column("top_k", torch.int64),
                    column("top_p", torch.float32), column("min_p", torch.float32),
-                   column("repetition_penalty", torch.float32))
-
-    @property
-    def penalized(self) -> bool:
-        """Whether any row asks for a repetition penalty (then sample() needs the token history)."""
-        return bool((self.repetition_penalty != 1).any())
+                   column("repetition_penalty", torch.float32), filtered, penalized)
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
@@ -121,7 +121,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, keys: torch.Tensor, steps
     if history is not None and batch.penalized:
         logits = penalize(logits, history, batch.repetition_penalty)
         scaled, _ = _scale(logits, batch)
-    filtered = filter_logits(scaled, batch.top_k, batch.top_p, batch.min_p)
+    # the full-vocabulary sort of filter_logits is the sampler's main cost: skip it when nothing is cut
+    filtered = filter_logits(scaled, batch.top_k, batch.top_p, batch.min_p) if batch.filtered else scaled
     gumbel = -torch.log(-torch.log(uniform_noise(keys, steps, logits.shape[-1])))
     tokens = torch.where(greedy, logits.argmax(-1), (filtered + gumbel).argmax(-1))
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)

@@ -51,14 +51,18 @@ class ServedModel:
 
 
 class ChoiceText:
-    """Turns a choice's token events into text deltas.
+    """Turns a choice's token events into text deltas, detokenizing incrementally.
 
-    Text is held back while it ends in an incomplete UTF-8 character or could be the start of a stop
-    string, so a stream never shows what the final message will not contain.
+    Each token decodes a short window (the previous token's start onwards), not the whole output, so a
+    long reply costs the same per token as a short one. Text is held back while it ends in an
+    incomplete UTF-8 character or could be the start of a stop string, so a stream never shows what
+    the final message will not contain.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+        self.tokenizer, self.ids = tokenizer, []
+        self.text, self.sent = "", ""
+        self.prefix = self.read = 0
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.finish_reason: str | None = None
         self.tokens = 0
@@ -72,9 +76,14 @@ class ChoiceText:
             self.sent = event.text
             return new
         self.ids.append(event.token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd")
-        safe = text[: len(text) - self.hold] if self.hold else text
-        if not safe.startswith(self.sent) or len(safe) <= len(self.sent):
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before, after = decode(self.ids[self.prefix : self.read]), decode(self.ids[self.prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.text += after[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        safe = self.text[: len(self.text) - self.hold] if self.hold else self.text
+        if len(safe) <= len(self.sent):
             return ""
         new, self.sent = safe[len(self.sent):], safe
         return new

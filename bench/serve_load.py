@@ -1,0 +1,138 @@
+"""Load test of `r1kit serve` on 127.0.0.1: N concurrent streaming clients, a bounded number of requests.
+
+Reports errors, time to first token (p50/p99), generated tokens/s and requests/s, then exits.
+  python bench/serve_load.py --model default --clients 64 --requests 256 --max-tokens 128
+  python bench/serve_load.py --model tiny --device cpu --max-tokens 64
+  python bench/serve_load.py --url http://127.0.0.1:8000 --api-key KEY
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import time
+
+
+def tiny_model() -> str:
+    """A 2-layer random Llama (hidden 64) with the embedded model's tokenizer, in a temp folder."""
+    import tempfile
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from r1kit.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    folder = tempfile.mkdtemp(prefix="r1kit-tiny-")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def start_local(model: str, device: str, kv_cache_tokens: int):
+    """`r1kit serve` in its own process (so the load generator does not share its interpreter); (url, process)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "r1kit.cli", "serve", "--model", model, "--device", device,
+                             "--port", str(port), "--kv-cache-tokens", str(kv_cache_tokens),
+                             "--max-concurrent", "10000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health").close()
+            return url, proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise SystemExit("the server did not start") from None
+            time.sleep(0.2)
+
+
+async def one_request(client, model: str, i: int, max_tokens: int) -> dict:
+    started = time.perf_counter()
+    first, tokens = None, 0
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": f"Question {i}: what is {i} + {2 * i + 7}? Explain."}],
+        max_tokens=max_tokens, temperature=1.0, stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+        if first is None and chunk.choices:
+            delta = chunk.choices[0].delta
+            if delta.content or getattr(delta, "reasoning_content", None):
+                first = time.perf_counter() - started
+    return {"ttft": first if first is not None else time.perf_counter() - started, "tokens": tokens,
+            "s": time.perf_counter() - started}
+
+
+async def run(url: str, api_key: str, clients: int, requests: int, max_tokens: int, timeout: float) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=timeout)
+    model = (await client.models.list()).data[0].id
+    queue = list(range(requests))
+    results, errors = [], []
+
+    async def worker() -> None:
+        while queue:
+            i = queue.pop()
+            try:
+                results.append(await one_request(client, model, i, max_tokens))
+            except Exception as e:  # noqa: BLE001 - every failure is counted and reported
+                errors.append(f"{type(e).__name__}: {e}")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - started
+    ttft = sorted(r["ttft"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    return {"clients": clients, "requests": requests, "max_tokens": max_tokens, "errors": len(errors),
+            "first_errors": errors[:3], "wall_s": round(wall, 2),
+            "ttft_p50_s": round(statistics.median(ttft), 3) if ttft else None,
+            "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3) if ttft else None,
+            "tokens": tokens, "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round(len(results) / wall, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="serve this model ('default', .gguf, HF folder; 'tiny': a random 2-layer one)")
+    parser.add_argument("--url", help="or load a running server")
+    parser.add_argument("--api-key", default="none")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--kv-cache-tokens", type=int, default=65_536)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per request before it counts as an error")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    if bool(args.model) == bool(args.url):
+        parser.error("give --model or --url")
+    model = tiny_model() if args.model == "tiny" else args.model
+    url, proc = (args.url, None) if args.url else start_local(model, args.device, args.kv_cache_tokens)
+    try:
+        result = asyncio.run(run(url, args.api_key, args.clients, args.requests, args.max_tokens, args.timeout))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
