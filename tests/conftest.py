@@ -97,3 +97,11 @@ def scripted_dir(tmp_path_factory, tokenizer) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def hf_greedy(model, prompt_ids: list[int], new_tokens: int, pad_id: int, **options) -> list[int]:
+    """HF `generate`'s greedy continuation of one prompt: the reference the backends are held to."""
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=pad_id, **options)
+    return out[0, len(prompt_ids) :].tolist()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import hf_greedy
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from r1kit.rollout import HFGenerator, SamplingParams
@@ -43,9 +44,7 @@ def test_greedy_equals_hf_generate(tiny):
     gen = engine(model, tokenizer)
     completions = gen.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16))
     for prompt, completion in zip(PROMPTS, completions, strict=True):
-        ids = torch.tensor([gen.encode(prompt)])
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1] :].tolist()
+        ref = hf_greedy(model, gen.encode(prompt), 16, tokenizer.pad_token_id)
         assert completion.token_ids == ref[: len(completion.token_ids)]
         assert len(completion.token_ids) == 16 or completion.finish_reason == "stop"
 
@@ -163,7 +162,5 @@ def test_repetition_penalty_and_top_logprobs_agree_with_hf(tiny):
     # HF's greedy decoding with its own repetition penalty picks the same tokens
     greedy = engine(model, tokenizer).generate(PROMPTS[:1], SamplingParams(temperature=0, repetition_penalty=1.3,
                                                                            max_tokens=12))[0]
-    ids = torch.tensor([encode_prompt(tokenizer, PROMPTS[0])])
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                         repetition_penalty=1.3, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+    ref = hf_greedy(model, encode_prompt(tokenizer, PROMPTS[0]), 12, tokenizer.pad_token_id, repetition_penalty=1.3)
     assert greedy.token_ids == ref[: len(greedy.token_ids)]

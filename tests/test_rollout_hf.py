@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import hf_greedy
 
 from r1kit.models import load_model
 from r1kit.rollout import HFGenerator, SamplingParams
@@ -20,9 +21,7 @@ def test_greedy_equals_hf_generate(tiny):
     generator = HFGenerator(model, tokenizer, batch_size=2)
     completions = generator.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12))
     for prompt, completion in zip(PROMPTS, completions, strict=True):
-        ids = torch.tensor([generator.encode(prompt)])
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        ref = hf_greedy(model, generator.encode(prompt), 12, tokenizer.pad_token_id)
         assert completion.token_ids == ref[: len(completion.token_ids)]
 
 

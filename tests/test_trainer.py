@@ -201,7 +201,7 @@ def test_prompts_over_the_limit_are_skipped(tiny_model_dir, tmp_path, reward_fil
         trainer = make_trainer(config(tiny_model_dir, tmp_path, reward_file, max_prompt_tokens=66, eval_problems=0))
     assert 0 < len(trainer.task.rows) < 1000
     assert all(len(trainer.generator.encode(p)) <= 66 for p in trainer.prompts)
-    with pytest.raises(ValueError, match="no training prompt fits max_prompt_tokens=2"):
+    with pytest.raises(ValueError, match="no training prompt fits max_prompt_tokens=2"), pytest.warns(RuntimeWarning):
         make_trainer(config(tiny_model_dir, tmp_path, reward_file, max_prompt_tokens=2, eval_problems=0))
 
 

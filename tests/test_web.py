@@ -27,8 +27,6 @@ class Browser:
     """Just enough of the DevTools protocol: navigate, evaluate, screenshot."""
 
     def __init__(self, profile: Path):
-        from websockets.sync.client import connect
-
         self.proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         port_file = profile / "DevToolsActivePort"
@@ -39,7 +37,7 @@ class Browser:
         port = port_file.read_text().split()[0]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as r:
             page = next(t for t in json.load(r) if t["type"] == "page")
-        self.ws = connect(page["webSocketDebuggerUrl"], max_size=2**25)
+        self.ws_url, self.ws = page["webSocketDebuggerUrl"], None
         self.ids = itertools.count(1)
 
     def call(self, method: str, **params):
@@ -54,29 +52,31 @@ class Browser:
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
     def close(self):
-        self.ws.close()
         self.proc.terminate()
         self.proc.wait(timeout=10)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_chat_page_streams_with_the_thinking_block_open(scripted_dir, tmp_path):
+    from websockets.sync.client import connect
+
     server = Server(scripted_dir, api_key=None)
     browser = Browser(tmp_path / "profile")
     try:
-        browser.call("Page.navigate", url=server.url + "/?q=" + urllib.parse.quote("What is 2 + 2?"))
-        answer = "document.querySelector('.assistant .text')?.textContent"
-        deadline = time.time() + 60
-        while browser.evaluate(answer) != CONTENT:
-            assert time.time() < deadline, f"the answer never completed: {browser.evaluate(answer)!r}"
-            time.sleep(0.1)
-        assert browser.evaluate("document.querySelector('details.thinking').open") is True
-        assert browser.evaluate("document.querySelector('details.thinking .trace').textContent") == REASONING
-        summary = browser.evaluate("document.querySelector('details.thinking summary').textContent")
-        assert summary.startswith("Thinking · 23 characters · ")
-        header = browser.evaluate("document.getElementById('sha').textContent")
-        assert header == "sha256 " + server.served.sha256
-        png = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+        with connect(browser.ws_url, max_size=2**25) as browser.ws:
+            browser.call("Page.navigate", url=server.url + "/?q=" + urllib.parse.quote("What is 2 + 2?"))
+            answer = "document.querySelector('.assistant .text')?.textContent"
+            deadline = time.time() + 60
+            while browser.evaluate(answer) != CONTENT:
+                assert time.time() < deadline, f"the answer never completed: {browser.evaluate(answer)!r}"
+                time.sleep(0.1)
+            assert browser.evaluate("document.querySelector('details.thinking').open") is True
+            assert browser.evaluate("document.querySelector('details.thinking .trace').textContent") == REASONING
+            summary = browser.evaluate("document.querySelector('details.thinking summary').textContent")
+            assert summary.startswith("Thinking · 23 characters · ")
+            header = browser.evaluate("document.getElementById('sha').textContent")
+            assert header == "sha256 " + server.served.sha256
+            png = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
     finally:
         browser.close()
         server.stop()

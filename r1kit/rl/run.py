@@ -25,7 +25,6 @@ from r1kit.rollout import SamplingParams, make_generator
 from r1kit.tasks import Task, load_task, task_options
 
 HELD_OUT_SEED = 10_000
-INTERRUPTED = 130
 
 
 def build_tasks(cfg: TrainConfig) -> tuple[Task, Task | None]:
