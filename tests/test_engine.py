@@ -1,5 +1,7 @@
 """The rollout engine (eager, on CPU) against HF on tiny random Llama, Qwen2 and Qwen3 models."""
 
+import copy
+
 import pytest
 import torch
 from conftest import hf_greedy
@@ -164,3 +166,32 @@ def test_repetition_penalty_and_top_logprobs_agree_with_hf(tiny):
                                                                            max_tokens=12))[0]
     ref = hf_greedy(model, encode_prompt(tokenizer, PROMPTS[0]), 12, tokenizer.pad_token_id, repetition_penalty=1.3)
     assert greedy.token_ids == ref[: len(greedy.token_ids)]
+
+
+def test_lora_model_through_a_merged_view(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    base, tokenizer = tiny
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)  # peft starts B at zero: make the adapters matter
+    gen = engine(model, tokenizer)
+    prompt = gen.encode(PROMPTS[1])
+
+    def check():
+        ours = gen.generate(PROMPTS[1:2], SamplingParams(temperature=0, max_tokens=12))[0]
+        with torch.no_grad():
+            ref = hf_greedy(model, prompt, 12, tokenizer.pad_token_id)
+        assert ours.token_ids == ref[: len(ours.token_ids)]
+        return ours.token_ids
+
+    before = check()
+    assert before != hf_greedy(base, prompt, 12, tokenizer.pad_token_id)[: len(before)]  # the adapters count
+    with torch.no_grad():  # an optimizer step on the adapters, then the engine's refresh
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    gen.sync_weights()
+    assert check() != before

@@ -205,10 +205,12 @@ def test_prompts_over_the_limit_are_skipped(tiny_model_dir, tmp_path, reward_fil
         make_trainer(config(tiny_model_dir, tmp_path, reward_file, max_prompt_tokens=2, eval_problems=0))
 
 
-def test_engine_and_hf_backends_train_alike(tiny_model_dir, tmp_path, reward_file):
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_engine_and_hf_backends_train_alike(tiny_model_dir, tmp_path, reward_file, lora_r):
     runs = {}
     for backend in ("hf", "engine"):
-        run_train(config(tiny_model_dir, tmp_path / backend, reward_file, steps=2, eval_problems=0, backend=backend))
+        run_train(config(tiny_model_dir, tmp_path / backend, reward_file, steps=3, eval_problems=0, backend=backend,
+                         lora_r=lora_r, lr=1e-2))
         runs[backend] = _steps(tmp_path / backend)
     for a, b in zip(runs["hf"], runs["engine"], strict=True):
         assert a["reward"] == b["reward"] and a["completion_length_mean"] == b["completion_length_mean"]

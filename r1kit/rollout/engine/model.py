@@ -2,8 +2,8 @@
 
 It holds references to the HF model's own parameter tensors, never copies, so optimizer steps on the
 policy are seen by the next rollout. When the engine runs in another dtype than the policy (bf16
-rollouts of fp32 master weights), it keeps one preallocated buffer per parameter and `sync_weights()`
-refreshes them in place.
+rollouts of fp32 master weights), it keeps one preallocated buffer per parameter, and for a peft LoRA
+model one merged buffer (W + scale * B @ A) per adapted layer; `sync_weights()` refreshes them in place.
 """
 
 from __future__ import annotations
@@ -31,26 +31,29 @@ class PagedDecoder:
     """The decoder's forward for prefill (whole prompts) and decode (one token per sequence)."""
 
     def __init__(self, model, num_slots: int, dtype: torch.dtype | None = None):
-        config = model.config
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped LM
+        config = inner.config
         if config.model_type not in SUPPORTED:
             raise ValueError(f"the rollout engine runs {', '.join(SUPPORTED)} models, not {config.model_type!r}; "
                              "use backend=hf")
-        if not hasattr(model, "lm_head") or not hasattr(model, "model"):
-            raise ValueError("the rollout engine needs a plain HF causal LM (merge LoRA adapters first, "
-                             "or use backend=hf)")
-        self.config, self.rotary = config, model.model.rotary_emb
-        params = dict(model.named_parameters())
+        self.config, self.rotary = config, inner.model.rotary_emb
+        params = {n.replace(".base_layer", ""): p for n, p in inner.named_parameters() if ".lora_" not in n}
         params.setdefault("lm_head.weight", params["model.embed_tokens.weight"])
         self.dtype = dtype or params["model.embed_tokens.weight"].dtype
         self.device = params["model.embed_tokens.weight"].device
+        # LoRA layers: one buffer holding W + scale * B @ A, recomputed by sync_weights()
+        self._merged = [(name, module) for name, module in inner.named_modules()
+                        if hasattr(module, "base_layer") and hasattr(module, "lora_A")]
+        merged = {name + ".weight" for name, _ in self._merged}
         self.w: dict[str, torch.Tensor] = {}
         self._shadowed: list[tuple[torch.Tensor, torch.Tensor]] = []
         for name, p in params.items():
-            if p.dtype == self.dtype:
+            if p.dtype == self.dtype and name not in merged:
                 self.w[name] = p.data  # the policy's own storage
             else:
                 self.w[name] = torch.empty_like(p.data, dtype=self.dtype)
-                self._shadowed.append((p.data, self.w[name]))
+                if name not in merged:
+                    self._shadowed.append((p.data, self.w[name]))
         self.sync_weights()
         self.layers = config.num_hidden_layers
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -63,9 +66,17 @@ class PagedDecoder:
 
     @torch.no_grad()
     def sync_weights(self) -> None:
-        """Copy the policy's weights into the engine's buffers, in place (no-op when they are shared)."""
+        """Refresh the engine's buffers from the policy in place: dtype copies and merged LoRA weights
+        (nothing to do for weights it shares)."""
         for source, buffer in self._shadowed:
             buffer.copy_(source)
+        for name, layer in self._merged:
+            weight = layer.base_layer.weight.float()
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A:
+                    a, b = layer.lora_A[adapter].weight.float(), layer.lora_B[adapter].weight.float()
+                    weight = weight + layer.scaling[adapter] * (b @ a)
+            self.w[name + ".weight"].copy_(weight)
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
