@@ -66,6 +66,13 @@ def tag_count_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
     return scores
 
 
+def marker_reward(completions: Sequence[Any], marker: str = "Answer:", **kwargs: Any) -> list[float]:
+    """1.0 when a number follows the last `marker` (partial credit for the answer format a task asks for)."""
+    pattern = re.compile(re.escape(marker) + r"\s*\$?-?\d")
+    return [1.0 if pattern.search(completion_text(c)[completion_text(c).rfind(marker):]) else 0.0
+            for c in completions]
+
+
 def script_of(word: str) -> str:
     """The Unicode script of a word's first letter (LATIN, CJK, CYRILLIC, ...), or DIGIT."""
     ch = word[0]
@@ -123,6 +130,7 @@ REWARDS: dict[str, RewardFn] = {
     "accuracy": accuracy_reward,
     "format": format_reward,
     "tag_count": tag_count_reward,
+    "marker": marker_reward,
     "language": language_consistency_reward,
     "length": soft_overlong_penalty,
 }

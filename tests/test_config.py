@@ -36,3 +36,17 @@ def test_unknown_and_invalid_keys_are_named(tmp_path):
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match="a config is a mapping"):
         parse(["--config", str(path)])
+
+
+def test_every_example_config_validates():
+    from pathlib import Path
+
+    from r1kit.config import TrainConfig, load_config
+    from r1kit.rewards import REWARDS
+
+    examples = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        cfg = load_config(TrainConfig if path.name.startswith("train_") else EvalConfig, path)
+        if isinstance(cfg, TrainConfig):
+            assert set(cfg.rewards) <= set(REWARDS), path

@@ -93,3 +93,11 @@ def test_build_rewards_from_config(tmp_path):
     assert scores.total == [pytest.approx(1.0 + 0.25 - 0.25 + 2.0 / 25)]
     with pytest.raises(ValueError, match="reward 'nope:fn': cannot import 'nope'"):
         build_rewards({"nope:fn": 1.0})
+
+
+def test_marker_reward_partial_format_credit():
+    from r1kit.rewards import marker_reward
+
+    texts = ["so Answer: 42", "Answer: maybe 42", "Answer: x. Answer: -7", "no marker 42", "Answer:$5"]
+    assert marker_reward(texts) == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert marker_reward(["Final: 3"], marker="Final:") == [1.0]
