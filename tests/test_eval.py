@@ -61,6 +61,16 @@ def test_eval_command_writes_results_samples_and_summary(tiny_model_dir, tmp_pat
     assert "model sha256" in (out / "summary.md").read_text()
 
 
+def test_eval_backends_agree(tiny_model_dir, tmp_path):
+    runs = {}
+    for backend in ("hf", "engine"):
+        assert main(["eval", "--model", str(tiny_model_dir), "--task", "arithmetic", "--samples", "3",
+                     "--max-new-tokens", "8", "--out", str(tmp_path / backend), "--device", "cpu", "task_args.n=4",
+                     "--backend", backend]) == 0
+        runs[backend] = [json.loads(line)["completion"] for line in (tmp_path / backend / "samples.jsonl").open()]
+    assert runs["hf"] == runs["engine"]
+
+
 def test_eval_command_errors_are_one_line(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path), "--task", "arithmetic", "--out", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
