@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from r1kit.rollout.sampler import SamplingBatch, sample, sequence_key, top_logprobs
+from r1kit.rollout.sampler import SamplingBatch, request_seed, sample, sequence_key, top_logprobs
 from r1kit.rollout.types import Completion, Progress, SamplingParams, encode_prompt
 
 
@@ -58,7 +58,7 @@ class HFGenerator:
     def generate(self, prompts: list[str], params: SamplingParams, progress: Progress | None = None
                  ) -> list[Completion]:
         """n completions per prompt, grouped by prompt in prompt order."""
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()).item())
+        seed = request_seed(params.seed)
         encoded = [self.encode(p) for p in prompts]
         jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(params.n)),
                       key=lambda job: -len(encoded[job[0]]))

@@ -28,6 +28,11 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def request_seed(seed: int | None) -> int:
+    """The seed a request samples with: its own, or a fresh random one."""
+    return seed if seed is not None else int(torch.randint(0, 2**31, ()).item())
+
+
 def sequence_key(seed: int, index: int) -> int:
     """The key of the index-th sequence of a seeded request."""
     return int(hash32(torch.tensor([(seed * _GOLDEN + index) & _MASK32]) ^ 0x5BD1E995).item())

@@ -9,7 +9,7 @@ from r1kit.rollout.engine.model import PagedDecoder
 from r1kit.rollout.engine.scheduler import Request, Scheduler
 from r1kit.rollout.engine.sequence import Sequence
 from r1kit.rollout.hf import eos_token_ids
-from r1kit.rollout.sampler import SamplingBatch, sample, sequence_key, top_logprobs
+from r1kit.rollout.sampler import SamplingBatch, request_seed, sample, sequence_key, top_logprobs
 from r1kit.rollout.types import Completion, Progress, SamplingParams, encode_prompt
 
 
@@ -42,7 +42,7 @@ class LLMEngine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams, keys: list[int] | None = None) -> Request:
         """Queue params.n sequences of a prompt; `keys` seeds each one's sampling (random when None)."""
         if keys is None:
-            base = params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()).item())
+            base = request_seed(params.seed)
             keys = [sequence_key(base, i) for i in range(params.n)]
         seqs = [Sequence(self._next_id, i, list(prompt_ids), params, keys[i]) for i in range(params.n)]
         request = Request(self._next_id, seqs, shared=self.share_prompts and params.n > 1)
@@ -108,11 +108,12 @@ class LLMEngine:
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
         # Block tables are fixed at admission, so each step only stacks them and maps positions on device.
-        lengths = torch.tensor([seq.length for seq in seqs], device=self.device)
+        host_lengths = [seq.length for seq in seqs]
+        lengths = torch.tensor(host_lengths, device=self.device)
         width = max(len(seq.block_table) for seq in seqs)
         tables = torch.tensor([seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs],
                               device=self.device)
-        positions = torch.arange(int(lengths.max()), device=self.device)
+        positions = torch.arange(max(host_lengths), device=self.device)
         context = tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
         last = lengths - 1
         tokens = torch.tensor([seq.last_token for seq in seqs], device=self.device)
@@ -172,7 +173,7 @@ class EngineGenerator:
     def generate(self, prompts: list[str], params: SamplingParams, progress: Progress | None = None
                  ) -> list[Completion]:
         """n completions per prompt, grouped by prompt in prompt order."""
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()).item())
+        seed = request_seed(params.seed)
         requests = [self.engine.add_request(self.encode(p), params,
                                             [sequence_key(seed, i * params.n + s) for s in range(params.n)])
                     for i, p in enumerate(prompts)]

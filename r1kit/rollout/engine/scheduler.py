@@ -14,7 +14,7 @@ from r1kit.rollout.engine.block_manager import BlockManager
 from r1kit.rollout.engine.sequence import Sequence
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared by identity, never field by field
 class Request:
     """A prompt and its n sequences. With `shared`, the n sequences point at one copy of the prompt's
     full KV blocks and the prompt is prefilled once."""
