@@ -207,9 +207,7 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
             splitters = [ReasoningSplitter(in_reasoning) for _ in range(params.n)]
             return StreamingResponse(_chat_stream(meta, choices, splitters, events, len(prompt), include_usage,
                                                   served), media_type="text/event-stream")
-        async for _, batch in events:
-            for event in batch:
-                choices[event.index].add(event)
+        await _collect(events, choices, params.n)
         out, reasoning_tokens = [], 0
         for i, choice in enumerate(choices):
             reasoning, content = split_reasoning(choice.sent, in_reasoning)
@@ -229,9 +227,7 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
                          temperature=gate.cfg.temperature)
         admit()
         choices = [ChoiceText(served.tokenizer, params.stop) for _ in range(params.n)]
-        async for _, batch in _counted(state, served.worker.stream([prompt], params)):
-            for event in batch:
-                choices[event.index].add(event)
+        await _collect(_counted(state, served.worker.stream([prompt], params)), choices, params.n)
         splits = [split_reasoning(c.sent, in_reasoning) for c in choices]
         verdict = gate.decide([content for _, content in splits])
         reasoning, content = splits[verdict.chosen] if verdict.confident else ("", gate.refusal(verdict))
@@ -269,9 +265,7 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         if req.stream:
             return StreamingResponse(_completion_stream(meta, choices, events, params.n),
                                      media_type="text/event-stream")
-        async for p, batch in events:
-            for event in batch:
-                choices[p * params.n + event.index].add(event)
+        await _collect(events, choices, params.n)
         out = [{"index": i, "text": c.sent, "finish_reason": c.finish_reason, "logprobs": None}
                for i, c in enumerate(choices)]
         return {**meta, "object": "text_completion", "choices": out,
@@ -288,6 +282,13 @@ def _authorized(request: Request, api_key: str) -> bool:
 
 def _count(tokenizer, text: str) -> int:
     return len(tokenizer.encode(text, add_special_tokens=False)) if text else 0
+
+
+async def _collect(events: AsyncIterator, choices: list[ChoiceText], n: int) -> None:
+    """Feed every event to its choice (prompt p's sample i is choice p * n + i) until all have ended."""
+    async for p, batch in events:
+        for event in batch:
+            choices[p * n + event.index].add(event)
 
 
 async def _counted(state: dict, events: AsyncIterator) -> AsyncIterator:
