@@ -92,8 +92,8 @@ class TrainConfig(Config):
     eval_problems: int = Field(256, ge=0, description="held-out problems (0: no evaluation)")
     eval_samples: int = Field(1, ge=1, description="samples per held-out problem at eval_temperature")
     eval_temperature: float = Field(1.0, ge=0, description="temperature of sampled evaluation (greedy is also run)")
-    eval_task_args: dict[str, Any] = Field(default_factory=lambda: {"seed": 10_000},
-                                           description="task options of the held-out rows")
+    eval_task_args: dict[str, Any] = Field(default_factory=dict,
+                                           description="task options of the held-out rows (seed: 10000 unless set)")
     eval_data: str | None = Field(None, description="JSONL of held-out rows for data-backed tasks")
     save_every: int = Field(50, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept")

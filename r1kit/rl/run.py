@@ -34,8 +34,7 @@ def build_tasks(cfg: TrainConfig) -> tuple[Task, Task | None]:
         return train, None
     options = task_options(cfg.task)
     if "data" in options and cfg.eval_data is None:
-        held = Task(train.name, train.rows[-cfg.eval_problems :], train.verify, train.extract, train.same_answer,
-                    train.meta)
+        held = train.with_rows(train.rows[-cfg.eval_problems :])
     else:
         args = {**cfg.task_args, **cfg.eval_task_args}
         if "seed" in options and "seed" not in cfg.eval_task_args:

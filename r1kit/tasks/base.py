@@ -46,11 +46,13 @@ class Task:
         """The verifier as a TRL-style reward function over the `row` column."""
         return [self.verify(completion_text(c), r) for c, r in zip(completions, row, strict=True)]
 
+    def with_rows(self, rows: list[Row]) -> Task:
+        """The same task (verifier, extractor, metadata) over other rows."""
+        return Task(self.name, rows, self.verify, self.extract, self.same_answer, self.meta)
+
     def head(self, limit: int | None) -> Task:
         """The same task on its first `limit` rows."""
-        if limit is None:
-            return self
-        return Task(self.name, self.rows[:limit], self.verify, self.extract, self.same_answer, self.meta)
+        return self if limit is None else self.with_rows(self.rows[:limit])
 
 
 def read_jsonl(path: str | Path) -> list[Row]:
