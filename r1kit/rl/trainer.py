@@ -233,12 +233,13 @@ class GRPOTrainer:
         advantages = group_advantages(batch.rewards, g, cfg.advantage_scale).to(self.device)
         old_logp = self._old_logprobs(batch, tensors)
         ref_logp = self._ref_logprobs(tensors) if cfg.beta > 0 else None
-        normalizer = {"grpo": n, "bnpo": mask.sum().clamp(min=1).item(), "dapo": mask.sum().clamp(min=1).item(),
+        tokens = mask.sum().clamp(min=1).item()
+        normalizer = {"grpo": n, "bnpo": tokens, "dapo": tokens,
                       "dr_grpo": n * cfg.max_completion_tokens}[cfg.loss_type]
         totals: dict[str, float] = {}
         skipped = 0
         for _ in range(cfg.num_iterations):
-            sums, ok = self._accumulate(tensors, mask, advantages, old_logp, ref_logp, normalizer)
+            sums, ok = self._accumulate(tensors, mask, advantages, old_logp, ref_logp, normalizer, tokens)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item() if ok else math.nan
             if not math.isfinite(grad_norm):
                 # one bad batch (overflow, a degenerate sequence) must not turn the weights into NaN
@@ -257,11 +258,11 @@ class GRPOTrainer:
         totals["lr"] = self.scheduler.get_last_lr()[0]
         return totals
 
-    def _accumulate(self, tensors, mask, advantages, old_logp, ref_logp, normalizer) -> tuple[dict, bool]:
-        """Forward/backward every micro-batch; metrics weighted by tokens. False on a non-finite loss."""
+    def _accumulate(self, tensors, mask, advantages, old_logp, ref_logp, normalizer, tokens) -> tuple[dict, bool]:
+        """Forward/backward every micro-batch; metrics weighted by their share of the tokens. False on a
+        non-finite loss."""
         cfg, n = self.cfg, mask.shape[0]
         sums: dict[str, float] = {"loss": 0.0}
-        tokens = mask.sum().clamp(min=1).item()
         for start in range(0, n, cfg.micro_batch_size):
             rows = slice(start, start + cfg.micro_batch_size)
             with self.autocast():
