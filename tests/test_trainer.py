@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import r1kit.rl.trainer as trainer_module
 from r1kit.config import TrainConfig
+from r1kit.models import weights_sha256
 from r1kit.rewards import build_rewards
 from r1kit.rl.run import build_policy, build_tasks, run_train
 from r1kit.rl.trainer import GRPOTrainer
@@ -97,6 +98,9 @@ def test_failing_reward_does_not_stop_training(tiny_model_dir, tmp_path, reward_
     assert summary["steps"] == 2 and len(steps) == 2
     assert sum(r["reward_failures"] for r in steps) > 0
     assert "eval/greedy_accuracy" in rows[0] and "eval/greedy_accuracy" in rows[-1]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["model_sha256"] == weights_sha256(tiny_model_dir) and run["steps"] == 2
+    assert set(run["before"]) == set(run["after"]) >= {"eval/greedy_accuracy", "eval/sampled_accuracy"}
 
 
 def _cli(cfg_path: Path, *extra: str) -> list[str]:

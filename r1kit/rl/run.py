@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import signal
 import time
 import warnings
@@ -16,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from r1kit.config import TrainConfig
 from r1kit.eval.harness import evaluate, summarize
-from r1kit.models import load_model, resolve_model
+from r1kit.models import load_model, resolve_model, weights_sha256
 from r1kit.rewards import build_rewards
 from r1kit.rl.checkpoint import list_checkpoints, load_state, save_checkpoint, set_rng_state
 from r1kit.rl.runlog import RunLog
@@ -144,6 +145,11 @@ def progress_line(m: dict[str, Any]) -> str:
     return " · ".join(p for p in parts if p)
 
 
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    """run.json: the starting model's identity, held-out accuracy before and after, steps, training time."""
+    (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def eval_line(m: dict[str, float]) -> str:
     """Held-out accuracy, greedy and sampled, in one line."""
     return f"greedy {m['eval/greedy_accuracy']:.3f} · sampled {m['eval/sampled_accuracy']:.3f}"
@@ -162,7 +168,9 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
     generator = make_generator(model, tokenizer, cfg.backend, cfg.batch_size)
     rewards = build_rewards(cfg.rewards, accuracy=train_task.reward)
     trainer = GRPOTrainer(cfg, model, tokenizer, train_task, rewards, generator, ref)
-    summary: dict[str, Any] = {"model": cfg.model, "model_path": str(resolve_model(cfg.model)), "interrupted": False}
+    folder = resolve_model(cfg.model)
+    summary: dict[str, Any] = {"model": cfg.model, "model_path": str(folder), "model_sha256": weights_sha256(folder),
+                               "interrupted": False}
     if checkpoint is not None:
         state = load_state(checkpoint)
         trainer.load_state_dict(state)
@@ -207,6 +215,7 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
     summary["steps"] = trainer.step_count
     if stop.requested:
         summary["interrupted"] = True
+        write_summary(out, summary)
         path = save()
         console.print(f"[yellow]interrupted: saved {path}; continue with resume=latest")
         log.close()
@@ -215,6 +224,7 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
         summary["after"] = held_out_eval(trainer, held, cfg)
         log.metrics(trainer.step_count, summary["after"])
         console.print("held-out after training: " + eval_line(summary["after"]))
+    write_summary(out, summary)
     path = save()
     log.close()
     console.print(f"saved {path}")
