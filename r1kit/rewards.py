@@ -69,8 +69,8 @@ def tag_count_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
 def marker_reward(completions: Sequence[Any], marker: str = "Answer:", **kwargs: Any) -> list[float]:
     """1.0 when a number follows the last `marker` (partial credit for the answer format a task asks for)."""
     pattern = re.compile(re.escape(marker) + r"\s*\$?-?\d")
-    return [1.0 if pattern.search(completion_text(c)[completion_text(c).rfind(marker):]) else 0.0
-            for c in completions]
+    texts = [completion_text(c) for c in completions]
+    return [1.0 if pattern.search(text[text.rfind(marker):]) else 0.0 for text in texts]
 
 
 def script_of(word: str) -> str:

@@ -6,7 +6,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from r1kit.rollout.sampler import SamplingBatch, request_seed, sample, sequence_key, top_logprobs
-from r1kit.rollout.types import Completion, Progress, SamplingParams, encode_prompt
+from r1kit.rollout.types import Completion, Progress, SamplingParams, cut_at_stop, encode_prompt
 
 
 class _Sampler(LogitsProcessor):
@@ -113,12 +113,10 @@ class HFGenerator:
         """(tokens kept, text before the stop string) for the first stop string produced, if any."""
         if not stop:
             return None
-        full = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if not any(s in full for s in stop):
+        if cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), stop) is None:
             return None
         for t in range(1, len(tokens) + 1):
-            text = self.tokenizer.decode(tokens[:t], skip_special_tokens=True)
-            hits = [text.index(s) for s in stop if s in text]
-            if hits:
-                return t, text[: min(hits)]
+            cut = cut_at_stop(self.tokenizer.decode(tokens[:t], skip_special_tokens=True), stop)
+            if cut is not None:
+                return t, cut
         return None

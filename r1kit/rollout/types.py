@@ -58,6 +58,12 @@ class Completion:
 Progress = Callable[[int], None]
 
 
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str | None:
+    """text up to the earliest stop string in it, or None when none occurs."""
+    hits = [text.index(s) for s in stop if s in text]
+    return text[: min(hits)] if hits else None
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Prompt token ids; no second BOS when the (chat-templated) text already starts with one."""
     bos = tokenizer.bos_token

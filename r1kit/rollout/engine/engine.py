@@ -10,7 +10,7 @@ from r1kit.rollout.engine.scheduler import Request, Scheduler
 from r1kit.rollout.engine.sequence import Sequence
 from r1kit.rollout.hf import eos_token_ids
 from r1kit.rollout.sampler import SamplingBatch, request_seed, sample, sequence_key, top_logprobs
-from r1kit.rollout.types import Completion, Progress, SamplingParams, encode_prompt
+from r1kit.rollout.types import Completion, Progress, SamplingParams, cut_at_stop, encode_prompt
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -147,10 +147,9 @@ class LLMEngine:
             seq.finish_reason, seq.text = "stop", decode(seq.output_ids[:-1])
             return
         if seq.params.stop:
-            text = decode(seq.output_ids)
-            hits = [text.index(s) for s in seq.params.stop if s in text]
-            if hits:
-                seq.finish_reason, seq.text = "stop", text[: min(hits)]
+            cut = cut_at_stop(decode(seq.output_ids), seq.params.stop)
+            if cut is not None:
+                seq.finish_reason, seq.text = "stop", cut
                 return
         if len(seq.output_ids) >= seq.params.max_tokens:
             seq.finish_reason, seq.text = "length", decode(seq.output_ids)
