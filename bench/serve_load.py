@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import time
 
@@ -42,9 +41,9 @@ def start_local(model: str, device: str, kv_cache_tokens: int):
     import sys
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from r1kit.serve.server import free_port
+
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "r1kit.cli", "serve", "--model", model, "--device", device,
                              "--port", str(port), "--kv-cache-tokens", str(kv_cache_tokens),
                              "--max-concurrent", "10000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,29 +1,20 @@
 """The server with the official openai client on 127.0.0.1, on a scripted and a random tiny model."""
 
 import json
-import socket
-import threading
 import time
 import urllib.request
 
 import openai
 import pytest
-import uvicorn
 from conftest import SCRIPT
 
 from r1kit.config import ServeConfig
 from r1kit.models import model_info
 from r1kit.serve.app import create_app
-from r1kit.serve.server import load_served
+from r1kit.serve.server import free_port, load_served, serve_in_thread
 
 REASONING, CONTENT = "Two plus two makes four", "The answer is 4."
 KEY = "sk-test-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -33,11 +24,7 @@ class Server:
         self.cfg = ServeConfig(model=str(model_dir), port=free_port(), device="cpu", kv_cache_tokens=8192, **limits)
         self.served = load_served(self.cfg.model, "tiny", "cpu", self.cfg.kv_cache_tokens)
         app = create_app([self.served], self.cfg, api_key=api_key)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.cfg.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
+        self.server, self.thread = serve_in_thread(app, self.cfg.port, log_level="error")
         self.url = f"http://127.0.0.1:{self.cfg.port}"
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or "none", max_retries=0)
 
@@ -177,11 +164,7 @@ def test_router_and_gate(scripted_dir, tiny_model_dir):
                       route=RouteConfig(reasoner="reasoner", fast="fast", keywords=["solve"]),
                       gate=GateConfig(model="reasoner", samples=4))
     app, served = build_app(cfg)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=cfg.port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
+    server, thread = serve_in_thread(app, cfg.port, log_level="error")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.port}/v1", api_key="none", max_retries=0)
     try:
         chat = lambda model, text: client.chat.completions.create(  # noqa: E731

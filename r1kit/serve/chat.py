@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -55,18 +52,11 @@ class ChatClient:
 
 def local_server(cfg: ChatConfig) -> str:
     """Serve cfg.model on a free loopback port in this process; its URL."""
-    import uvicorn
+    from r1kit.serve.server import build_app, free_port, serve_in_thread
 
-    from r1kit.serve.server import build_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app, _ = build_app(ServeConfig(model=cfg.model, name=cfg.name, device=cfg.device, port=port))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
+    serve_in_thread(app, port)
     return f"http://127.0.0.1:{port}"
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +12,28 @@ from r1kit.config import ServeConfig
 from r1kit.serve.app import ServedModel, create_app
 from r1kit.serve.router import Gate, Router
 from r1kit.serve.worker import EngineWorker
+
+
+def free_port() -> int:
+    """A port nothing listens on right now, on the loopback address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_in_thread(app, port: int, log_level: str = "warning"):
+    """Run app under uvicorn on 127.0.0.1:port in a daemon thread; (server, thread) once it listens.
+
+    Stop it with `server.should_exit = True`, then join the thread.
+    """
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    return server, thread
 
 
 def load_served(spec: str, name: str | None, device: str, kv_cache_tokens: int) -> ServedModel:
