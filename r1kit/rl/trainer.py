@@ -113,12 +113,14 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.prompts = [build_prompt(row["prompt"], tokenizer, cfg.template) for row in task.rows]
-        fits = [len(generator.encode(p)) <= cfg.max_prompt_tokens for p in self.prompts]
+        self.prompt_ids = [generator.encode(p) for p in self.prompts]  # the update's inputs, encoded once
+        fits = [len(ids) <= cfg.max_prompt_tokens for ids in self.prompt_ids]
         if not all(fits):
             warnings.warn(f"{fits.count(False)} of {len(fits)} training prompts are longer than max_prompt_tokens="
                           f"{cfg.max_prompt_tokens} and are skipped", RuntimeWarning, stacklevel=2)
-            task.rows = [row for row, ok in zip(task.rows, fits, strict=True) if ok]
-            self.prompts = [p for p, ok in zip(self.prompts, fits, strict=True) if ok]
+            task.rows, self.prompts, self.prompt_ids = (
+                [x for x, ok in zip(column, fits, strict=True) if ok]
+                for column in (task.rows, self.prompts, self.prompt_ids))
         if not task.rows:
             raise ValueError(f"no training prompt fits max_prompt_tokens={cfg.max_prompt_tokens}")
         self.stream = PromptStream(len(task.rows), cfg.seed)
@@ -212,7 +214,7 @@ class GRPOTrainer:
         stats["rollout_reward_mean"] = torch.cat(all_rewards).mean().item()
         return Rollouts(
             rows=[self.task.rows[i] for i in kept_idx],
-            prompt_ids=[self.generator.encode(self.prompts[i]) for i in kept_idx],
+            prompt_ids=[self.prompt_ids[i] for i in kept_idx],
             completions=kept_completions,
             rewards=torch.cat(kept_rewards) if kept_rewards else torch.zeros(0),
             per_reward=kept_per, stats=stats)
