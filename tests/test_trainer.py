@@ -219,3 +219,20 @@ def test_engine_and_hf_backends_train_alike(tiny_model_dir, tmp_path, reward_fil
     for a, b in zip(runs["hf"], runs["engine"], strict=True):
         assert a["reward"] == b["reward"] and a["completion_length_mean"] == b["completion_length_mean"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_held_out_eval_sees_the_latest_update(tiny_model_dir, tmp_path, reward_file):
+    from r1kit.rl.run import held_out_eval
+
+    cfg = config(tiny_model_dir, tmp_path, reward_file, backend="engine", lora_r=4, lr=1e-2, eval_problems=4)
+    train, held = build_tasks(cfg)
+    model, tokenizer, ref = build_policy(cfg, None)
+    trainer = GRPOTrainer(cfg, model, tokenizer, train, build_rewards(cfg.rewards, train.reward),
+                          make_generator(model, tokenizer, "engine", cfg.batch_size), ref)
+    trainer.step()  # the update after this step's rollout changes the adapters
+    held_out_eval(trainer, held, cfg)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    merged = layer.base_layer.weight + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A[
+        "default"].weight
+    engine_weight = trainer.generator.engine.decoder.w["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.allclose(engine_weight, merged, atol=1e-6)

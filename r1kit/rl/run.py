@@ -93,6 +93,7 @@ def held_out_eval(trainer: GRPOTrainer, task: Task, cfg: TrainConfig) -> dict[st
     """Greedy and sampled (eval_temperature) accuracy on the held-out rows."""
     model = trainer.model
     model.eval()
+    trainer.sync_generator()  # the last update came after the last rollout
     results = {}
     settings = {"greedy": SamplingParams(n=1, temperature=0.0, max_tokens=cfg.max_completion_tokens),
                 "sampled": SamplingParams(n=cfg.eval_samples, temperature=cfg.eval_temperature,

@@ -152,14 +152,18 @@ class GRPOTrainer:
                               max_tokens=cfg.max_completion_tokens,
                               seed=(cfg.seed * 1_000_003 + self.step_count * 101 + round_) % 2**63)
 
+    def sync_generator(self) -> None:
+        """Bring the generator's weight buffers (the engine's bf16 copies, merged LoRA) to the last update."""
+        sync = getattr(self.generator, "sync_weights", None)
+        if sync is not None:
+            sync()
+
     # -- rollout -------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, indices: list[int], round_: int = 0) -> list[Completion]:
         """G completions for each training row index, group-major, from the current policy."""
         self.model.eval()
-        sync = getattr(self.generator, "sync_weights", None)
-        if sync is not None:  # the engine's bf16 buffers follow the fp32 weights the last update changed
-            sync()
+        self.sync_generator()
         with self.autocast():
             completions = self.generator.generate([self.prompts[i] for i in indices], self.sampling(round_))
         self.model.train()
