@@ -49,7 +49,7 @@ def config(tiny_model_dir, out, reward_file, **kw) -> TrainConfig:
 def make_trainer(cfg):
     train, _ = build_tasks(cfg)
     model, tokenizer, ref = build_policy(cfg, None)
-    generator = make_generator(model, tokenizer, "hf", cfg.batch_size)
+    generator = make_generator(model, tokenizer, cfg.backend, cfg.batch_size)
     return GRPOTrainer(cfg, model, tokenizer, train, build_rewards(cfg.rewards, train.reward), generator, ref)
 
 
@@ -225,13 +225,10 @@ def test_held_out_eval_sees_the_latest_update(tiny_model_dir, tmp_path, reward_f
     from r1kit.rl.run import held_out_eval
 
     cfg = config(tiny_model_dir, tmp_path, reward_file, backend="engine", lora_r=4, lr=1e-2, eval_problems=4)
-    train, held = build_tasks(cfg)
-    model, tokenizer, ref = build_policy(cfg, None)
-    trainer = GRPOTrainer(cfg, model, tokenizer, train, build_rewards(cfg.rewards, train.reward),
-                          make_generator(model, tokenizer, "engine", cfg.batch_size), ref)
+    trainer = make_trainer(cfg)
     trainer.step()  # the update after this step's rollout changes the adapters
-    held_out_eval(trainer, held, cfg)
-    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    held_out_eval(trainer, build_tasks(cfg)[1], cfg)
+    layer = trainer.model.get_base_model().model.layers[0].self_attn.q_proj
     merged = layer.base_layer.weight + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A[
         "default"].weight
     engine_weight = trainer.generator.engine.decoder.w["model.layers.0.self_attn.q_proj.weight"]
