@@ -12,8 +12,10 @@ CPU smoke test (tiny sizes):   python bench/rollout.py --model default --quick
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
+from functools import partial
 
 import torch
 
@@ -75,6 +77,44 @@ def greedy_check(model, tokenizer, engine: EngineGenerator, texts: list[str], ne
     return {"sequences": len(texts), "differing": differing, "differing_where_top2_within_1e-3": close}
 
 
+def logprob_gap(model, engine_completions, prompt_ids: list[list[int]], group: int) -> dict:
+    """Engine logprobs against the trainer's forward on the same tokens, in the model's dtype and in fp32."""
+    gaps = {}
+    for name, policy in (("trainer_model_dtype", model), ("trainer_fp32_bf16_autocast", copy.deepcopy(model).float())):
+        diffs = []
+        for c in engine_completions:
+            ids = torch.tensor([prompt_ids[c.prompt_index] + c.token_ids], device=model.device)
+            with torch.no_grad(), torch.autocast(model.device.type, torch.bfloat16, enabled=name.endswith("autocast")):
+                logits = policy(ids).logits[0, len(prompt_ids[c.prompt_index]) - 1 : -1].float()
+            ref = logits.log_softmax(-1).gather(-1, ids[0, -len(c.token_ids):, None]).squeeze(-1)
+            diffs.append(torch.tensor(c.logprobs, device=model.device) - ref)
+        d = torch.cat(diffs)
+        gaps[name] = {"mean_abs": d.abs().mean().item(), "p99_abs": d.abs().quantile(0.99).item(),
+                      "max_abs": d.abs().max().item(), "mean_ratio_minus_1": (d.exp() - 1).mean().item()}
+    return gaps
+
+
+def decode_profile(engine: EngineGenerator, texts: list[str], new: int) -> str:
+    """The top kernels of decode steps of the compiled forward, run without graphs so each kernel shows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    llm = engine.engine
+    params = SamplingParams(temperature=1.0, max_tokens=new, ignore_eos=True, seed=0)
+    for text in texts:
+        llm.add_request(engine.encode(text), params)
+    llm.step()  # prefill
+    graphs, llm._step = llm._step, llm._step.step  # the compiled step, launched kernel by kernel
+    llm.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            llm.step()
+        sync(llm.device)
+    llm._step = graphs
+    while llm.has_work():
+        llm.step()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="default")
@@ -85,40 +125,58 @@ def main() -> None:
     device = model.device
     big, new, groups, g = (8, 8, 2, 4) if args.quick else (512, 256, 32, 16)
     results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "runs": []}
-    engine = EngineGenerator(model, tokenizer, kv_cache_tokens=big * (new + 64), max_num_seqs=big)
     sampled = SamplingParams(temperature=1.0, max_tokens=new, ignore_eos=True, seed=0)
-
     texts = prompts(tokenizer, big)
-    for static in (False, True):
-        seconds, _ = timed(hf_generate(model, tokenizer, texts, new, static), device)
-        results["runs"].append(row(f"(a) HF generate{' static' if static else ''} {big}x{new}", seconds, big, new))
-    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
-    seconds, _ = timed(lambda: engine.generate(texts, sampled), device)
-    results["runs"].append(row(f"(a) r1kit engine {big}x{new}", seconds, big, new))
-    if device.type == "cuda":
-        results["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+
+    def save() -> None:  # after every figure, so a call cut off at its time limit keeps what it measured
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+
+    def measure(name: str, fn, sequences: int) -> None:
+        try:
+            seconds, _ = timed(fn, device)
+            results["runs"].append(row(name, seconds, sequences, new))
+        except Exception as error:  # one failing variant must not lose the others' figures
+            results["runs"].append({"name": name, "error": repr(error)[:500]})
+        print(results["runs"][-1], flush=True)
+        save()
 
     for static in (False, True):
-        seconds, _ = timed(hf_generate(model, tokenizer, texts[:1], new, static), device)
-        results["runs"].append(row(f"(b) HF generate{' static' if static else ''} batch 1", seconds, 1, new))
-    seconds, _ = timed(lambda: engine.generate(texts[:1], sampled), device)
-    results["runs"].append(row("(b) r1kit engine batch 1", seconds, 1, new))
+        measure(f"(a) HF generate{' static' if static else ''} {big}x{new}",
+                hf_generate(model, tokenizer, texts, new, static), big)
+        measure(f"(b) HF generate{' static' if static else ''} batch 1",
+                hf_generate(model, tokenizer, texts[:1], new, static), 1)
+
+    variants = {"eager": {"cuda_graphs": False}, "graphs": {"compile": False}, "graphs+compile": {}}
+    for variant, options in variants.items():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        engine = EngineGenerator(model, tokenizer, kv_cache_tokens=big * (new + 64), max_num_seqs=big, **options)
+        measure(f"(a) r1kit engine [{variant}] {big}x{new}", partial(engine.generate, texts, sampled), big)
+        if device.type == "cuda":
+            results["runs"][-1]["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        measure(f"(b) r1kit engine [{variant}] batch 1", partial(engine.generate, texts[:1], sampled), 1)
 
     group = SamplingParams(n=g, temperature=1.0, max_tokens=new, ignore_eos=True, seed=0)
     for shared in (True, False):
         engine.engine.share_prompts = shared
-        seconds, _ = timed(lambda: engine.generate(texts[:groups], group), device)
-        results["runs"].append(row(f"(c) r1kit engine {groups}x G={g}, shared prompts {shared}", seconds,
-                                   groups * g, new))
+        measure(f"(c) r1kit engine {groups}x G={g}, shared prompts {shared}",
+                lambda: engine.generate(texts[:groups], group), groups * g)
     engine.engine.share_prompts = True
+    rollouts = engine.generate(texts[:4], group)
+    results["logprob_gap"] = logprob_gap(model, rollouts, [engine.encode(t) for t in texts[:4]], g)
     results["greedy_check"] = greedy_check(model, tokenizer, engine, texts[: min(big, 64)], min(new, 128))
+    if device.type == "cuda":
+        results["decode_profile"] = decode_profile(engine, texts, 16)
+        print(results["decode_profile"])
 
     for r in results["runs"]:
-        print(f"{r['name']:<52} {r['tok_per_s']:>10.0f} tok/s {r['ms_per_step']:>8.2f} ms/step")
-    print(json.dumps({k: v for k, v in results.items() if k != "runs"}))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        if "error" not in r:
+            print(f"{r['name']:<52} {r['tok_per_s']:>10.0f} tok/s {r['ms_per_step']:>8.2f} ms/step")
+    print(json.dumps({k: v for k, v in results.items() if k not in ("runs", "decode_profile")}, indent=1))
+    save()
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ class EvalConfig(Config):
         "auto", description="prompt template (auto: chat for instruct models, r1zero for base models)")
     seed: int = Field(0, description="sampling seed")
     batch_size: int = Field(64, ge=1, description="sequences generated together")
-    backend: Literal["auto", "hf", "engine"] = Field("auto", description="generation backend (auto: hf for now)")
+    backend: Literal["auto", "hf", "engine"] = Field(
+        "auto", description="generation backend (auto: the engine on a GPU, hf elsewhere)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU")
     out: str = Field("runs/eval", description="output folder for results.json, samples.jsonl, summary.md")
@@ -98,7 +99,8 @@ class TrainConfig(Config):
     save_every: int = Field(50, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept")
     resume: str | None = Field(None, description="'latest' or a checkpoint folder to continue from")
-    backend: Literal["auto", "hf", "engine"] = Field("auto", description="rollout backend (auto: hf for now)")
+    backend: Literal["auto", "hf", "engine"] = Field(
+        "auto", description="rollout backend (auto: the engine on a GPU, hf elsewhere)")
     batch_size: int = Field(256, ge=1, description="sequences generated together")
     device: str = Field("auto", description="auto, cpu, cuda")
     out: str = Field("runs/train", description="run folder")

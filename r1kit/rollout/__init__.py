@@ -16,17 +16,17 @@ KV_MEMORY_SHARE = 0.3  # of free GPU memory, leaving the rest to training
 def make_generator(model, tokenizer, backend: str = "auto", batch_size: int = 64) -> Generator:
     """The generator for a loaded model.
 
-    `engine` is r1kit's rollout engine (paged KV cache, continuous batching, shared group prompts);
-    `auto` still means HF generate until the engine's GPU path is measured.
+    `engine` is r1kit's rollout engine (paged KV cache, continuous batching, shared group prompts,
+    CUDA graphs); `auto` picks it on a GPU and HF generate elsewhere.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend != "engine":
+    device = next(model.parameters()).device
+    if backend == "hf" or (backend == "auto" and device.type != "cuda"):
         return HFGenerator(model, tokenizer, batch_size=batch_size)
     from r1kit.rollout.engine import EngineGenerator
     from r1kit.rollout.engine.engine import kv_bytes_per_token
 
-    device = next(model.parameters()).device
     dtype = torch.bfloat16 if device.type == "cuda" else None
     kv_tokens = 65_536
     if device.type == "cuda":

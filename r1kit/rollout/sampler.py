@@ -128,9 +128,26 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, keys: torch.Tensor, steps
         scaled, _ = _scale(logits, batch)
     # the full-vocabulary sort of filter_logits is the sampler's main cost: skip it when nothing is cut
     filtered = filter_logits(scaled, batch.top_k, batch.top_p, batch.min_p) if batch.filtered else scaled
-    gumbel = -torch.log(-torch.log(uniform_noise(keys, steps, logits.shape[-1])))
-    tokens = torch.where(greedy, logits.argmax(-1), (filtered + gumbel).argmax(-1))
+    tokens = torch.where(greedy, logits.argmax(-1), _gumbel_argmax(filtered, keys, steps))
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def gumbel_argmax(scores: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """argmax of scores plus Gumbel noise hashed from each row's (key, step): a draw from softmax(scores)."""
+    return (scores - torch.log(-torch.log(uniform_noise(keys, steps, scores.shape[-1])))).argmax(-1)
+
+
+_compiled_gumbel_argmax = None
+
+
+def _gumbel_argmax(scores: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    # on a GPU the hash is ~20 elementwise passes over (batch, vocab) int64s; compiled, it is one kernel
+    global _compiled_gumbel_argmax
+    if not scores.is_cuda:
+        return gumbel_argmax(scores, keys, steps)
+    if _compiled_gumbel_argmax is None:
+        _compiled_gumbel_argmax = torch.compile(gumbel_argmax, dynamic=True)
+    return _compiled_gumbel_argmax(scores, keys, steps)
 
 
 def top_logprobs(logits: torch.Tensor, batch: SamplingBatch, n: int) -> list[dict[int, float]]:

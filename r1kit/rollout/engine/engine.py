@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from r1kit.rollout.engine.attention import kernel_supports
 from r1kit.rollout.engine.block_manager import BlockManager
+from r1kit.rollout.engine.graphs import GraphedDecode
 from r1kit.rollout.engine.model import PagedDecoder
 from r1kit.rollout.engine.scheduler import Request, Scheduler
 from r1kit.rollout.engine.sequence import Sequence
@@ -25,15 +27,27 @@ class LLMEngine:
 
     def __init__(self, model, tokenizer, *, kv_cache_tokens: int = 65_536, block_size: int = 16,
                  max_num_seqs: int = 512, max_prefill_tokens: int = 16_384, dtype: torch.dtype | None = None,
-                 share_prompts: bool = True):
+                 share_prompts: bool = True, cuda_graphs: bool = True, compile: bool = True):
         num_blocks = -(-kv_cache_tokens // block_size)
-        self.decoder = PagedDecoder(model, num_blocks * block_size, dtype)
+        self.decoder = PagedDecoder(model, num_blocks * block_size, block_size, dtype)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_prefill_tokens)
         self.tokenizer, self.share_prompts = tokenizer, share_prompts
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.block_size, self.device = block_size, self.decoder.device
         self._next_id = 0
+        self._batch: tuple[list[int], torch.Tensor] = ([], torch.empty(0))
+        self._step = self._decode_step(max_num_seqs, cuda_graphs, compile)
+
+    def _decode_step(self, max_num_seqs: int, cuda_graphs: bool, compile: bool):
+        """The decode forward, compiled and captured in CUDA graphs where the Triton attention kernel runs."""
+        decoder = self.decoder
+        if not (cuda_graphs and kernel_supports(self.device, decoder.dtype, decoder.head_dim)):
+            return decoder.decode
+        step = torch.compile(decoder.decode, dynamic=True) if compile else decoder.decode
+        width = self.blocks.blocks_for(decoder.max_len)
+        return GraphedDecode(step, max_num_seqs, width, decoder.w["lm_head.weight"].shape[0], decoder.scratch_slot,
+                             self.device)
 
     def sync_weights(self) -> None:
         """Refresh the engine's weight buffers after an optimizer step (free when it shares the policy's)."""
@@ -41,6 +55,9 @@ class LLMEngine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, keys: list[int] | None = None) -> Request:
         """Queue params.n sequences of a prompt; `keys` seeds each one's sampling (random when None)."""
+        if len(prompt_ids) + params.max_tokens > self.decoder.max_len:
+            raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens} exceed the "
+                             f"engine's context of {self.decoder.max_len} tokens")
         if keys is None:
             base = request_seed(params.seed)
             keys = [sequence_key(base, i) for i in range(params.n)]
@@ -107,18 +124,17 @@ class LLMEngine:
                 cache[:, target : target + rest] = cache[:, source : source + rest]
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
-        # Block tables are fixed at admission, so each step only stacks them and maps positions on device.
-        host_lengths = [seq.length for seq in seqs]
-        lengths = torch.tensor(host_lengths, device=self.device)
-        width = max(len(seq.block_table) for seq in seqs)
-        tables = torch.tensor([seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs],
-                              device=self.device)
-        positions = torch.arange(max(host_lengths), device=self.device)
-        context = tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
-        last = lengths - 1
-        tokens = torch.tensor([seq.last_token for seq in seqs], device=self.device)
-        slots = context.gather(1, last[:, None]).squeeze(1)
-        return self._advance(seqs, self.decoder.decode(tokens, last, slots, context, lengths))
+        # block tables are fixed at admission: upload them again only when the running set changes
+        ids = [id(seq) for seq in seqs]
+        if ids != self._batch[0]:
+            width = max(len(seq.block_table) for seq in seqs)
+            tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
+            self._batch = (ids, torch.tensor(tables, dtype=torch.int32, device=self.device))
+        bs, lens = self.block_size, [seq.length for seq in seqs]
+        slots = [seq.block_table[(n - 1) // bs] * bs + (n - 1) % bs for seq, n in zip(seqs, lens, strict=True)]
+        host = torch.tensor([[seq.last_token for seq in seqs], [n - 1 for n in lens], slots, lens], device=self.device)
+        tokens, positions, slots_t, lens_t = host
+        return self._advance(seqs, self._step(tokens, positions, slots_t, self._batch[1], lens_t.int()))
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
         batch = SamplingBatch.of([s.params for s in seqs], self.device)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from r1kit.rollout.engine.attention import register_cache
+
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -30,7 +32,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class PagedDecoder:
     """The decoder's forward for prefill (whole prompts) and decode (one token per sequence)."""
 
-    def __init__(self, model, num_slots: int, dtype: torch.dtype | None = None):
+    def __init__(self, model, num_slots: int, block_size: int, dtype: torch.dtype | None = None):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped LM
         config = inner.config
         if config.model_type not in SUPPORTED:
@@ -60,9 +62,17 @@ class PagedDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         self.qk_norm = "model.layers.0.self_attn.q_norm.weight" in self.w
-        shape = (self.layers, num_slots, self.kv_heads, self.head_dim)
+        # one slot past the blocks: where padded rows of a captured decode step write their KV
+        self.block_size, self.scratch_slot = block_size, num_slots
+        shape = (self.layers, num_slots + 1, self.kv_heads, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.cache_key = register_cache(self)
+        self.max_len = min(num_slots, config.max_position_embeddings)
+        # rotary tables for every position a sequence can reach, indexed instead of recomputed each step
+        position_ids = torch.arange(self.max_len, device=self.device)[None]
+        cos, sin = self.rotary(torch.zeros((), dtype=torch.float32, device=self.device), position_ids)
+        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
 
     @torch.no_grad()
     def sync_weights(self) -> None:
@@ -89,61 +99,57 @@ class PagedDecoder:
         if self.qk_norm:
             q = rms_norm(q, self.w[p + "q_norm.weight"], self.eps)
             k = rms_norm(k, self.w[p + "k_norm.weight"], self.eps)
-        cos, sin = self.rotary(v, positions[None])
-        cos, sin = cos[0, :, None, :].to(q.dtype), sin[0, :, None, :].to(q.dtype)
+        cos, sin = self.cos[positions, None, :], self.sin[positions, None, :]
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
-    def _block(self, x: torch.Tensor, i: int, positions: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
-        p = f"model.layers.{i}."
-        q, k, v = self._qkv(rms_norm(x, self.w[p + "input_layernorm.weight"], self.eps), i, positions)
-        self.k_cache[i, slots] = k
-        self.v_cache[i, slots] = v
-        x = x + self._linear(attend(q, k, v, i).reshape(x.shape[0], -1), p + "self_attn.o_proj")
-        h = rms_norm(x, self.w[p + "post_attention_layernorm.weight"], self.eps)
-        gate, up = self._linear(h, p + "mlp.gate_proj"), self._linear(h, p + "mlp.up_proj")
-        return x + self._linear(F.silu(gate) * up, p + "mlp.down_proj")
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """Hidden states of a flat batch of tokens; attend(q, k, v, layer) writes the cache and attends."""
+        x = F.embedding(ids, self.w["model.embed_tokens.weight"])
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            q, k, v = self._qkv(rms_norm(x, self.w[p + "input_layernorm.weight"], self.eps), i, positions)
+            x = x + self._linear(attend(q, k, v, i).reshape(x.shape[0], -1), p + "self_attn.o_proj")
+            h = rms_norm(x, self.w[p + "post_attention_layernorm.weight"], self.eps)
+            gate, up = self._linear(h, p + "mlp.gate_proj"), self._linear(h, p + "mlp.up_proj")
+            x = x + self._linear(F.silu(gate) * up, p + "mlp.down_proj")
+        return rms_norm(x, self.w["model.norm.weight"], self.eps)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = rms_norm(x, self.w["model.norm.weight"], self.eps)
         return F.linear(x, self.w["lm_head.weight"]).float()
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
         """Run whole prompts, writing their KV into the given slots; (prompts, vocab) logits of each last token."""
-        lengths = [len(p) for p in prompts]
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         ids = torch.tensor([t for p in prompts for t in p], device=self.device)
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         slot_t = torch.tensor([s for seq in slots for s in seq], device=self.device)
-        bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+        starts = lengths.cumsum(0) - lengths
+        row = torch.repeat_interleave(torch.arange(len(prompts), device=self.device), lengths)
+        positions = torch.arange(len(ids), device=self.device) - starts[row]
+        longest = max(len(p) for p in prompts)
 
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros(len(prompts), longest, *t.shape[1:])
+            out[row, positions] = t
+            return out.transpose(1, 2)
+
+        # right padding: with a causal mask no real query sees a pad, so one SDPA call runs every prompt
         def attend(q, k, v, layer):
-            out = torch.empty_like(q)
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-                out[a:b] = F.scaled_dot_product_attention(
-                    q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
-                    is_causal=True, enable_gqa=True).transpose(0, 1)
-            return out
+            self.k_cache[layer, slot_t] = k
+            self.v_cache[layer, slot_t] = v
+            out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True, enable_gqa=True)
+            return out.transpose(1, 2)[row, positions]
 
-        x = F.embedding(ids, self.w["model.embed_tokens.weight"])
-        for i in range(self.layers):
-            x = self._block(x, i, positions, slot_t, attend)
-        return self._logits(x[torch.tensor(bounds[1:], device=self.device) - 1])
+        return self._logits(self._forward(ids, positions, attend)[starts + lengths - 1])
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-               context: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-        """One token per sequence: (B,) tokens at (B,) positions; `context` (B, L) holds each sequence's
-        slots for positions 0..L-1, valid up to context_lens. Returns (B, vocab) logits."""
-        valid = torch.arange(context.shape[1], device=self.device)[None, :] < context_lens[:, None]
-        mask = valid[:, None, None, :]
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+               lens: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: (B,) tokens at (B,) positions, their KV written at (B,) slots; (B, width)
+        block tables and (B,) context lengths (this token included). Returns (B, vocab) logits.
 
+        No host synchronization on the kernel path, so the step can be captured in a CUDA graph."""
         def attend(q, k, v, layer):
-            keys, values = self.k_cache[layer, context], self.v_cache[layer, context]
-            out = F.scaled_dot_product_attention(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
-                                                 attn_mask=mask, enable_gqa=True)
-            return out[:, :, 0]
+            return torch.ops.r1kit.paged_decode(q, k, v, slots, tables, lens, self.cache_key, layer)
 
-        x = F.embedding(tokens, self.w["model.embed_tokens.weight"])
-        for i in range(self.layers):
-            x = self._block(x, i, positions, slots, attend)
-        return self._logits(x)
+        return self._logits(self._forward(tokens, positions, attend))
