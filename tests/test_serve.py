@@ -43,7 +43,7 @@ def scripted(scripted_dir):
 
 @pytest.fixture(scope="module")
 def rambler(tiny_model_dir):
-    server = Server(tiny_model_dir, max_concurrent=1, max_tokens=4000)
+    server = Server(tiny_model_dir, max_concurrent=1, max_tokens=8000)
     yield server
     server.stop()
 
@@ -152,6 +152,9 @@ def test_concurrency_limit_and_disconnect(rambler):
         time.sleep(0.02)
     assert idle() and seq.finish_reason == "abort" and len(seq.output_ids) < 3000
     assert ask(rambler, max_tokens=5).choices[0].finish_reason in ("length", "stop")
+    with pytest.raises(openai.BadRequestError, match="max_tokens 5000 exceed tiny.s context of 4096 tokens") as e:
+        ask(rambler, max_tokens=5000)
+    assert e.value.code == "context_length_exceeded"
 
 
 def test_router_and_gate(scripted_dir, tiny_model_dir):

@@ -165,6 +165,12 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
             raise APIError(400, f"the prompt has {len(ids)} tokens; this server allows at most "
                            f"{cfg.max_prompt_tokens}", code="context_length_exceeded")
 
+    def check_context(served: ServedModel, ids: list[int], params: SamplingParams) -> None:
+        context = served.worker.engine.decoder.max_len
+        if len(ids) + params.max_tokens > context:
+            raise APIError(400, f"the prompt's {len(ids)} tokens + max_tokens {params.max_tokens} exceed "
+                           f"{served.name}'s context of {context} tokens", code="context_length_exceeded")
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -198,6 +204,7 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         prompt, in_reasoning = served.chat_prompt(messages)
         check_prompt(prompt)
         params = sampling(req, cfg, req.max_completion_tokens or req.max_tokens)
+        check_context(served, prompt, params)
         admit()
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
         choices = [ChoiceText(served.tokenizer, params.stop) for _ in range(params.n)]
@@ -225,6 +232,7 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         check_prompt(prompt)
         params = replace(sampling(req, cfg, req.max_completion_tokens or req.max_tokens), n=gate.cfg.samples,
                          temperature=gate.cfg.temperature)
+        check_context(served, prompt, params)
         admit()
         choices = [ChoiceText(served.tokenizer, params.stop) for _ in range(params.n)]
         await _collect(_counted(state, served.worker.stream([prompt], params)), choices, params.n)
@@ -257,6 +265,8 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         for ids in prompts:
             check_prompt(ids)
         params = sampling(req, cfg, req.max_tokens or 16)
+        for ids in prompts:
+            check_context(served, ids, params)
         admit()
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
         choices = [ChoiceText(served.tokenizer, params.stop) for _ in range(params.n * len(prompts))]
