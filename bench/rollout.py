@@ -119,7 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="default")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--skip-hf", action="store_true", help="the engine's rows only")
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, dtype="auto")
     device = model.device
@@ -142,7 +143,7 @@ def main() -> None:
         print(results["runs"][-1], flush=True)
         save()
 
-    for static in (False, True):
+    for static in (False, True) if not args.skip_hf else ():
         measure(f"(a) HF generate{' static' if static else ''} {big}x{new}",
                 hf_generate(model, tokenizer, texts, new, static), big)
         measure(f"(b) HF generate{' static' if static else ''} batch 1",
@@ -177,6 +178,8 @@ def main() -> None:
             print(f"{r['name']:<52} {r['tok_per_s']:>10.0f} tok/s {r['ms_per_step']:>8.2f} ms/step")
     print(json.dumps({k: v for k, v in results.items() if k not in ("runs", "decode_profile")}, indent=1))
     save()
+    if any("error" in r for r in results["runs"]):
+        raise SystemExit("some runs failed: see their errors above")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from r1kit.rollout.compiled import compiled
 from r1kit.rollout.types import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -38,11 +39,18 @@ def sequence_key(seed: int, index: int) -> int:
     return int(hash32(torch.tensor([(seed * _GOLDEN + index) & _MASK32]) ^ 0x5BD1E995).item())
 
 
-def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(B, vocab) uniforms in (0, 1), a pure function of each row's (key, step)."""
+def column_codes(vocab: int, device: torch.device) -> torch.Tensor:
+    """Each token id's share of the noise hash, as an int64 tensor.
+
+    Passed in rather than computed from an arange, which torch.compile turns into an int32 index
+    that the 32-bit constants overflow."""
+    return torch.arange(vocab, device=device, dtype=torch.int64) * _GOLDEN
+
+
+def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(B, vocab) uniforms in (0, 1), a pure function of each row's (key, step); `codes` from column_codes."""
     row = hash32(keys.to(torch.int64) ^ hash32(steps.to(torch.int64) * _GOLDEN))
-    ids = torch.arange(vocab, device=keys.device, dtype=torch.int64)
-    return to_unit(hash32(row[:, None] ^ (ids[None, :] * _GOLDEN)))
+    return to_unit(hash32(row[:, None] ^ codes[None, :]))
 
 
 def to_unit(bits: torch.Tensor) -> torch.Tensor:
@@ -132,22 +140,27 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, keys: torch.Tensor, steps
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def gumbel_argmax(scores: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+def gumbel_argmax(scores: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor, codes: torch.Tensor
+                  ) -> torch.Tensor:
     """argmax of scores plus Gumbel noise hashed from each row's (key, step): a draw from softmax(scores)."""
-    return (scores - torch.log(-torch.log(uniform_noise(keys, steps, scores.shape[-1])))).argmax(-1)
+    return (scores - torch.log(-torch.log(uniform_noise(keys, steps, codes)))).argmax(-1)
 
 
+_codes: dict[tuple[int, torch.device], torch.Tensor] = {}
 _compiled_gumbel_argmax = None
 
 
 def _gumbel_argmax(scores: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     # on a GPU the hash is ~20 elementwise passes over (batch, vocab) int64s; compiled, it is one kernel
     global _compiled_gumbel_argmax
+    where = (scores.shape[-1], scores.device)
+    if where not in _codes:
+        _codes[where] = column_codes(*where)
     if not scores.is_cuda:
-        return gumbel_argmax(scores, keys, steps)
+        return gumbel_argmax(scores, keys, steps, _codes[where])
     if _compiled_gumbel_argmax is None:
-        _compiled_gumbel_argmax = torch.compile(gumbel_argmax, dynamic=True)
-    return _compiled_gumbel_argmax(scores, keys, steps)
+        _compiled_gumbel_argmax = compiled(gumbel_argmax, "the sampler's Gumbel noise")
+    return _compiled_gumbel_argmax(scores, keys, steps, _codes[where])
 
 
 def top_logprobs(logits: torch.Tensor, batch: SamplingBatch, n: int) -> list[dict[int, float]]:

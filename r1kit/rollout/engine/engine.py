@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from r1kit.rollout.compiled import compiled
 from r1kit.rollout.engine.attention import kernel_supports
 from r1kit.rollout.engine.block_manager import BlockManager
 from r1kit.rollout.engine.graphs import GraphedDecode
@@ -44,7 +45,7 @@ class LLMEngine:
         decoder = self.decoder
         if not (cuda_graphs and kernel_supports(self.device, decoder.dtype, decoder.head_dim)):
             return decoder.decode
-        step = torch.compile(decoder.decode, dynamic=True) if compile else decoder.decode
+        step = compiled(decoder.decode, "the engine's decode step") if compile else decoder.decode
         width = self.blocks.blocks_for(decoder.max_len)
         return GraphedDecode(step, max_num_seqs, width, decoder.w["lm_head.weight"].shape[0], decoder.scratch_slot,
                              self.device)
