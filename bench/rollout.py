@@ -125,6 +125,7 @@ def main() -> None:
     model, tokenizer = load_model(args.model, dtype="auto")
     device = model.device
     big, new, groups, g = (8, 8, 2, 4) if args.quick else (512, 256, 32, 16)
+    started = time.perf_counter()
     results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "runs": []}
     sampled = SamplingParams(temperature=1.0, max_tokens=new, ignore_eos=True, seed=0)
     texts = prompts(tokenizer, big)
@@ -140,7 +141,7 @@ def main() -> None:
             results["runs"].append(row(name, seconds, sequences, new))
         except Exception as error:  # one failing variant must not lose the others' figures
             results["runs"].append({"name": name, "error": repr(error)[:500]})
-        print(results["runs"][-1], flush=True)
+        print(f"[{time.perf_counter() - started:.0f} s]", results["runs"][-1], flush=True)
         save()
 
     for static in (False, True) if not args.skip_hf else ():
@@ -168,7 +169,8 @@ def main() -> None:
     engine.engine.share_prompts = True
     rollouts = engine.generate(texts[:4], group)
     results["logprob_gap"] = logprob_gap(model, rollouts, [engine.encode(t) for t in texts[:4]], g)
-    results["greedy_check"] = greedy_check(model, tokenizer, engine, texts[: min(big, 64)], min(new, 128))
+    results["greedy_check"] = greedy_check(model, tokenizer, engine, texts[:16], min(new, 64))
+    print(f"[{time.perf_counter() - started:.0f} s]", results["logprob_gap"], results["greedy_check"], flush=True)
     if device.type == "cuda":
         results["decode_profile"] = decode_profile(engine, texts, 16)
         print(results["decode_profile"])
