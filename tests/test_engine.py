@@ -198,3 +198,20 @@ def test_lora_model_through_a_merged_view(tiny):
                 p.add_(torch.randn_like(p) * 0.5)
     gen.sync_weights()
     assert check() != before
+
+
+def test_one_request_after_another_equals_each_alone(tiny):
+    # a finished sequence's memory is reused by the next one's: the engine must not take it for the same
+    model, tokenizer = tiny
+    gen = engine(model, tokenizer)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    one_by_one = [gen.generate([p], greedy)[0].token_ids for p in PROMPTS]
+    assert one_by_one == [engine(model, tokenizer).generate([p], greedy)[0].token_ids for p in PROMPTS]
+
+
+def test_graph_buckets_cover_every_batch_and_skip_one():
+    from r1kit.rollout.engine.graphs import buckets_for
+
+    buckets = buckets_for(512)
+    assert buckets[:5] == [2, 4, 8, 16, 32] and buckets[-1] == 512 and all(b % 16 == 0 for b in buckets[3:])
+    assert buckets_for(1) == [2] and buckets_for(40)[-1] == 48

@@ -37,7 +37,7 @@ class LLMEngine:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.block_size, self.device = block_size, self.decoder.device
         self._next_id = 0
-        self._batch: tuple[list[int], torch.Tensor] = ([], torch.empty(0))
+        self._batch: tuple[list[tuple[int, int]], torch.Tensor] = ([], torch.empty(0))
         self._step = self._decode_step(max_num_seqs, cuda_graphs, compile)
 
     def _decode_step(self, max_num_seqs: int, cuda_graphs: bool, compile: bool):
@@ -126,7 +126,8 @@ class LLMEngine:
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
         # block tables are fixed at admission: upload them again only when the running set changes
-        ids = [id(seq) for seq in seqs]
+        # (named by request and index: a finished sequence's id() is reused by the next one's object)
+        ids = [(seq.request_id, seq.index) for seq in seqs]
         if ids != self._batch[0]:
             width = max(len(seq.block_table) for seq in seqs)
             tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]

@@ -14,9 +14,11 @@ import torch
 
 
 def buckets_for(max_batch: int) -> list[int]:
-    """Batch sizes that get a graph: powers of two up to 8, then every 16 up to max_batch."""
-    small = [b for b in (1, 2, 4, 8) if b < max_batch]
-    return small + list(range(16, max_batch + 15, 16)) if max_batch > 8 else small + [max_batch]
+    """Batch sizes that get a graph: 2, 4, 8, then every 16 up to max_batch.
+
+    No bucket of 1: torch.compile specializes a dimension of size 1 and would compile the step again."""
+    small = [b for b in (2, 4, 8) if b < max_batch]
+    return small + list(range(16, max_batch + 15, 16)) if max_batch > 8 else small + [max(max_batch, 2)]
 
 
 class GraphedDecode:
