@@ -37,7 +37,7 @@ class LLMEngine:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.block_size, self.device = block_size, self.decoder.device
         self._next_id = 0
-        self._batch: tuple[list[tuple[int, int]], torch.Tensor] = ([], torch.empty(0))
+        self._batch: tuple = ([],)  # (sequence names, block tables, SamplingBatch, keys) of the last decode
         self._step = self._decode_step(max_num_seqs, cuda_graphs, compile)
 
     def _decode_step(self, max_num_seqs: int, cuda_graphs: bool, compile: bool):
@@ -111,7 +111,13 @@ class LLMEngine:
             if request.shared:
                 self._copy_partial_block(request)
         self.scheduler.running += seqs
-        return self._advance(seqs, logits[torch.tensor(rows, device=self.device)])
+        sampling, keys = self._sampling(seqs)
+        steps = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
+        return self._advance(seqs, logits[torch.tensor(rows, device=self.device)], sampling, keys, steps)
+
+    def _sampling(self, seqs: list[Sequence]) -> tuple[SamplingBatch, torch.Tensor]:
+        return SamplingBatch.of([s.params for s in seqs], self.device), torch.tensor([s.key for s in seqs],
+                                                                                       device=self.device)
 
     def _copy_partial_block(self, request: Request) -> None:
         """Give each group member its own copy of the prompt's last, partly filled block."""
@@ -125,28 +131,33 @@ class LLMEngine:
                 cache[:, target : target + rest] = cache[:, source : source + rest]
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
-        # block tables are fixed at admission: upload them again only when the running set changes
-        # (named by request and index: a finished sequence's id() is reused by the next one's object)
+        # What stays fixed while the running set does (block tables, sampling settings, keys) is
+        # uploaded once per set; a step uploads one small tensor. Sets are named by request and index:
+        # a finished sequence's id() is reused by the next one's object.
         ids = [(seq.request_id, seq.index) for seq in seqs]
         if ids != self._batch[0]:
             width = max(len(seq.block_table) for seq in seqs)
             tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
-            self._batch = (ids, torch.tensor(tables, dtype=torch.int32, device=self.device))
+            self._batch = (ids, torch.tensor(tables, dtype=torch.int32, device=self.device), *self._sampling(seqs))
+        _, tables, sampling, keys = self._batch
         bs, lens = self.block_size, [seq.length for seq in seqs]
         slots = [seq.block_table[(n - 1) // bs] * bs + (n - 1) % bs for seq, n in zip(seqs, lens, strict=True)]
-        host = torch.tensor([[seq.last_token for seq in seqs], [n - 1 for n in lens], slots, lens], device=self.device)
-        tokens, positions, slots_t, lens_t = host
-        return self._advance(seqs, self._step(tokens, positions, slots_t, self._batch[1], lens_t.int()))
+        host = torch.tensor([[seq.last_token for seq in seqs], [n - 1 for n in lens], slots, lens,
+                             [len(seq.output_ids) for seq in seqs]], device=self.device)
+        tokens, positions, slots_t, lens_t, steps = host
+        logits = self._step(tokens, positions, slots_t, tables, lens_t.int())
+        return self._advance(seqs, logits, sampling, keys, steps)
 
-    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
-        batch = SamplingBatch.of([s.params for s in seqs], self.device)
-        keys = torch.tensor([s.key for s in seqs], device=self.device)
-        steps = torch.tensor([len(s.output_ids) for s in seqs], device=self.device)
-        tokens, logprobs = sample(logits, batch, keys, steps, self._history(seqs) if batch.penalized else None)
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor, sampling: SamplingBatch, keys: torch.Tensor,
+                 steps: torch.Tensor) -> list[Sequence]:
+        history = self._history(seqs) if sampling.penalized else None
+        tokens, logprobs = sample(logits, sampling, keys, steps, history)
         top_n = max(s.params.top_logprobs for s in seqs)
-        tops = top_logprobs(logits, batch, top_n) if top_n else [{}] * len(seqs)
-        for seq, token, logprob, top in zip(seqs, tokens.tolist(), logprobs.tolist(), tops, strict=True):
-            seq.output_ids.append(token)
+        tops = top_logprobs(logits, sampling, top_n) if top_n else [{}] * len(seqs)
+        # one device-to-host copy a step (float64 holds every token id exactly)
+        host_tokens, host_logprobs = torch.stack([tokens.double(), logprobs.double()]).tolist()
+        for seq, token, logprob, top in zip(seqs, host_tokens, host_logprobs, tops, strict=True):
+            seq.output_ids.append(int(token))
             seq.logprobs.append(logprob)
             if seq.params.top_logprobs:
                 seq.top_logprobs.append(dict(list(top.items())[: seq.params.top_logprobs]))
@@ -159,18 +170,17 @@ class LLMEngine:
         width = max(s.length for s in seqs)
         return torch.tensor([s.token_ids + [-1] * (width - s.length) for s in seqs], device=self.device)
 
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def _check_finished(self, seq: Sequence) -> None:
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        if seq.output_ids[-1] in self.eos_ids and not seq.params.ignore_eos:
-            seq.finish_reason, seq.text = "stop", decode(seq.output_ids[:-1])
-            return
-        if seq.params.stop:
-            cut = cut_at_stop(decode(seq.output_ids), seq.params.stop)
-            if cut is not None:
-                seq.finish_reason, seq.text = "stop", cut
-                return
-        if len(seq.output_ids) >= seq.params.max_tokens:
-            seq.finish_reason, seq.text = "length", decode(seq.output_ids)
+        params = seq.params
+        if seq.output_ids[-1] in self.eos_ids and not params.ignore_eos:
+            seq.finish_reason, seq.text = "stop", self._text(seq.output_ids[:-1])
+        elif params.stop and (cut := cut_at_stop(self._text(seq.output_ids), params.stop)) is not None:
+            seq.finish_reason, seq.text = "stop", cut
+        elif len(seq.output_ids) >= params.max_tokens:
+            seq.finish_reason, seq.text = "length", self._text(seq.output_ids)
 
 
 class EngineGenerator:
