@@ -124,6 +124,9 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
     def save(records: list[dict]) -> None:
         samples_file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         samples_file.flush()
+        if not console.is_terminal:  # a log file gets no live bar: a line per chunk instead
+            console.print(f"{task.name}: {len(run.records)}/{len(task) * cfg.samples} samples, "
+                          f"{time.perf_counter() - started:.0f} s")
 
     chunk = max(1, 4 * cfg.batch_size // cfg.samples)
     interrupted = False
