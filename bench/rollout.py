@@ -21,7 +21,7 @@ import torch
 
 from r1kit.models import load_model
 from r1kit.prompts import build_prompt
-from r1kit.rollout import HFGenerator, SamplingParams
+from r1kit.rollout import SamplingParams
 from r1kit.rollout.engine import EngineGenerator
 
 
@@ -59,22 +59,43 @@ def row(name: str, seconds: float, sequences: int, new: int) -> dict:
 
 
 def greedy_check(model, tokenizer, engine: EngineGenerator, texts: list[str], new: int) -> dict:
-    """Engine greedy tokens against HF greedy; where they part, HF's top-2 logit gap at that step."""
+    """Engine greedy tokens against HF greedy (one prompt at a time); where they part, the top-2 logit gap
+    of HF at that step, and of an fp32 forward of the same prefix (is it a near-tie of the model itself?)."""
     ours = engine.generate(texts, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
-    hf = HFGenerator(model, tokenizer, batch_size=len(texts))
-    differing, close = 0, 0
+    fp32 = copy.deepcopy(model).float()
+    differing, tied, gaps, fp32_gaps = 0, 0, [], []
     for text, completion in zip(texts, ours, strict=True):
-        ids = torch.tensor([hf.encode(text)], device=model.device)
+        ids = torch.tensor([engine.encode(text)], device=model.device)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                              do_sample=False, output_logits=True, return_dict_in_generate=True,
                              pad_token_id=tokenizer.pad_token_id)
         ref = out.sequences[0, ids.shape[1]:].tolist()
         step = next((i for i, (a, b) in enumerate(zip(completion.token_ids, ref, strict=True)) if a != b), None)
-        if step is not None:
-            differing += 1
-            top2 = out.logits[step][0].float().topk(2).values
-            close += bool(top2[0] - top2[1] < 1e-3)
-    return {"sequences": len(texts), "differing": differing, "differing_where_top2_within_1e-3": close}
+        if step is None:
+            continue
+        differing += 1
+        top2 = out.logits[step][0].float().topk(2).values
+        gaps.append(round((top2[0] - top2[1]).item(), 4))
+        tied += gaps[-1] < 1e-3
+        with torch.no_grad():
+            top2 = fp32(out.sequences[:, : ids.shape[1] + step]).logits[0, -1].topk(2).values
+        fp32_gaps.append(round((top2[0] - top2[1]).item(), 4))
+    return {"sequences": len(texts), "tokens": new, "differing": differing, "differing_where_top2_within_1e-3": tied,
+            "hf_top2_gap_where_they_part": gaps, "fp32_top2_gap_where_they_part": fp32_gaps}
+
+
+def fp32_greedy_check(model, tokenizer, texts: list[str], new: int) -> dict:
+    """The engine in fp32 (its eager path) against HF generate in fp32: the model code, free of bf16 rounding."""
+    fp32 = copy.deepcopy(model).float()
+    engine = EngineGenerator(fp32, tokenizer, kv_cache_tokens=len(texts) * (new + 128), max_num_seqs=len(texts))
+    ours = engine.generate(texts, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
+    same = 0
+    for text, completion in zip(texts, ours, strict=True):
+        ids = torch.tensor([engine.encode(text)], device=model.device)
+        ref = fp32.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                            do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        same += completion.token_ids == ref
+    return {"sequences": len(texts), "tokens": new, "identical": same}
 
 
 def logprob_gap(model, engine_completions, prompt_ids: list[list[int]], group: int) -> dict:
@@ -94,25 +115,42 @@ def logprob_gap(model, engine_completions, prompt_ids: list[list[int]], group: i
     return gaps
 
 
-def decode_profile(engine: EngineGenerator, texts: list[str], new: int) -> str:
-    """The top kernels of decode steps of the compiled forward, run without graphs so each kernel shows."""
-    from torch.profiler import ProfilerActivity, profile
+def decode_breakdown(engine: EngineGenerator, texts: list[str], repeats: int = 20) -> dict:
+    """Milliseconds of one decode step of len(texts) sequences, and of its parts: the forward (graph replay
+    with its input copies), the sampler, and the rest (the host loop: token append, finish checks)."""
+    from r1kit.rollout.sampler import sample
 
     llm = engine.engine
-    params = SamplingParams(temperature=1.0, max_tokens=new, ignore_eos=True, seed=0)
+    params = SamplingParams(temperature=1.0, max_tokens=repeats + 8, ignore_eos=True, seed=0)
     for text in texts:
         llm.add_request(engine.encode(text), params)
-    llm.step()  # prefill
-    graphs, llm._step = llm._step, llm._step.step  # the compiled step, launched kernel by kernel
-    llm.step()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            llm.step()
+    while llm.scheduler.waiting:
+        llm.step()
+    for _ in range(3):
+        llm.step()  # the running set's tables, settings and keys are cached now
+
+    def per_call(fn) -> float:
         sync(llm.device)
-    llm._step = graphs
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync(llm.device)
+        return 1000 * (time.perf_counter() - t0) / repeats
+
+    seqs = list(llm.scheduler.running)
+    _, tables, sampling, keys = llm._batch
+    lens = torch.tensor([s.length for s in seqs], device=llm.device)
+    slots = torch.tensor([s.block_table[(n - 1) // llm.block_size] * llm.block_size + (n - 1) % llm.block_size
+                          for s, n in zip(seqs, lens.tolist(), strict=True)], device=llm.device)
+    tokens, steps = torch.tensor([s.last_token for s in seqs], device=llm.device), torch.zeros_like(lens)
+    forward = per_call(lambda: llm._step(tokens, lens - 1, slots, tables, lens.int()))
+    logits = llm._step(tokens, lens - 1, slots, tables, lens.int())
+    sampler = per_call(lambda: sample(logits, sampling, keys, steps))
+    step = per_call(llm.step)
     while llm.has_work():
         llm.step()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+    return {"sequences": len(seqs), "step_ms": round(step, 3), "forward_ms": round(forward, 3),
+            "sampler_ms": round(sampler, 3), "host_and_rest_ms": round(step - forward - sampler, 3)}
 
 
 def main() -> None:
@@ -171,14 +209,15 @@ def main() -> None:
     results["logprob_gap"] = logprob_gap(model, rollouts, [engine.encode(t) for t in texts[:4]], g)
     results["greedy_check"] = greedy_check(model, tokenizer, engine, texts[:16], min(new, 64))
     print(f"[{time.perf_counter() - started:.0f} s]", results["logprob_gap"], results["greedy_check"], flush=True)
-    if device.type == "cuda":
-        results["decode_profile"] = decode_profile(engine, texts, 16)
-        print(results["decode_profile"])
+    results["fp32_greedy_check"] = fp32_greedy_check(model, tokenizer, texts[:16], min(new, 64))
+    results["decode_breakdown"] = [decode_breakdown(engine, texts[:n]) for n in sorted({1, min(64, big), big})]
+    print(f"[{time.perf_counter() - started:.0f} s]", results["fp32_greedy_check"], results["decode_breakdown"],
+          flush=True)
 
     for r in results["runs"]:
         if "error" not in r:
             print(f"{r['name']:<52} {r['tok_per_s']:>10.0f} tok/s {r['ms_per_step']:>8.2f} ms/step")
-    print(json.dumps({k: v for k, v in results.items() if k not in ("runs", "decode_profile")}, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=1))
     save()
     if any("error" in r for r in results["runs"]):
         raise SystemExit("some runs failed: see their errors above")
