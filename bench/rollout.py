@@ -138,13 +138,10 @@ def decode_breakdown(engine: EngineGenerator, texts: list[str], repeats: int = 2
         return 1000 * (time.perf_counter() - t0) / repeats
 
     seqs = list(llm.scheduler.running)
-    _, tables, sampling, keys = llm._batch
-    lens = torch.tensor([s.length for s in seqs], device=llm.device)
-    slots = torch.tensor([s.block_table[(n - 1) // llm.block_size] * llm.block_size + (n - 1) % llm.block_size
-                          for s, n in zip(seqs, lens.tolist(), strict=True)], device=llm.device)
-    tokens, steps = torch.tensor([s.last_token for s in seqs], device=llm.device), torch.zeros_like(lens)
-    forward = per_call(lambda: llm._step(tokens, lens - 1, slots, tables, lens.int()))
-    logits = llm._step(tokens, lens - 1, slots, tables, lens.int())
+    *inputs, steps = llm.decode_inputs(seqs)
+    _, _, sampling, keys = llm._batch
+    forward = per_call(lambda: llm._step(*inputs))
+    logits = llm._step(*inputs)
     sampler = per_call(lambda: sample(logits, sampling, keys, steps))
     step = per_call(llm.step)
     while llm.has_work():

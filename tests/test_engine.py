@@ -215,3 +215,27 @@ def test_graph_buckets_cover_every_batch_and_skip_one():
     buckets = buckets_for(512)
     assert buckets[:5] == [2, 4, 8, 16, 32] and buckets[-1] == 512 and all(b % 16 == 0 for b in buckets[3:])
     assert buckets_for(1) == [2] and buckets_for(40)[-1] == 48
+
+
+def test_compiled_decode_layers_equal_eager_and_compile_once(tokenizer):
+    import warnings
+
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(config).eval()
+    llm = LLMEngine(model, tokenizer, kv_cache_tokens=1024, block_size=4)
+    for i, prompt in enumerate(PROMPTS):
+        llm.add_request(encode_prompt(tokenizer, prompt), SamplingParams(max_tokens=4, ignore_eos=True, seed=i))
+    llm.step()
+    args = llm.decode_inputs(llm.scheduler.running)[:5]
+    eager = llm.decoder.decode(*args)
+    graphs_before = counters["stats"]["unique_graphs"]
+    llm.decoder.compile_layers()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed compile falls back with a warning: fail instead
+        assert torch.allclose(llm.decoder.decode(*args), eager, atol=1e-4)
+        assert torch.allclose(llm.decoder.decode(*[a[:2] for a in args]), eager[:2], atol=1e-4)
+    assert counters["stats"]["unique_graphs"] - graphs_before <= 2  # one layer graph serves all six layers

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from r1kit.rollout.compiled import compiled
 from r1kit.rollout.engine.attention import kernel_supports
 from r1kit.rollout.engine.block_manager import BlockManager
 from r1kit.rollout.engine.graphs import GraphedDecode
@@ -45,10 +44,11 @@ class LLMEngine:
         decoder = self.decoder
         if not (cuda_graphs and kernel_supports(self.device, decoder.dtype, decoder.head_dim)):
             return decoder.decode
-        step = compiled(decoder.decode, "the engine's decode step") if compile else decoder.decode
+        if compile:
+            decoder.compile_layers()
         width = self.blocks.blocks_for(decoder.max_len)
-        return GraphedDecode(step, max_num_seqs, width, decoder.w["lm_head.weight"].shape[0], decoder.scratch_slot,
-                             self.device)
+        vocab = decoder.w["lm_head.weight"].shape[0]
+        return GraphedDecode(decoder.decode, max_num_seqs, width, vocab, decoder.scratch_slot, self.device)
 
     def sync_weights(self) -> None:
         """Refresh the engine's weight buffers after an optimizer step (free when it shares the policy's)."""
@@ -131,6 +131,13 @@ class LLMEngine:
                 cache[:, target : target + rest] = cache[:, source : source + rest]
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
+        tokens, positions, slots, tables, lens, steps = self.decode_inputs(seqs)
+        _, _, sampling, keys = self._batch
+        return self._advance(seqs, self._step(tokens, positions, slots, tables, lens), sampling, keys, steps)
+
+    def decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, ...]:
+        """What a decode step of these sequences feeds the model: tokens, positions, KV slots, block tables,
+        context lengths (int32), and each sequence's step count (for its sampling noise)."""
         # What stays fixed while the running set does (block tables, sampling settings, keys) is
         # uploaded once per set; a step uploads one small tensor. Sets are named by request and index:
         # a finished sequence's id() is reused by the next one's object.
@@ -139,14 +146,12 @@ class LLMEngine:
             width = max(len(seq.block_table) for seq in seqs)
             tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
             self._batch = (ids, torch.tensor(tables, dtype=torch.int32, device=self.device), *self._sampling(seqs))
-        _, tables, sampling, keys = self._batch
         bs, lens = self.block_size, [seq.length for seq in seqs]
         slots = [seq.block_table[(n - 1) // bs] * bs + (n - 1) % bs for seq, n in zip(seqs, lens, strict=True)]
         host = torch.tensor([[seq.last_token for seq in seqs], [n - 1 for n in lens], slots, lens,
                              [len(seq.output_ids) for seq in seqs]], device=self.device)
         tokens, positions, slots_t, lens_t, steps = host
-        logits = self._step(tokens, positions, slots_t, tables, lens_t.int())
-        return self._advance(seqs, logits, sampling, keys, steps)
+        return tokens, positions, slots_t, self._batch[1], lens_t.int(), steps
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor, sampling: SamplingBatch, keys: torch.Tensor,
                  steps: torch.Tensor) -> list[Sequence]:

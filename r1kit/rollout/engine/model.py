@@ -8,9 +8,12 @@ model one merged buffer (W + scale * B @ A) per adapted layer; `sync_weights()` 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
+from r1kit.rollout.compiled import compiled
 from r1kit.rollout.engine.attention import register_cache
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -27,6 +30,35 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+class LayerWeights(NamedTuple):
+    """One decoder layer's tensors (the engine's views of them); None where the family has none."""
+
+    input_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_bias: torch.Tensor | None
+    k_bias: torch.Tensor | None
+    v_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+def layer_weights(w: dict[str, torch.Tensor], prefix: str) -> LayerWeights:
+    """The tensors of the layer whose HF parameter names start with prefix."""
+    attn, mlp = prefix + "self_attn.", prefix + "mlp."
+    return LayerWeights(w[prefix + "input_layernorm.weight"], w[attn + "q_proj.weight"], w[attn + "k_proj.weight"],
+                        w[attn + "v_proj.weight"], w.get(attn + "q_proj.bias"), w.get(attn + "k_proj.bias"),
+                        w.get(attn + "v_proj.bias"), w.get(attn + "q_norm.weight"), w.get(attn + "k_norm.weight"),
+                        w[attn + "o_proj.weight"], w[prefix + "post_attention_layernorm.weight"],
+                        w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"], w[mlp + "down_proj.weight"])
 
 
 class PagedDecoder:
@@ -61,7 +93,8 @@ class PagedDecoder:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        self.qk_norm = "model.layers.0.self_attn.q_norm.weight" in self.w
+        self.layer_weights = [layer_weights(self.w, f"model.layers.{i}.") for i in range(self.layers)]
+        self.decode_layer = self._decode_layer
         # one slot past the blocks: where padded rows of a captured decode step write their KV
         self.block_size, self.scratch_slot = block_size, num_slots
         shape = (self.layers, num_slots + 1, self.kv_heads, self.head_dim)
@@ -88,33 +121,41 @@ class PagedDecoder:
                     weight = weight + layer.scaling[adapter] * (b @ a)
             self.w[name + ".weight"].copy_(weight)
 
-    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
-
-    def _qkv(self, x: torch.Tensor, i: int, positions: torch.Tensor):
-        p = f"model.layers.{i}.self_attn."
-        q = self._linear(x, p + "q_proj").view(-1, self.heads, self.head_dim)
-        k = self._linear(x, p + "k_proj").view(-1, self.kv_heads, self.head_dim)
-        v = self._linear(x, p + "v_proj").view(-1, self.kv_heads, self.head_dim)
-        if self.qk_norm:
-            q = rms_norm(q, self.w[p + "q_norm.weight"], self.eps)
-            k = rms_norm(k, self.w[p + "k_norm.weight"], self.eps)
-        cos, sin = self.cos[positions, None, :], self.sin[positions, None, :]
+    def _pre_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lw: LayerWeights):
+        """A layer up to attention: input norm, q/k/v projections, q/k norms (Qwen3), rotary."""
+        h = rms_norm(x, lw.input_norm, self.eps)
+        q = F.linear(h, lw.q, lw.q_bias).view(-1, self.heads, self.head_dim)
+        k = F.linear(h, lw.k, lw.k_bias).view(-1, self.kv_heads, self.head_dim)
+        v = F.linear(h, lw.v, lw.v_bias).view(-1, self.kv_heads, self.head_dim)
+        if lw.q_norm is not None:
+            q, k = rms_norm(q, lw.q_norm, self.eps), rms_norm(k, lw.k_norm, self.eps)
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        """Hidden states of a flat batch of tokens; attend(q, k, v, layer) writes the cache and attends."""
-        x = F.embedding(ids, self.w["model.embed_tokens.weight"])
-        for i in range(self.layers):
-            p = f"model.layers.{i}."
-            q, k, v = self._qkv(rms_norm(x, self.w[p + "input_layernorm.weight"], self.eps), i, positions)
-            x = x + self._linear(attend(q, k, v, i).reshape(x.shape[0], -1), p + "self_attn.o_proj")
-            h = rms_norm(x, self.w[p + "post_attention_layernorm.weight"], self.eps)
-            gate, up = self._linear(h, p + "mlp.gate_proj"), self._linear(h, p + "mlp.up_proj")
-            x = x + self._linear(F.silu(gate) * up, p + "mlp.down_proj")
-        return rms_norm(x, self.w["model.norm.weight"], self.eps)
+    def _post_attention(self, x: torch.Tensor, attention: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        """A layer after attention: output projection, residual, post norm, SwiGLU MLP, residual."""
+        x = x + F.linear(attention.reshape(x.shape[0], -1), lw.o)
+        h = rms_norm(x, lw.post_norm, self.eps)
+        return x + F.linear(F.silu(F.linear(h, lw.gate)) * F.linear(h, lw.up), lw.down)
+
+    def _decode_layer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lw: LayerWeights,
+                      slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, layer: int) -> torch.Tensor:
+        q, k, v = self._pre_attention(x, cos, sin, lw)
+        attention = torch.ops.r1kit.paged_decode(q, k, v, slots, tables, lens, self.cache_key, layer)
+        return self._post_attention(x, attention, lw)
+
+    def compile_layers(self) -> None:
+        """Decode through one compiled layer, reused by all (one compilation of one layer, not of the
+        whole stack: seconds instead of a minute, with the same fusions)."""
+        self.decode_layer = compiled(self._decode_layer, "the engine's decode layer")
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.w["model.embed_tokens.weight"])
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions, None, :], self.sin[positions, None, :]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(x, self.w["model.norm.weight"], self.eps)
         return F.linear(x, self.w["lm_head.weight"]).float()
 
     @torch.no_grad()
@@ -140,7 +181,11 @@ class PagedDecoder:
             out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True, enable_gqa=True)
             return out.transpose(1, 2)[row, positions]
 
-        return self._logits(self._forward(ids, positions, attend)[starts + lengths - 1])
+        x, (cos, sin) = self._embed(ids), self._rotary(positions)
+        for layer, lw in enumerate(self.layer_weights):
+            q, k, v = self._pre_attention(x, cos, sin, lw)
+            x = self._post_attention(x, attend(q, k, v, layer), lw)
+        return self._logits(x[starts + lengths - 1])
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
@@ -149,7 +194,7 @@ class PagedDecoder:
         block tables and (B,) context lengths (this token included). Returns (B, vocab) logits.
 
         No host synchronization on the kernel path, so the step can be captured in a CUDA graph."""
-        def attend(q, k, v, layer):
-            return torch.ops.r1kit.paged_decode(q, k, v, slots, tables, lens, self.cache_key, layer)
-
-        return self._logits(self._forward(tokens, positions, attend))
+        x, (cos, sin) = self._embed(tokens), self._rotary(positions)
+        for layer, lw in enumerate(self.layer_weights):
+            x = self.decode_layer(x, cos, sin, lw, slots, tables, lens, layer)
+        return self._logits(x)
