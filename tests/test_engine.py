@@ -239,3 +239,20 @@ def test_compiled_decode_layers_equal_eager_and_compile_once(tokenizer):
         assert torch.allclose(llm.decoder.decode(*args), eager, atol=1e-4)
         assert torch.allclose(llm.decoder.decode(*[a[:2] for a in args]), eager[:2], atol=1e-4)
     assert counters["stats"]["unique_graphs"] - graphs_before <= 2  # one layer graph serves all six layers
+
+
+def test_padded_graph_buckets_change_no_sequence(tiny, monkeypatch):
+    # The CUDA-graph runner on the CPU, each "graph" replaying its step eagerly: padding a batch up to its
+    # bucket (rows that write to the scratch slot and attend to one token) must not touch real sequences.
+    from r1kit.rollout.engine.graphs import GraphedDecode
+
+    model, tokenizer = tiny
+    monkeypatch.setattr(GraphedDecode, "capture", lambda self, run: run)
+    params = SamplingParams(n=3, temperature=0.9, max_tokens=10, seed=7)
+    plain = engine(model, tokenizer).generate(PROMPTS, params)
+    graphed = engine(model, tokenizer)
+    llm = graphed.engine
+    llm._step = GraphedDecode(llm.decoder.decode, 12, width=64, vocab=len(tokenizer),
+                              scratch_slot=llm.decoder.scratch_slot, device=llm.device)
+    assert [c.token_ids for c in graphed.generate(PROMPTS, params)] == [c.token_ids for c in plain]
+    assert 16 in llm._step.graphs  # 12 running sequences, padded to the bucket of 16

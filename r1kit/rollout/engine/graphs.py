@@ -35,7 +35,7 @@ class GraphedDecode:
         self.tables = torch.zeros(rows, width, dtype=torch.int32, device=device)
         self.lens = torch.ones(rows, dtype=torch.int32, device=device)
         self.logits = torch.empty(rows, vocab, dtype=torch.float32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, Callable[[], None]] = {}  # bucket -> replay
         self.pool = None
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
@@ -48,18 +48,26 @@ class GraphedDecode:
             buffer[:batch] = value
             buffer[batch:bucket] = pad
         self.tables[:batch, : tables.shape[1]] = tables
-        graph = self.graphs.get(bucket) or self._capture(bucket)
-        graph.replay()
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self.capture(self._bucket_step(bucket))
+        self.graphs[bucket]()
         return self.logits[:batch]
 
-    def _capture(self, bucket: int) -> torch.cuda.CUDAGraph:
+    def _bucket_step(self, bucket: int) -> Callable[[], None]:
         inputs = (self.tokens[:bucket], self.positions[:bucket], self.slots[:bucket], self.tables[:bucket],
                   self.lens[:bucket])
-        self.logits[:bucket] = self.step(*inputs)  # warm-up: compiles kernels, which capture cannot
+
+        def run() -> None:
+            self.logits[:bucket] = self.step(*inputs)
+
+        return run
+
+    def capture(self, run: Callable[[], None]) -> Callable[[], None]:
+        """A CUDA graph of run(), as a function that replays it."""
+        run()  # warm-up: compiles kernels, which capture cannot
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.logits[:bucket] = self.step(*inputs)
+            run()
         self.pool = graph.pool()
-        self.graphs[bucket] = graph
-        return graph
+        return graph.replay
