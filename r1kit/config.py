@@ -40,7 +40,8 @@ class EvalConfig(Config):
     template: Literal["auto", "r1zero", "chat", "chat_plain", "raw"] = Field(
         "auto", description="prompt template (auto: chat for instruct models, r1zero for base models)")
     seed: int = Field(0, description="sampling seed")
-    batch_size: int = Field(64, ge=1, description="sequences generated together")
+    batch_size: int | None = Field(None, ge=1, description="sequences generated together (default: 512 with "
+                                   "the engine on a GPU, 64 otherwise)")
     backend: Literal["auto", "hf", "engine"] = Field(
         "auto", description="generation backend (auto: the engine on a GPU, hf elsewhere)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
@@ -250,7 +251,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Config]) -> 
             continue
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=True)
-        help_ = f"{field.description} (default: {default})"
+        help_ = field.description if default is None else f"{field.description} (default: {default})"
         if kind == "bool":
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:

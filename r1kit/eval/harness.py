@@ -114,7 +114,9 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     task = load_task(cfg.task, cfg.data, **cfg.task_args).head(cfg.limit)
     model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype)
-    generator = make_generator(model, tokenizer, cfg.backend, cfg.batch_size)
+    # the engine reserves KV per request and keeps a GPU busy with hundreds; HF pads a batch to its longest
+    batch_size = cfg.batch_size or (512 if model.device.type == "cuda" and cfg.backend != "hf" else 64)
+    generator = make_generator(model, tokenizer, cfg.backend, batch_size)
     params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             min_p=cfg.min_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
     out = Path(cfg.out)
@@ -128,7 +130,7 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
             console.print(f"{task.name}: {len(run.records)}/{len(task) * cfg.samples} samples, "
                           f"{time.perf_counter() - started:.0f} s")
 
-    chunk = max(1, 4 * cfg.batch_size // cfg.samples)
+    chunk = max(1, 4 * batch_size // cfg.samples)
     interrupted = False
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
