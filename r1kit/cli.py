@@ -44,7 +44,7 @@ CONFIG_COMMANDS = [
      "results.json, samples.jsonl and summary.md to --out."),
     ("train", TrainConfig, "r1kit.rl.run:run_train", "GRPO with rule-based rewards (R1-Zero from a base model)",
      "Group Relative Policy Optimization: G completions per prompt, rewards from verifiers, group-relative "
-     "advantages, the clipped objective. Ctrl-C saves a checkpoint; resume=latest continues exactly. Writes "
+     "advantages, the clipped objective. Ctrl-C or SIGTERM saves a checkpoint; resume=latest continues exactly. Writes "
      "metrics.jsonl, TensorBoard events, checkpoints/."),
     ("serve", ServeConfig, "r1kit.serve.server:run_serve",
      "OpenAI-compatible API with the reasoning trace, and a web chat page",

@@ -148,12 +148,13 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path, reward_file):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_or_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path, reward_file, stop):
     cfg = config(tiny_model_dir, tmp_path / "run", reward_file, steps=100_000, eval_problems=0, save_every=1)
     proc = subprocess.Popen(_cli(_write(cfg, tmp_path / "run.yaml")), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "200"})
     _wait_for(tmp_path / "run" / "checkpoints" / "step-1" / "trainer_state.pt", proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()
     assert "interrupted: saved" in err.decode() and "Traceback" not in err.decode()

@@ -121,11 +121,14 @@ def step_samples(batch: Rollouts, group_size: int, groups: int = 1) -> list[dict
 
 
 class StopRequest:
-    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second one aborts."""
+    """First Ctrl-C (or SIGTERM, as schedulers send before a kill) asks the loop to checkpoint and stop
+    after the current step; a second one aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
@@ -133,7 +136,8 @@ class StopRequest:
         self.requested = True
 
     def restore(self) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def progress_line(m: dict[str, Any]) -> str:
