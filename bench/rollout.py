@@ -1,12 +1,15 @@
 """Rollout-engine benchmarks against HF `generate` (plain and static cache) on the same inputs.
 
-(a) 512 prompts x 256 sampled tokens, (b) batch-1 decode latency, (c) GRPO-shaped rollouts, 32 prompts
-x G=16 x 256 tokens, with and without shared group prompts; plus the bf16 greedy check against HF
-(a differing token allowed only where HF's top two logits are within 1e-3). Every sequence generates
-exactly the requested tokens on every side (ignore_eos / min_new_tokens).
+(a) 512 prompts x 256 sampled tokens, (b) batch-1 decode latency, each for the engine eager, with CUDA
+graphs, and with graphs + compiled layers; (c) GRPO-shaped rollouts, 32 prompts x G=16 x 256 tokens, with
+and without shared group prompts. Then: the engine's logprobs against the trainer's forward; the bf16
+greedy check against HF (a differing token allowed only where HF's top two logits are within 1e-3; the
+top-2 gaps where they part, in HF's logits and an fp32 forward's); the fp32 greedy check; and one decode
+step split into forward, sampler and host, at 1, 64 and 512 sequences. Every sequence generates exactly
+the requested tokens on every side (ignore_eos / min_new_tokens). Figures are saved as they come.
 
 GPU:   python bench/rollout.py --model default --out $OUT/rollout.json
-CPU smoke test (tiny sizes):   python bench/rollout.py --model default --quick
+Smoke test (tiny sizes, engine only):   python bench/rollout.py --quick --skip-hf
 """
 
 from __future__ import annotations

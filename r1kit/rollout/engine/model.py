@@ -4,6 +4,10 @@ It holds references to the HF model's own parameter tensors, never copies, so op
 policy are seen by the next rollout. When the engine runs in another dtype than the policy (bf16
 rollouts of fp32 master weights), it keeps one preallocated buffer per parameter, and for a peft LoRA
 model one merged buffer (W + scale * B @ A) per adapted layer; `sync_weights()` refreshes them in place.
+
+Prefill runs eagerly (one padded SDPA call for all prompts). Decode runs layer by layer through
+`decode_layer`, which `compile_layers()` replaces by one compiled layer that serves every layer, and
+attends through the paged-attention op, so a whole step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
