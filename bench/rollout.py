@@ -141,11 +141,10 @@ def decode_breakdown(engine: EngineGenerator, texts: list[str], repeats: int = 2
         return 1000 * (time.perf_counter() - t0) / repeats
 
     seqs = list(llm.scheduler.running)
-    *inputs, steps = llm.decode_inputs(seqs)
-    _, _, sampling, keys = llm._batch
+    inputs, steps, batch = llm.decode_inputs(seqs)
     forward = per_call(lambda: llm._step(*inputs))
     logits = llm._step(*inputs)
-    sampler = per_call(lambda: sample(logits, sampling, keys, steps))
+    sampler = per_call(lambda: sample(logits, batch.sampling, batch.keys, steps))
     step = per_call(llm.step)
     while llm.has_work():
         llm.step()

@@ -230,7 +230,7 @@ def test_compiled_decode_layers_equal_eager_and_compile_once(tokenizer):
     for i, prompt in enumerate(PROMPTS):
         llm.add_request(encode_prompt(tokenizer, prompt), SamplingParams(max_tokens=4, ignore_eos=True, seed=i))
     llm.step()
-    args = llm.decode_inputs(llm.scheduler.running)[:5]
+    args, _, _ = llm.decode_inputs(llm.scheduler.running)
     eager = llm.decoder.decode(*args)
     graphs_before = counters["stats"]["unique_graphs"]
     llm.decoder.compile_layers()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from r1kit.rollout.engine.attention import kernel_supports
@@ -22,6 +24,17 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
 
 
+@dataclass
+class RunningBatch:
+    """What stays fixed while the running set does, uploaded once per set rather than once per step. The set
+    is named by (request, index) of its sequences: a finished sequence's id() is reused by the next one's."""
+
+    names: list[tuple[int, int]]
+    tables: torch.Tensor
+    sampling: SamplingBatch
+    keys: torch.Tensor
+
+
 class LLMEngine:
     """Continuous batching over a paged KV cache, sharing weights with the policy model."""
 
@@ -36,7 +49,7 @@ class LLMEngine:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.block_size, self.device = block_size, self.decoder.device
         self._next_id = 0
-        self._batch: tuple = ([],)  # (sequence names, block tables, SamplingBatch, keys) of the last decode
+        self._batch: RunningBatch | None = None  # of the last decode step
         self._step = self._decode_step(max_num_seqs, cuda_graphs, compile)
 
     def _decode_step(self, max_num_seqs: int, cuda_graphs: bool, compile: bool):
@@ -92,9 +105,12 @@ class LLMEngine:
             return self._prefill(work)
         return self._decode(list(work)) if work else []
 
+    def _slot(self, seq: Sequence, position: int) -> int:
+        """The KV cache slot of a sequence's token at this position."""
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs, table = self.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+        return [self._slot(seq, p) for p in range(start, end)]
 
     def _prefill(self, requests: list[Request]) -> list[Sequence]:
         prompts, slots, rows, seqs = [], [], [], []
@@ -131,27 +147,24 @@ class LLMEngine:
                 cache[:, target : target + rest] = cache[:, source : source + rest]
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
-        tokens, positions, slots, tables, lens, steps = self.decode_inputs(seqs)
-        _, _, sampling, keys = self._batch
-        return self._advance(seqs, self._step(tokens, positions, slots, tables, lens), sampling, keys, steps)
+        inputs, steps, batch = self.decode_inputs(seqs)
+        return self._advance(seqs, self._step(*inputs), batch.sampling, batch.keys, steps)
 
-    def decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, ...]:
-        """What a decode step of these sequences feeds the model: tokens, positions, KV slots, block tables,
-        context lengths (int32), and each sequence's step count (for its sampling noise)."""
-        # What stays fixed while the running set does (block tables, sampling settings, keys) is
-        # uploaded once per set; a step uploads one small tensor. Sets are named by request and index:
-        # a finished sequence's id() is reused by the next one's object.
-        ids = [(seq.request_id, seq.index) for seq in seqs]
-        if ids != self._batch[0]:
+    def decode_inputs(self, seqs: list[Sequence]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, RunningBatch]:
+        """What a decode step of these sequences needs: the model's inputs (tokens, positions, KV slots, block
+        tables, int32 context lengths), each sequence's step count (for its sampling noise), and its batch."""
+        names = [(seq.request_id, seq.index) for seq in seqs]
+        if self._batch is None or names != self._batch.names:
             width = max(len(seq.block_table) for seq in seqs)
             tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
-            self._batch = (ids, torch.tensor(tables, dtype=torch.int32, device=self.device), *self._sampling(seqs))
-        bs, lens = self.block_size, [seq.length for seq in seqs]
-        slots = [seq.block_table[(n - 1) // bs] * bs + (n - 1) % bs for seq, n in zip(seqs, lens, strict=True)]
-        host = torch.tensor([[seq.last_token for seq in seqs], [n - 1 for n in lens], slots, lens,
+            self._batch = RunningBatch(names, torch.tensor(tables, dtype=torch.int32, device=self.device),
+                                       *self._sampling(seqs))
+        lens = [seq.length for seq in seqs]
+        host = torch.tensor([[seq.last_token for seq in seqs], [n - 1 for n in lens],
+                             [self._slot(seq, n - 1) for seq, n in zip(seqs, lens, strict=True)], lens,
                              [len(seq.output_ids) for seq in seqs]], device=self.device)
-        tokens, positions, slots_t, lens_t, steps = host
-        return tokens, positions, slots_t, self._batch[1], lens_t.int(), steps
+        tokens, positions, slots, lens_t, steps = host
+        return (tokens, positions, slots, self._batch.tables, lens_t.int()), steps, self._batch
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor, sampling: SamplingBatch, keys: torch.Tensor,
                  steps: torch.Tensor) -> list[Sequence]:
