@@ -24,7 +24,7 @@ from r1kit.rewards import (
     score_completions,
     tag_count_reward,
 )
-from r1kit.rollout import Completion, Generator, SamplingParams, make_generator
+from r1kit.rollout import Completion, Generator, SamplingParams, make_generator, uses_engine
 from r1kit.tasks import Task, load_task
 
 CORRECT = 0.5  # a sample counts as correct for pass@k / cons@k when its accuracy is at least this
@@ -115,7 +115,8 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
     task = load_task(cfg.task, cfg.data, **cfg.task_args).head(cfg.limit)
     model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype)
     # the engine reserves KV per request and keeps a GPU busy with hundreds; HF pads a batch to its longest
-    batch_size = cfg.batch_size or (512 if model.device.type == "cuda" and cfg.backend != "hf" else 64)
+    gpu_engine = model.device.type == "cuda" and uses_engine(cfg.backend, model.device)
+    batch_size = cfg.batch_size or (512 if gpu_engine else 64)
     generator = make_generator(model, tokenizer, cfg.backend, batch_size)
     params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             min_p=cfg.min_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed)

@@ -7,10 +7,17 @@ import torch
 from r1kit.rollout.hf import HFGenerator
 from r1kit.rollout.types import Completion, Generator, SamplingParams
 
-__all__ = ["Completion", "Generator", "HFGenerator", "SamplingParams", "make_generator"]
+__all__ = ["Completion", "Generator", "HFGenerator", "SamplingParams", "make_generator", "uses_engine"]
 
 BACKENDS = ("auto", "hf", "engine")
 KV_MEMORY_SHARE = 0.3  # of free GPU memory, leaving the rest to training
+
+
+def uses_engine(backend: str, device: torch.device) -> bool:
+    """Whether `backend` means the rollout engine on this device (`auto`: on a GPU)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend == "engine" or (backend == "auto" and device.type == "cuda")
 
 
 def make_generator(model, tokenizer, backend: str = "auto", batch_size: int = 64) -> Generator:
@@ -19,10 +26,8 @@ def make_generator(model, tokenizer, backend: str = "auto", batch_size: int = 64
     `engine` is r1kit's rollout engine (paged KV cache, continuous batching, shared group prompts,
     CUDA graphs); `auto` picks it on a GPU and HF generate elsewhere.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     device = next(model.parameters()).device
-    if backend == "hf" or (backend == "auto" and device.type != "cuda"):
+    if not uses_engine(backend, device):
         return HFGenerator(model, tokenizer, batch_size=batch_size)
     from r1kit.rollout.engine import EngineGenerator
     from r1kit.rollout.engine.engine import kv_bytes_per_token
