@@ -21,6 +21,7 @@ import time
 from functools import partial
 
 import torch
+from bench_io import save_json
 
 from r1kit.models import load_model
 from r1kit.prompts import build_prompt
@@ -168,9 +169,7 @@ def main() -> None:
     texts = prompts(tokenizer, big)
 
     def save() -> None:  # after every figure, so a call cut off at its time limit keeps what it measured
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=1)
+        save_json(results, args.out)
 
     def measure(name: str, fn, sequences: int) -> None:
         try:

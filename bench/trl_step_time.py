@@ -9,11 +9,11 @@ Usage (needs trl and datasets, as staged for the GPU machine):
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
 
+from bench_io import emit
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
@@ -61,10 +61,7 @@ def main() -> None:
     lengths = [log["completions/mean_length"] for log in trainer.state.log_history if "completions/mean_length" in log]
     result = {"steps": len(timer.times), "median_step_s": statistics.median(timer.times[args.skip_first:]),
               "step_s": [round(t, 2) for t in timer.times], "completion_length_mean": lengths}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
