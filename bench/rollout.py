@@ -5,8 +5,9 @@ graphs, and with graphs + compiled layers; (c) GRPO-shaped rollouts, 32 prompts 
 and without shared group prompts. Then: the engine's logprobs against the trainer's forward; the bf16
 greedy check against HF (a differing token allowed only where HF's top two logits are within 1e-3; the
 top-2 gaps where they part, in HF's logits and an fp32 forward's); the fp32 greedy check; and one decode
-step split into forward, sampler and host, at 1, 64 and 512 sequences. Every sequence generates exactly
-the requested tokens on every side (ignore_eos / min_new_tokens). Figures are saved as they come.
+step split into forward, sampler and host, at 1, 64 and 512 sequences, and its GPU time by kernel. Every
+sequence generates exactly the requested tokens on every side (ignore_eos / min_new_tokens). Figures are
+saved as they come.
 
 GPU:   python bench/rollout.py --model default --out $OUT/rollout.json
 Smoke test (tiny sizes, engine only):   python bench/rollout.py --quick --skip-hf
@@ -153,6 +154,41 @@ def decode_breakdown(engine: EngineGenerator, texts: list[str], repeats: int = 2
             "sampler_ms": round(sampler, 3), "host_and_rest_ms": round(step - forward - sampler, 3)}
 
 
+def kernel_profile(engine: EngineGenerator, texts: list[str], top: int = 15) -> dict:
+    """GPU time of one decode step of len(texts) sequences by kernel (forward and sampler, run without
+    graphs so the profiler sees each kernel): where the step's device time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from r1kit.rollout.sampler import sample
+
+    llm = engine.engine
+    params = SamplingParams(temperature=1.0, max_tokens=64, ignore_eos=True, seed=0)
+    for text in texts:
+        llm.add_request(engine.encode(text), params)
+    while llm.scheduler.waiting:
+        llm.step()
+    for _ in range(32):
+        llm.step()  # a context of prompt + 32 tokens
+    inputs, steps, batch = llm.decode_inputs(list(llm.scheduler.running))
+
+    def one_step() -> None:
+        sample(llm.decoder.decode(*inputs), batch.sampling, batch.keys, steps)
+
+    one_step()
+    sync(llm.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        one_step()
+        sync(llm.device)
+    while llm.has_work():
+        llm.step()
+    kernels = sorted(((e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+                      if e.self_device_time_total > 0), key=lambda k: -k[1])
+    total = sum(t for _, t, _ in kernels)
+    return {"sequences": len(texts), "gpu_ms": round(total / 1000, 3),
+            "kernels": [{"name": name[:90], "ms": round(t / 1000, 3), "share": round(t / total, 3), "calls": n}
+                        for name, t, n in kernels[:top]]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="default")
@@ -211,6 +247,12 @@ def main() -> None:
     results["decode_breakdown"] = [decode_breakdown(engine, texts[:n]) for n in sorted({1, min(64, big), big})]
     print(f"[{time.perf_counter() - started:.0f} s]", results["fp32_greedy_check"], results["decode_breakdown"],
           flush=True)
+    save()
+    if device.type == "cuda":
+        try:  # the profiler must not cost the figures above
+            results["kernel_profile"] = [kernel_profile(engine, texts[:n]) for n in (1, big)]
+        except Exception as error:
+            results["kernel_profile"] = repr(error)[:500]
 
     for r in results["runs"]:
         if "error" not in r:
