@@ -73,6 +73,14 @@ def marker_reward(completions: Sequence[Any], marker: str = "Answer:", **kwargs:
     return [1.0 if pattern.search(text[text.rfind(marker):]) else 0.0 for text in texts]
 
 
+def equation_reward(completions: Sequence[Any], numbers: Sequence[list[int]], **kwargs: Any) -> list[float]:
+    """Countdown's partial credit: 0.5 for an <answer> block, 1.0 when it holds an equation of the row's
+    numbers (each at most once), right or wrong."""
+    from r1kit.tasks.countdown import equation_credit
+
+    return [equation_credit(completion_text(c), list(n)) for c, n in zip(completions, numbers, strict=True)]
+
+
 def script_of(word: str) -> str:
     """The Unicode script of a word's first letter (LATIN, CJK, CYRILLIC, ...), or DIGIT."""
     ch = word[0]
@@ -131,6 +139,7 @@ REWARDS: dict[str, RewardFn] = {
     "format": format_reward,
     "tag_count": tag_count_reward,
     "marker": marker_reward,
+    "equation": equation_reward,
     "language": language_consistency_reward,
     "length": soft_overlong_penalty,
 }

@@ -101,3 +101,11 @@ def test_marker_reward_partial_format_credit():
     texts = ["so Answer: 42", "Answer: maybe 42", "Answer: x. Answer: -7", "no marker 42", "Answer:$5"]
     assert marker_reward(texts) == [1.0, 0.0, 1.0, 0.0, 1.0]
     assert marker_reward(["Final: 3"], marker="Final:") == [1.0]
+
+
+def test_equation_reward_partial_countdown_credit():
+    from r1kit.rewards import equation_reward
+
+    texts = ["<answer>3 * 5 - 7</answer>", "<answer>(3 + 3) * 5</answer>", "<answer>nothing</answer>",
+             "3 * 5 + 7", "<think>x</think><answer> 7 - 5 = 2 </answer>"]
+    assert equation_reward(texts, numbers=[[3, 5, 7]] * 5) == [1.0, 0.5, 0.5, 0.0, 1.0]

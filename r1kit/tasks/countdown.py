@@ -31,13 +31,30 @@ def equation_of(completion: str) -> str | None:
     return with_ops[0] if with_ops else sides[0]
 
 
-def check_equation(equation: str, numbers: list[int], target: int) -> bool:
-    """Whether equation uses only given numbers, each at most once, and equals target; raises ValueError."""
+def equation_value(equation: str, numbers: list[int]):
+    """The value of an equation that uses only the given numbers, each at most once; raises ValueError."""
     value, used = evaluate(equation)
     extra = Counter(used) - Counter(numbers)
     if extra:
         raise ValueError(f"uses numbers not given (or reused): {sorted(extra.elements())}")
-    return value == target
+    return value
+
+
+def check_equation(equation: str, numbers: list[int], target: int) -> bool:
+    """Whether equation uses only given numbers, each at most once, and equals target; raises ValueError."""
+    return equation_value(equation, numbers) == target
+
+
+def equation_credit(completion: str, numbers: list[int]) -> float:
+    """Partial credit for the answer's form, whatever its value: 0.5 for an <answer> block, 1.0 when it
+    holds a valid equation of the given numbers (a small model that never writes one gets no signal)."""
+    if ANSWER_OPEN not in completion:
+        return 0.0
+    equation = equation_of(completion)
+    try:
+        return 1.0 if equation is not None and equation_value(equation, numbers) is not None else 0.5
+    except ValueError:
+        return 0.5
 
 
 def countdown_verify(completion: str, row: Row) -> float:
