@@ -115,10 +115,9 @@ def penalize(logits: torch.Tensor, history: torch.Tensor, penalty: torch.Tensor)
     return torch.where(counts > 0, torch.where(logits > 0, logits / p, logits * p), logits)
 
 
-def _scale(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    greedy = batch.temperature == 0
-    temperature = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
-    return logits / temperature[:, None], greedy
+def _scale(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """logits / T per row, T=1 for greedy rows."""
+    return logits / torch.where(temperature == 0, torch.ones_like(temperature), temperature)[:, None]
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, keys: torch.Tensor, steps: torch.Tensor,
@@ -129,42 +128,47 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, keys: torch.Tensor, steps
     unpenalized (raw logits for greedy rows): what the trainer's forward computes for the same token.
     `history` (B, L) holds the tokens the repetition penalty looks at.
     """
-    scaled, greedy = _scale(logits, batch)
-    logprobs = scaled.log_softmax(-1)
+    choice = None  # the scores tokens are drawn from, when they differ from logits / T
     if history is not None and batch.penalized:
-        logits = penalize(logits, history, batch.repetition_penalty)
-        scaled, _ = _scale(logits, batch)
+        choice = _scale(penalize(logits, history, batch.repetition_penalty), batch.temperature)
     # the full-vocabulary sort of filter_logits is the sampler's main cost: skip it when nothing is cut
-    filtered = filter_logits(scaled, batch.top_k, batch.top_p, batch.min_p) if batch.filtered else scaled
-    tokens = torch.where(greedy, logits.argmax(-1), _gumbel_argmax(filtered, keys, steps))
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    if batch.filtered:
+        scores = _scale(logits, batch.temperature) if choice is None else choice
+        choice = filter_logits(scores, batch.top_k, batch.top_p, batch.min_p)
+    where = (logits.shape[-1], logits.device)
+    if where not in _codes:
+        _codes[where] = column_codes(*where)
+    return _draw(logits, batch.temperature, keys, steps, _codes[where], choice)
 
 
-def gumbel_argmax(scores: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor, codes: torch.Tensor
-                  ) -> torch.Tensor:
-    """argmax of scores plus Gumbel noise hashed from each row's (key, step): a draw from softmax(scores)."""
-    return (scores - torch.log(-torch.log(uniform_noise(keys, steps, codes)))).argmax(-1)
+def draw(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor,
+         codes: torch.Tensor, choice: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens drawn from softmax(choice) by Gumbel-max with noise hashed from each row's (key, step), argmax
+    for greedy rows, and their log softmax(logits / T); choice defaults to logits / T. `codes` from
+    column_codes."""
+    scaled = _scale(logits, temperature)
+    choice = scaled if choice is None else choice
+    noisy = choice - torch.log(-torch.log(uniform_noise(keys, steps, codes)))
+    tokens = torch.where(temperature == 0, choice.argmax(-1), noisy.argmax(-1))
+    return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - scaled.logsumexp(-1)
 
 
 _codes: dict[tuple[int, torch.device], torch.Tensor] = {}
-_compiled_gumbel_argmax = None
+_compiled_draw = None
 
 
-def _gumbel_argmax(scores: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    # on a GPU the hash is ~20 elementwise passes over (batch, vocab) int64s; compiled, it is one kernel
-    global _compiled_gumbel_argmax
-    where = (scores.shape[-1], scores.device)
-    if where not in _codes:
-        _codes[where] = column_codes(*where)
-    if not scores.is_cuda:
-        return gumbel_argmax(scores, keys, steps, _codes[where])
-    if _compiled_gumbel_argmax is None:
-        _compiled_gumbel_argmax = compiled(gumbel_argmax, "the sampler's Gumbel noise")
-    return _compiled_gumbel_argmax(scores, keys, steps, _codes[where])
+def _draw(*args) -> tuple[torch.Tensor, torch.Tensor]:
+    # on a GPU the hash, noise, argmax and log softmax are ~30 passes over (batch, vocab); compiled, two
+    global _compiled_draw
+    if not args[0].is_cuda:
+        return draw(*args)
+    if _compiled_draw is None:
+        _compiled_draw = compiled(draw, "the sampler")
+    return _compiled_draw(*args)
 
 
 def top_logprobs(logits: torch.Tensor, batch: SamplingBatch, n: int) -> list[dict[int, float]]:
     """The n most likely tokens of each row with their logprobs under softmax(logits / T)."""
-    values, ids = _scale(logits, batch)[0].log_softmax(-1).topk(n, dim=-1)
+    values, ids = _scale(logits, batch.temperature).log_softmax(-1).topk(n, dim=-1)
     return [dict(zip(row_ids, row_values, strict=True)) for row_ids, row_values in zip(ids.tolist(), values.tolist(),
                                                                                         strict=True)]
