@@ -26,13 +26,18 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 @dataclass
 class RunningBatch:
-    """What stays fixed while the running set does, uploaded once per set rather than once per step. The set
-    is named by (request, index) of its sequences: a finished sequence's id() is reused by the next one's."""
+    """The running set's state on the device: what stays fixed while the set does (block tables, sampling
+    settings, keys), uploaded once, and what each decode step advances there (last tokens, lengths, steps),
+    so that a step of an unchanged set uploads nothing. The set is named by (request, index) of its
+    sequences: a finished sequence's id() is reused by the next one's."""
 
     names: list[tuple[int, int]]
     tables: torch.Tensor
     sampling: SamplingBatch
     keys: torch.Tensor
+    tokens: torch.Tensor  # each sequence's last token, the next step's input
+    lens: torch.Tensor  # int32 context lengths, that token included
+    steps: torch.Tensor  # tokens generated so far (the sampling noise's position)
 
 
 class LLMEngine:
@@ -148,28 +153,35 @@ class LLMEngine:
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
         inputs, steps, batch = self.decode_inputs(seqs)
-        return self._advance(seqs, self._step(*inputs), batch.sampling, batch.keys, steps)
+        return self._advance(seqs, self._step(*inputs), batch.sampling, batch.keys, steps, batch)
 
     def decode_inputs(self, seqs: list[Sequence]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, RunningBatch]:
         """What a decode step of these sequences needs: the model's inputs (tokens, positions, KV slots, block
         tables, int32 context lengths), each sequence's step count (for its sampling noise), and its batch."""
         names = [(seq.request_id, seq.index) for seq in seqs]
         if self._batch is None or names != self._batch.names:
-            width = max(len(seq.block_table) for seq in seqs)
-            tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
-            self._batch = RunningBatch(names, torch.tensor(tables, dtype=torch.int32, device=self.device),
-                                       *self._sampling(seqs))
-        lens = [seq.length for seq in seqs]
-        host = torch.tensor([[seq.last_token for seq in seqs], [n - 1 for n in lens],
-                             [self._slot(seq, n - 1) for seq, n in zip(seqs, lens, strict=True)], lens,
+            self._batch = self._running_batch(names, seqs)
+        batch = self._batch
+        positions = batch.lens.long() - 1
+        blocks = batch.tables.gather(1, (positions // self.block_size)[:, None]).squeeze(1).long()
+        slots = blocks * self.block_size + positions % self.block_size
+        return (batch.tokens, positions, slots, batch.tables, batch.lens), batch.steps, batch
+
+    def _running_batch(self, names: list[tuple[int, int]], seqs: list[Sequence]) -> RunningBatch:
+        width = max(len(seq.block_table) for seq in seqs)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
+        host = torch.tensor([[seq.last_token for seq in seqs], [seq.length for seq in seqs],
                              [len(seq.output_ids) for seq in seqs]], device=self.device)
-        tokens, positions, slots, lens_t, steps = host
-        return (tokens, positions, slots, self._batch.tables, lens_t.int()), steps, self._batch
+        return RunningBatch(names, torch.tensor(tables, dtype=torch.int32, device=self.device), *self._sampling(seqs),
+                            host[0], host[1].int(), host[2])
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor, sampling: SamplingBatch, keys: torch.Tensor,
-                 steps: torch.Tensor) -> list[Sequence]:
+                 steps: torch.Tensor, batch: RunningBatch | None = None) -> list[Sequence]:
+        """Sample a token for each sequence and record it; a decode step's batch advances on the device too."""
         history = self._history(seqs) if sampling.penalized else None
         tokens, logprobs = sample(logits, sampling, keys, steps, history)
+        if batch is not None:
+            batch.tokens, batch.lens, batch.steps = tokens, batch.lens + 1, batch.steps + 1
         top_n = max(s.params.top_logprobs for s in seqs)
         tops = top_logprobs(logits, sampling, top_n) if top_n else [{}] * len(seqs)
         # one device-to-host copy a step (float64 holds every token id exactly)
