@@ -63,19 +63,34 @@ def row(name: str, seconds: float, sequences: int, new: int) -> dict:
             "ms_per_step": round(1000 * seconds / new, 3)}
 
 
+def greedy_pairs(model, tokenizer, engine: EngineGenerator, texts: list[str], new: int):
+    """(prompt ids, engine tokens, HF generate output) of each prompt, greedy, both stopping at EOS.
+
+    Not ignore_eos / min_new_tokens: HF's min_new_tokens sets EOS logits to -inf, so wherever the model
+    would end its answer HF takes the runner-up and the sequences part for a reason that is not numerics."""
+    ours = engine.generate(texts, SamplingParams(temperature=0, max_tokens=new))
+    for text, completion in zip(texts, ours, strict=True):
+        ids = torch.tensor([engine.encode(text)], device=model.device)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        yield ids, completion.token_ids, out
+
+
+def first_difference(ours: list[int], ref: list[int]) -> int | None:
+    """The first step where two greedy sequences part (None if one is a prefix of the other: both stopped at
+    an EOS, or one stopped at an end token the other's EOS list lacks)."""
+    return next((i for i, (a, b) in enumerate(zip(ours, ref, strict=False)) if a != b), None)
+
+
 def greedy_check(model, tokenizer, engine: EngineGenerator, texts: list[str], new: int) -> dict:
     """Engine greedy tokens against HF greedy (one prompt at a time); where they part, the top-2 logit gap
     of HF at that step, and of an fp32 forward of the same prefix (is it a near-tie of the model itself?)."""
-    ours = engine.generate(texts, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
     fp32 = copy.deepcopy(model).float()
-    differing, tied, gaps, fp32_gaps = 0, 0, [], []
-    for text, completion in zip(texts, ours, strict=True):
-        ids = torch.tensor([engine.encode(text)], device=model.device)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                             do_sample=False, output_logits=True, return_dict_in_generate=True,
-                             pad_token_id=tokenizer.pad_token_id)
+    differing, tied, gaps, fp32_gaps, compared = 0, 0, [], [], 0
+    for ids, ours, out in greedy_pairs(model, tokenizer, engine, texts, new):
         ref = out.sequences[0, ids.shape[1]:].tolist()
-        step = next((i for i, (a, b) in enumerate(zip(completion.token_ids, ref, strict=True)) if a != b), None)
+        compared += min(len(ours), len(ref))
+        step = first_difference(ours, ref)
         if step is None:
             continue
         differing += 1
@@ -85,22 +100,21 @@ def greedy_check(model, tokenizer, engine: EngineGenerator, texts: list[str], ne
         with torch.no_grad():
             top2 = fp32(out.sequences[:, : ids.shape[1] + step]).logits[0, -1].topk(2).values
         fp32_gaps.append(round((top2[0] - top2[1]).item(), 4))
-    return {"sequences": len(texts), "tokens": new, "differing": differing, "differing_where_top2_within_1e-3": tied,
-            "hf_top2_gap_where_they_part": gaps, "fp32_top2_gap_where_they_part": fp32_gaps}
+    return {"sequences": len(texts), "max_tokens": new, "tokens_compared": compared, "differing": differing,
+            "differing_where_top2_within_1e-3": tied, "hf_top2_gap_where_they_part": gaps,
+            "fp32_top2_gap_where_they_part": fp32_gaps}
 
 
 def fp32_greedy_check(model, tokenizer, texts: list[str], new: int) -> dict:
     """The engine in fp32 (its eager path) against HF generate in fp32: the model code, free of bf16 rounding."""
     fp32 = copy.deepcopy(model).float()
     engine = EngineGenerator(fp32, tokenizer, kv_cache_tokens=len(texts) * (new + 128), max_num_seqs=len(texts))
-    ours = engine.generate(texts, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
-    same = 0
-    for text, completion in zip(texts, ours, strict=True):
-        ids = torch.tensor([engine.encode(text)], device=model.device)
-        ref = fp32.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                            do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
-        same += completion.token_ids == ref
-    return {"sequences": len(texts), "tokens": new, "identical": same}
+    same, compared = 0, 0
+    for ids, ours, out in greedy_pairs(fp32, tokenizer, engine, texts, new):
+        ref = out.sequences[0, ids.shape[1]:].tolist()
+        compared += min(len(ours), len(ref))
+        same += first_difference(ours, ref) is None
+    return {"sequences": len(texts), "max_tokens": new, "tokens_compared": compared, "identical": same}
 
 
 def logprob_gap(model, engine_completions, prompt_ids: list[list[int]], group: int) -> dict:
