@@ -36,7 +36,7 @@ def tiny_model() -> str:
     return folder
 
 
-def start_local(model: str, device: str, kv_cache_tokens: int):
+def start_local(model: str, device: str, kv_cache_tokens: int, log_path: str | None = None):
     """`r1kit serve` in its own process (so the load generator does not share its interpreter); (url, process)."""
     import subprocess
     import sys
@@ -45,9 +45,10 @@ def start_local(model: str, device: str, kv_cache_tokens: int):
     from r1kit.serve.server import free_port
 
     port = free_port()
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the server's lifetime
     proc = subprocess.Popen([sys.executable, "-m", "r1kit.cli", "serve", "--model", model, "--device", device,
                              "--port", str(port), "--kv-cache-tokens", str(kv_cache_tokens),
-                             "--max-concurrent", "10000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--max-concurrent", "10000"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while True:
@@ -117,11 +118,14 @@ def main() -> None:
     parser.add_argument("--kv-cache-tokens", type=int, default=65_536)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per request before it counts as an error")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--server-log", help="write the local server's output here (its engine logs tokens/s and "
+                        "step times every 10 s)")
     args = parser.parse_args()
     if bool(args.model) == bool(args.url):
         parser.error("give --model or --url")
     model = tiny_model() if args.model == "tiny" else args.model
-    url, proc = (args.url, None) if args.url else start_local(model, args.device, args.kv_cache_tokens)
+    url, proc = (args.url, None) if args.url else start_local(model, args.device, args.kv_cache_tokens,
+                                                                            args.server_log)
     try:
         result = asyncio.run(run(url, args.api_key, args.clients, args.requests, args.max_tokens, args.timeout))
     finally:

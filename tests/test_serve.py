@@ -215,3 +215,14 @@ def test_terminal_chat_streams_reasoning_and_answer(scripted_dir, scripted):
     wrong = subprocess.run([sys.executable, "-m", "r1kit.cli", "chat", "--url", scripted.url, "--api-key", "bad"],
                            input="hi\n", capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "Incorrect API key provided" in wrong.stderr
+
+
+def test_step_stats_summarize_a_window():
+    from r1kit.serve.worker import StepStats
+
+    stats = StepStats(every_s=0.0)
+    stats.record(0.002, 64)
+    stats.record(0.004, 60)
+    line = stats.line(running=60, waiting=3)
+    assert "step 3.0 ms mean (4 max)" in line and line.endswith("running 60, waiting 3")
+    assert stats.line(running=60, waiting=3) is None  # a new window, with no step in it yet

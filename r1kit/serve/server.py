@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -62,6 +63,7 @@ def run_serve(cfg: ServeConfig) -> None:
     """Serve until interrupted."""
     import uvicorn
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # the engine's stats lines
     app, served = build_app(cfg)
     for m in served:
         print(f"serving {m.name} (sha256 {m.sha256[:12]})")

@@ -3,13 +3,44 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from r1kit.rollout.engine import LLMEngine
 from r1kit.rollout.engine.scheduler import Request
 from r1kit.rollout.types import SamplingParams
+
+log = logging.getLogger("r1kit.serve")
+
+
+class StepStats:
+    """The engine's throughput over a window, for a periodic log line (as vLLM logs its own)."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s = every_s
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float) -> None:
+        self.started, self.steps, self.tokens, self.busy_s, self.longest_s = now, 0, 0, 0.0, 0.0
+
+    def record(self, seconds: float, tokens: int) -> None:
+        self.steps, self.tokens, self.busy_s = self.steps + 1, self.tokens + tokens, self.busy_s + seconds
+        self.longest_s = max(self.longest_s, seconds)
+
+    def line(self, running: int, waiting: int) -> str | None:
+        """A summary of the window once it is over (then a new one starts), else None."""
+        now = time.perf_counter()
+        window = now - self.started
+        if window < self.every_s or not self.steps:
+            return None
+        text = (f"engine: {self.tokens / window:.0f} tokens/s, {self.steps / window:.0f} steps/s, step "
+                f"{1000 * self.busy_s / self.steps:.1f} ms mean ({1000 * self.longest_s:.0f} max), busy "
+                f"{self.busy_s / window:.0%}, running {running}, waiting {waiting}")
+        self._reset(now)
+        return text
 
 
 @dataclass(frozen=True)
@@ -31,6 +62,7 @@ class EngineWorker:
         self.wakeup = threading.Event()
         self.listeners: dict[int, tuple[Request, Callable[[list[Event]], None]]] = {}
         self.running = True
+        self.stats = StepStats()
         self.thread = threading.Thread(target=self._loop, name="r1kit-engine", daemon=True)
         self.thread.start()
 
@@ -57,7 +89,13 @@ class EngineWorker:
     def _loop(self) -> None:
         while self.running:
             with self.lock:
+                started = time.perf_counter()
                 advanced = self.engine.step() if self.engine.has_work() else []
+                if advanced:
+                    self.stats.record(time.perf_counter() - started, len(advanced))
+                    line = self.stats.line(len(self.engine.scheduler.running), len(self.engine.scheduler.waiting))
+                    if line:
+                        log.info(line)
                 by_request: dict[int, list[Event]] = {}
                 for seq in advanced:
                     by_request.setdefault(seq.request_id, []).append(
