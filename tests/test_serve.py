@@ -1,6 +1,7 @@
 """The server with the official openai client on 127.0.0.1, on a scripted and a random tiny model."""
 
 import json
+import threading
 import time
 import urllib.request
 
@@ -226,3 +227,54 @@ def test_step_stats_summarize_a_window():
     line = stats.line(running=60, waiting=3)
     assert "step 3.0 ms mean (4 max)" in line and line.endswith("running 60, waiting 3")
     assert stats.line(running=60, waiting=3) is None  # a new window, with no step in it yet
+
+
+def test_worker_inbox_refusals_and_aborts_happen_on_the_engine_thread():
+    import asyncio
+    from types import SimpleNamespace
+
+    from r1kit.rollout.engine.scheduler import Request
+    from r1kit.rollout.types import SamplingParams
+    from r1kit.serve.worker import EngineWorker
+
+    class StubEngine:
+        scheduler = SimpleNamespace(running=[], waiting=[])
+
+        def __init__(self):
+            self.added, self.aborted, self.threads = [], [], set()
+
+        def add_request(self, ids, params):
+            self.threads.add(threading.current_thread().name)
+            if params.n > 1:
+                raise ValueError("needs more KV blocks than the cache has")
+            self.added.append(ids)
+            return Request(len(self.added) - 1, [], False)
+
+        def abort(self, request):
+            self.aborted.append(request.id)
+
+        def has_work(self):
+            return False
+
+    engine = StubEngine()
+    worker = EngineWorker(engine)
+
+    async def first_event(params):
+        async for item in worker.stream([[1, 2]], params):
+            return item
+
+    with pytest.raises(ValueError, match="needs more KV blocks"):
+        asyncio.run(first_event(SamplingParams(n=2)))
+    with worker.lock:  # the engine thread is between steps: both reach its inbox before it looks
+        early = worker.submit([3], SamplingParams(), lambda events: None)
+        worker.abort(early)
+    late = worker.submit([4], SamplingParams(), lambda events: None)
+    deadline = time.time() + 5
+    while late.request is None and time.time() < deadline:
+        time.sleep(0.01)
+    worker.abort(late)
+    while not engine.aborted and time.time() < deadline:
+        time.sleep(0.01)
+    worker.close()
+    assert early.request is None and engine.added == [[4]] and engine.aborted == [0]
+    assert engine.threads == {"r1kit-engine"}

@@ -1,9 +1,15 @@
-"""The engine on a background thread: requests from many clients are batched into each step."""
+"""The engine on a background thread: requests from many clients are batched into each step.
+
+Only that thread calls the engine. Clients' requests and aborts reach it through an inbox it empties
+between steps, so the server's event loop never waits for a step to end (with a lock, a fast engine
+loop that releases and retakes it at once can keep a submitter, and with it every stream, waiting).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -53,6 +59,20 @@ class Event:
     text: str
 
 
+Listener = Callable[[list[Event] | ValueError], None]
+
+
+@dataclass(eq=False)
+class Submission:
+    """A request on its way to the engine thread; `request` once the engine has it."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    listener: Listener
+    request: Request | None = None
+    aborted: bool = False
+
+
 class EngineWorker:
     """Runs `engine.step()` in a loop on its own thread; each request's events go to its callback."""
 
@@ -60,26 +80,44 @@ class EngineWorker:
         self.engine = engine
         self.lock = threading.Lock()
         self.wakeup = threading.Event()
-        self.listeners: dict[int, tuple[Request, Callable[[list[Event]], None]]] = {}
+        self.listeners: dict[int, tuple[Request, Listener]] = {}
+        self.inbox: queue.SimpleQueue[Submission] = queue.SimpleQueue()
         self.running = True
         self.stats = StepStats()
         self.thread = threading.Thread(target=self._loop, name="r1kit-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, listener: Callable[[list[Event]], None]
-               ) -> Request:
-        """Queue a request; `listener` is called from the engine thread after every step that advanced it."""
-        with self.lock:
-            request = self.engine.add_request(prompt_ids, params)
-            self.listeners[request.id] = (request, listener)
+    def submit(self, prompt_ids: list[int], params: SamplingParams, listener: Listener) -> Submission:
+        """Queue a request; `listener` is called from the engine thread after every step that advanced it, or
+        once with the ValueError of an engine that refused it."""
+        submission = Submission(prompt_ids, params, listener)
+        self.inbox.put(submission)
         self.wakeup.set()
-        return request
+        return submission
 
-    def abort(self, request: Request) -> None:
-        """Stop a request whose client went away."""
-        with self.lock:
-            self.engine.abort(request)
-            self.listeners.pop(request.id, None)
+    def abort(self, submission: Submission) -> None:
+        """Stop a request whose client went away (the engine thread does it between steps)."""
+        submission.aborted = True
+        self.inbox.put(submission)
+        self.wakeup.set()
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                submission = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if submission.aborted:  # before the engine took it, or after: then it stops there
+                if submission.request is not None:
+                    self.engine.abort(submission.request)
+                    self.listeners.pop(submission.request.id, None)
+                continue
+            try:
+                submission.request = self.engine.add_request(submission.prompt_ids, submission.params)
+            except ValueError as error:
+                submission.listener(error)
+                continue
+            self.listeners[submission.request.id] = (submission.request, submission.listener)
 
     def close(self) -> None:
         self.running = False
@@ -89,6 +127,7 @@ class EngineWorker:
     def _loop(self) -> None:
         while self.running:
             with self.lock:
+                self._take_inbox()
                 started = time.perf_counter()
                 advanced = self.engine.step() if self.engine.has_work() else []
                 if advanced:
@@ -117,19 +156,21 @@ class EngineWorker:
                      ) -> AsyncIterator[tuple[int, list[Event]]]:
         """(prompt index, events) of one request per prompt as they come; leaving early aborts them all."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, list[Event]]] = asyncio.Queue()
+        arrived: asyncio.Queue[tuple[int, list[Event] | ValueError]] = asyncio.Queue()
 
-        def listener(i: int) -> Callable[[list[Event]], None]:
-            return lambda events: loop.call_soon_threadsafe(queue.put_nowait, (i, events))
+        def listener(i: int) -> Listener:
+            return lambda events: loop.call_soon_threadsafe(arrived.put_nowait, (i, events))
 
-        requests = [self.submit(ids, params, listener(i)) for i, ids in enumerate(prompts)]
+        submissions = [self.submit(ids, params, listener(i)) for i, ids in enumerate(prompts)]
         remaining = params.n * len(prompts)
         try:
             while remaining:
-                i, events = await queue.get()
+                i, events = await arrived.get()
+                if isinstance(events, ValueError):
+                    raise events
                 remaining -= sum(e.finish_reason is not None for e in events)
                 yield i, events
         finally:
             if remaining:
-                for request in requests:
-                    self.abort(request)
+                for submission in submissions:
+                    self.abort(submission)
