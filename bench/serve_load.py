@@ -81,7 +81,9 @@ async def one_request(client, model: str, i: int, max_tokens: int) -> dict:
 async def run(url: str, api_key: str, clients: int, requests: int, max_tokens: int, timeout: float) -> dict:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=timeout)
+    # trust_env=False: a proxy from the environment (HTTP_PROXY) must never sit between a load test and its server
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=timeout,
+                                http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
     model = (await client.models.list()).data[0].id
     queue = list(range(requests))
     results, errors = [], []
