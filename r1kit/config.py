@@ -42,8 +42,9 @@ class EvalConfig(Config):
     seed: int = Field(0, description="sampling seed")
     batch_size: int | None = Field(None, ge=1, description="sequences generated together (default: 512 with "
                                    "the engine on a GPU, 64 otherwise)")
-    backend: Literal["auto", "hf", "engine"] = Field(
-        "auto", description="generation backend (auto: the engine on a GPU, hf elsewhere)")
+    backend: Literal["auto", "hf", "engine", "vllm"] = Field(
+        "auto", description="generation backend (auto: the engine on a GPU, hf elsewhere; vllm: vLLM, if "
+        "installed, on the model's folder)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU")
     out: str = Field("runs/eval", description="output folder for results.json, samples.jsonl, summary.md")

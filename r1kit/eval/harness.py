@@ -113,10 +113,11 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
     console = console or Console(stderr=True)
     started = time.perf_counter()
     task = load_task(cfg.task, cfg.data, **cfg.task_args).head(cfg.limit)
-    model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype)
+    # vLLM loads the weights itself: the HF copy (for the results' identity) stays off the GPU
+    model, tokenizer = load_model(cfg.model, "cpu" if cfg.backend == "vllm" else cfg.device, cfg.dtype)
     # the engine reserves KV per request and keeps a GPU busy with hundreds; HF pads a batch to its longest
     gpu_engine = model.device.type == "cuda" and uses_engine(cfg.backend, model.device)
-    batch_size = cfg.batch_size or (512 if gpu_engine else 64)
+    batch_size = cfg.batch_size or (512 if gpu_engine or cfg.backend == "vllm" else 64)
     generator = make_generator(model, tokenizer, cfg.backend, batch_size)
     params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             min_p=cfg.min_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
