@@ -278,3 +278,30 @@ def test_worker_inbox_refusals_and_aborts_happen_on_the_engine_thread():
     worker.close()
     assert early.request is None and engine.added == [[4]] and engine.aborted == [0]
     assert engine.threads == {"r1kit-engine"}
+
+
+def test_a_failing_step_ends_its_requests_and_the_worker_goes_on(tokenizer):
+    import asyncio
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from r1kit.rollout.engine import LLMEngine
+    from r1kit.rollout.types import SamplingParams
+    from r1kit.serve.worker import EngineWorker
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=0)
+    engine = LLMEngine(LlamaForCausalLM(config).eval(), tokenizer, kv_cache_tokens=256, max_num_seqs=4)
+    worker = EngineWorker(engine)
+
+    async def run(prompt):
+        return [events async for _, events in worker.stream([prompt], SamplingParams(max_tokens=3, ignore_eos=True))]
+
+    with pytest.raises(IndexError):  # token 1000 is outside this model's 64-token embedding: prefill raises
+        asyncio.run(run([5, 1000]))
+    steps = asyncio.run(run([5, 6, 7]))
+    worker.close()
+    assert [e.finish_reason for events in steps for e in events] == [None, None, "length"]
+    assert not engine.has_work() and len(engine.blocks.free) == len(engine.blocks.refs)

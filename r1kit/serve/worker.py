@@ -59,7 +59,7 @@ class Event:
     text: str
 
 
-Listener = Callable[[list[Event] | ValueError], None]
+Listener = Callable[[list[Event] | Exception], None]
 
 
 @dataclass(eq=False)
@@ -89,7 +89,7 @@ class EngineWorker:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, listener: Listener) -> Submission:
         """Queue a request; `listener` is called from the engine thread after every step that advanced it, or
-        once with the ValueError of an engine that refused it."""
+        once with the error that ended it (the engine refused it, or a step failed)."""
         submission = Submission(prompt_ids, params, listener)
         self.inbox.put(submission)
         self.wakeup.set()
@@ -124,12 +124,24 @@ class EngineWorker:
         self.wakeup.set()
         self.thread.join(timeout=5)
 
+    def _fail_all(self, error: Exception) -> None:
+        """A step raised: end every request in flight with the error and free the engine for new ones."""
+        log.exception("engine step failed; ending the %d requests in flight", len(self.listeners))
+        for request, listener in self.listeners.values():
+            self.engine.abort(request)
+            listener(error)
+        self.listeners.clear()
+
     def _loop(self) -> None:
         while self.running:
             with self.lock:
                 self._take_inbox()
                 started = time.perf_counter()
-                advanced = self.engine.step() if self.engine.has_work() else []
+                try:
+                    advanced = self.engine.step() if self.engine.has_work() else []
+                except Exception as error:  # noqa: BLE001 - the thread must outlive any one bad step
+                    self._fail_all(error)
+                    advanced = []
                 if advanced:
                     self.stats.record(time.perf_counter() - started, len(advanced))
                     line = self.stats.line(len(self.engine.scheduler.running), len(self.engine.scheduler.waiting))
@@ -156,7 +168,7 @@ class EngineWorker:
                      ) -> AsyncIterator[tuple[int, list[Event]]]:
         """(prompt index, events) of one request per prompt as they come; leaving early aborts them all."""
         loop = asyncio.get_running_loop()
-        arrived: asyncio.Queue[tuple[int, list[Event] | ValueError]] = asyncio.Queue()
+        arrived: asyncio.Queue[tuple[int, list[Event] | Exception]] = asyncio.Queue()
 
         def listener(i: int) -> Listener:
             return lambda events: loop.call_soon_threadsafe(arrived.put_nowait, (i, events))
@@ -166,7 +178,7 @@ class EngineWorker:
         try:
             while remaining:
                 i, events = await arrived.get()
-                if isinstance(events, ValueError):
+                if isinstance(events, Exception):
                     raise events
                 remaining -= sum(e.finish_reason is not None for e in events)
                 yield i, events

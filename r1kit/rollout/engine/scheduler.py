@@ -86,7 +86,9 @@ class Scheduler:
         return "decode", self.running
 
     def finish(self, seq: Sequence) -> None:
-        """A sequence is done: its blocks go back (shared prompt blocks when the last sibling is done)."""
+        """A sequence is done: its blocks go back (shared prompt blocks when the last sibling is done).
+        It may not have joined the running set yet (a prefill that failed)."""
         self.blocks.release(seq.block_table)
         seq.block_table = []
-        self.running.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
