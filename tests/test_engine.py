@@ -256,3 +256,35 @@ def test_padded_graph_buckets_change_no_sequence(tiny, monkeypatch):
                               scratch_slot=llm.decoder.scratch_slot, device=llm.device)
     assert [c.token_ids for c in graphed.generate(PROMPTS, params)] == [c.token_ids for c in plain]
     assert 16 in llm._step.graphs  # 12 running sequences, padded to the bucket of 16
+
+
+def test_running_ahead_changes_no_token_and_leaks_no_block(tiny, monkeypatch):
+    model, tokenizer = tiny
+    # lengths that end at different steps, EOS free to end sequences early, a stop string, and a queue
+    requests = [(p, SamplingParams(n=2, temperature=1.0, max_tokens=m, seed=5, stop=("the",) if m == 9 else ()))
+                for p, m in zip(PROMPTS, (3, 9, 14, 6), strict=False)]
+
+    def run(ahead: bool):
+        if not ahead:
+            monkeypatch.setattr(LLMEngine, "_can_run_ahead", lambda self, seqs: False)
+        llm = LLMEngine(model, tokenizer, kv_cache_tokens=96, block_size=4, max_num_seqs=4)
+        launched = []
+        launch = llm._launch
+
+        def counted(seqs):
+            launched.append(len(seqs))
+            return launch(seqs)
+
+        monkeypatch.setattr(llm, "_launch", counted)
+        handles = [llm.add_request(encode_prompt(tokenizer, p), params) for p, params in requests]
+        while llm.has_work():
+            llm.step()
+        monkeypatch.undo()
+        assert len(llm.blocks.free) == len(llm.blocks.refs)
+        seqs = [seq for request in handles for seq in request.sequences]
+        return [(s.output_ids, s.logprobs, s.finish_reason, s.text) for s in seqs], len(launched)
+
+    ahead, launches = run(True)
+    plain, plain_launches = run(False)
+    assert ahead == plain
+    assert launches > plain_launches  # it did run ahead: steps were launched that some ended sequences drop

@@ -158,7 +158,7 @@ class EngineWorker:
                         calls.append((listener, events))
                         if all(seq.finished for seq in request.sequences):
                             del self.listeners[rid]
-            if not advanced:
+            if not advanced and not self.engine.has_work():  # (a step that only drops rows run ahead is not idle)
                 self.wakeup.wait(0.05)
                 self.wakeup.clear()
             for listener, events in calls:

@@ -38,6 +38,17 @@ class RunningBatch:
     tokens: torch.Tensor  # each sequence's last token, the next step's input
     lens: torch.Tensor  # int32 context lengths, that token included
     steps: torch.Tensor  # tokens generated so far (the sampling noise's position)
+    runs_ahead: bool  # no setting needs a step's tokens on the host before the next step
+
+
+@dataclass
+class Sampled:
+    """A step's sampled tokens on their way to the host: the copy is started, not waited for."""
+
+    seqs: list[Sequence]
+    host: torch.Tensor  # (2, B) float64 token ids and logprobs (float64 holds every token id exactly)
+    copied: torch.cuda.Event | None  # None where the copy was synchronous (CPU)
+    tops: list[dict[int, float]] | None
 
 
 class LLMEngine:
@@ -55,6 +66,7 @@ class LLMEngine:
         self.block_size, self.device = block_size, self.decoder.device
         self._next_id = 0
         self._batch: RunningBatch | None = None  # of the last decode step
+        self._ahead: Sampled | None = None  # a decode step launched before the last one was recorded
         self._step = self._decode_step(max_num_seqs, cuda_graphs, compile)
 
     def _decode_step(self, max_num_seqs: int, cuda_graphs: bool, compile: bool):
@@ -105,6 +117,9 @@ class LLMEngine:
 
     def step(self) -> list[Sequence]:
         """One prefill (admitting requests) or one decode step; the sequences that got a token."""
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            return self._decode(ahead.seqs, ahead) if self._can_run_ahead(ahead.seqs) else self._record(ahead)
         kind, work = self.scheduler.schedule()
         if kind == "prefill":
             return self._prefill(work)
@@ -134,7 +149,7 @@ class LLMEngine:
         self.scheduler.running += seqs
         sampling, keys = self._sampling(seqs)
         steps = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
-        return self._advance(seqs, logits[torch.tensor(rows, device=self.device)], sampling, keys, steps)
+        return self._record(self._sample(seqs, logits[torch.tensor(rows, device=self.device)], sampling, keys, steps))
 
     def _sampling(self, seqs: list[Sequence]) -> tuple[SamplingBatch, torch.Tensor]:
         return SamplingBatch.of([s.params for s in seqs], self.device), torch.tensor([s.key for s in seqs],
@@ -151,9 +166,30 @@ class LLMEngine:
             for cache in (self.decoder.k_cache, self.decoder.v_cache):
                 cache[:, target : target + rest] = cache[:, source : source + rest]
 
-    def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
+    def _decode(self, seqs: list[Sequence], current: Sampled | None = None) -> list[Sequence]:
+        """Record a decode step of these sequences (launching it unless it is `current`); where the same
+        sequences will run the next step, that one is launched first, so the GPU computes it while the host
+        records this one (a sequence that ends here has its row of it dropped)."""
+        current = current or self._launch(seqs)
+        if self._can_run_ahead(seqs):
+            self._ahead = self._launch(seqs)
+        advanced = self._record(current)
+        if self._ahead is not None and all(seq.finished for seq in self._ahead.seqs):
+            self._ahead = None
+        return advanced
+
+    def _launch(self, seqs: list[Sequence]) -> Sampled:
         inputs, steps, batch = self.decode_inputs(seqs)
-        return self._advance(seqs, self._step(*inputs), batch.sampling, batch.keys, steps, batch)
+        return self._sample(seqs, self._step(*inputs), batch.sampling, batch.keys, steps, batch)
+
+    def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
+        """Whether the next step may start before this one's tokens reach the host: the same sequences run it
+        (none ended or aborted, no request waits to be admitted) and no setting needs the tokens on the host
+        first (the repetition penalty's history, top logprobs). Its KV writes stay within each sequence's
+        reserved blocks: a sequence's last token is written at prompt + max_tokens - 1."""
+        batch = self._batch
+        return (not self.scheduler.waiting and len(seqs) == len(self.scheduler.running) and batch is not None
+                and batch.runs_ahead and not any(seq.finished for seq in seqs))
 
     def decode_inputs(self, seqs: list[Sequence]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, RunningBatch]:
         """What a decode step of these sequences needs: the model's inputs (tokens, positions, KV slots, block
@@ -172,29 +208,47 @@ class LLMEngine:
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
         host = torch.tensor([[seq.last_token for seq in seqs], [seq.length for seq in seqs],
                              [len(seq.output_ids) for seq in seqs]], device=self.device)
-        return RunningBatch(names, torch.tensor(tables, dtype=torch.int32, device=self.device), *self._sampling(seqs),
-                            host[0], host[1].int(), host[2])
+        sampling, keys = self._sampling(seqs)
+        runs_ahead = not sampling.penalized and not any(seq.params.top_logprobs for seq in seqs)
+        return RunningBatch(names, torch.tensor(tables, dtype=torch.int32, device=self.device), sampling, keys,
+                            host[0], host[1].int(), host[2], runs_ahead)
 
-    def _advance(self, seqs: list[Sequence], logits: torch.Tensor, sampling: SamplingBatch, keys: torch.Tensor,
-                 steps: torch.Tensor, batch: RunningBatch | None = None) -> list[Sequence]:
-        """Sample a token for each sequence and record it; a decode step's batch advances on the device too."""
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, sampling: SamplingBatch, keys: torch.Tensor,
+                steps: torch.Tensor, batch: RunningBatch | None = None) -> Sampled:
+        """Sample a token for each sequence and start copying them to the host; a decode step's batch
+        advances on the device too (the sampled tokens are the next step's inputs)."""
         history = self._history(seqs) if sampling.penalized else None
         tokens, logprobs = sample(logits, sampling, keys, steps, history)
         if batch is not None:
             batch.tokens, batch.lens, batch.steps = tokens, batch.lens + 1, batch.steps + 1
         top_n = max(s.params.top_logprobs for s in seqs)
-        tops = top_logprobs(logits, sampling, top_n) if top_n else [{}] * len(seqs)
-        # one device-to-host copy a step (float64 holds every token id exactly)
-        host_tokens, host_logprobs = torch.stack([tokens.double(), logprobs.double()]).tolist()
-        for seq, token, logprob, top in zip(seqs, host_tokens, host_logprobs, tops, strict=True):
-            seq.output_ids.append(int(token))
-            seq.logprobs.append(logprob)
+        tops = top_logprobs(logits, sampling, top_n) if top_n else None
+        pair = torch.stack([tokens.double(), logprobs.double()])  # one device-to-host copy a step
+        if not pair.is_cuda:
+            return Sampled(seqs, pair, None, tops)
+        host = torch.empty(pair.shape, dtype=pair.dtype, pin_memory=True).copy_(pair, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return Sampled(seqs, host, copied, tops)
+
+    def _record(self, sampled: Sampled) -> list[Sequence]:
+        """Append each sequence's token once it is on the host and end the sequences that are done."""
+        if sampled.copied is not None:
+            sampled.copied.synchronize()
+        host_tokens, host_logprobs = sampled.host.tolist()
+        advanced = []
+        for i, seq in enumerate(sampled.seqs):
+            if seq.finished:  # ended (or aborted) before this step, which ran ahead: its token is dropped
+                continue
+            seq.output_ids.append(int(host_tokens[i]))
+            seq.logprobs.append(host_logprobs[i])
             if seq.params.top_logprobs:
-                seq.top_logprobs.append(dict(list(top.items())[: seq.params.top_logprobs]))
+                seq.top_logprobs.append(dict(list(sampled.tops[i].items())[: seq.params.top_logprobs]))
             self._check_finished(seq)
             if seq.finished:
                 self.scheduler.finish(seq)
-        return seqs
+            advanced.append(seq)
+        return advanced
 
     def _history(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(s.length for s in seqs)
