@@ -305,3 +305,22 @@ def test_a_failing_step_ends_its_requests_and_the_worker_goes_on(tokenizer):
     worker.close()
     assert [e.finish_reason for events in steps for e in events] == [None, None, "length"]
     assert not engine.has_work() and len(engine.blocks.free) == len(engine.blocks.refs)
+
+
+def test_generation_failures_reach_the_client_in_openais_shape(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)  # 64 embeddings: every chat prompt's token ids overflow them
+    tokenizer.save_pretrained(tmp_path)
+    broken = Server(tmp_path, api_key=None)
+    try:
+        with pytest.raises(openai.InternalServerError, match="generation failed: IndexError") as e:
+            ask(broken, max_tokens=4)
+        assert e.value.code == "generation_failed"
+        with pytest.raises(openai.APIError, match="generation failed: IndexError"):  # after the stream has begun
+            list(ask(broken, max_tokens=4, stream=True))
+        assert broken.client.models.list().data[0].id == "tiny"  # the server and its engine thread live on
+    finally:
+        broken.stop()

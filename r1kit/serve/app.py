@@ -212,8 +212,9 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             splitters = [ReasoningSplitter(in_reasoning) for _ in range(params.n)]
-            return StreamingResponse(_chat_stream(meta, choices, splitters, events, len(prompt), include_usage,
-                                                  served), media_type="text/event-stream")
+            return StreamingResponse(_ending_errors(_chat_stream(meta, choices, splitters, events, len(prompt),
+                                                                 include_usage, served)),
+                                     media_type="text/event-stream")
         await _collect(events, choices, params.n)
         out, reasoning_tokens = [], 0
         for i, choice in enumerate(choices):
@@ -273,7 +274,7 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         events = _counted(state, served.worker.stream(prompts, params))
         prompt_tokens = sum(map(len, prompts))
         if req.stream:
-            return StreamingResponse(_completion_stream(meta, choices, events, params.n),
+            return StreamingResponse(_ending_errors(_completion_stream(meta, choices, events, params.n)),
                                      media_type="text/event-stream")
         await _collect(events, choices, params.n)
         out = [{"index": i, "text": c.sent, "finish_reason": c.finish_reason, "logprobs": None}
@@ -302,14 +303,30 @@ async def _collect(events: AsyncIterator, choices: list[ChoiceText], n: int) -> 
 
 
 async def _counted(state: dict, events: AsyncIterator) -> AsyncIterator:
-    """The events, counting the request as in flight until they end or the client leaves."""
+    """The events, counting the request as in flight until they end or the client leaves; an engine that
+    refuses the request (ValueError) or fails raises APIError (400 or 500)."""
     state["in_flight"] += 1
     try:
         async for item in events:
             yield item
+    except ValueError as error:
+        raise APIError(400, f"the engine refused the request: {error}") from error
+    except Exception as error:
+        raise APIError(500, f"generation failed: {type(error).__name__}: {error}", "server_error",
+                       "generation_failed") from error
     finally:
         state["in_flight"] -= 1
         await events.aclose()
+
+
+async def _ending_errors(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream's chunks; an error once it has begun (its status is sent) ends it with OpenAI's error chunk."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except APIError as error:
+        yield sse(error.body)
+        yield "data: [DONE]\n\n"
 
 
 async def _chat_stream(meta: dict, choices: list[ChoiceText], splitters: list[ReasoningSplitter],
