@@ -78,7 +78,7 @@ class EngineWorker:
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held through each step: another thread may read the engine between steps
         self.wakeup = threading.Event()
         self.listeners: dict[int, tuple[Request, Listener]] = {}
         self.inbox: queue.SimpleQueue[Submission] = queue.SimpleQueue()
