@@ -134,19 +134,27 @@ def logprob_gap(model, engine_completions, prompt_ids: list[list[int]], group: i
     return gaps
 
 
-def decode_breakdown(engine: EngineGenerator, texts: list[str], repeats: int = 20) -> dict:
-    """Milliseconds of one decode step of len(texts) sequences, and of its parts: the forward (graph replay
-    with its input copies), the sampler, and the rest (the host loop: token append, finish checks)."""
-    from r1kit.rollout.sampler import sample
-
+def decoding(engine: EngineGenerator, texts: list[str], max_tokens: int, steps: int):
+    """The engine with one sequence per text prefilled and `steps` decode steps taken (its running set's
+    tables, settings and keys uploaded): ready for a step to be measured."""
     llm = engine.engine
-    params = SamplingParams(temperature=1.0, max_tokens=repeats + 8, ignore_eos=True, seed=0)
+    params = SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=0)
     for text in texts:
         llm.add_request(engine.encode(text), params)
     while llm.scheduler.waiting:
         llm.step()
-    for _ in range(3):
-        llm.step()  # the running set's tables, settings and keys are cached now
+    for _ in range(steps):
+        llm.step()
+    return llm
+
+
+def decode_breakdown(engine: EngineGenerator, texts: list[str], repeats: int = 20) -> dict:
+    """Milliseconds of one decode step of len(texts) sequences, and of its parts: the forward (graph replay
+    with its input copies), the sampler, and the rest (the host loop: token append, finish checks; while
+    the next step runs ahead it overlaps the GPU, so the rest shrinks, or goes below zero)."""
+    from r1kit.rollout.sampler import sample
+
+    llm = decoding(engine, texts, repeats + 8, steps=3)
 
     def per_call(fn) -> float:
         sync(llm.device)
@@ -175,14 +183,7 @@ def kernel_profile(engine: EngineGenerator, texts: list[str], top: int = 15) -> 
 
     from r1kit.rollout.sampler import sample
 
-    llm = engine.engine
-    params = SamplingParams(temperature=1.0, max_tokens=64, ignore_eos=True, seed=0)
-    for text in texts:
-        llm.add_request(engine.encode(text), params)
-    while llm.scheduler.waiting:
-        llm.step()
-    for _ in range(32):
-        llm.step()  # a context of prompt + 32 tokens
+    llm = decoding(engine, texts, 64, steps=32)  # a context of prompt + 32 tokens
     inputs, steps, batch = llm.decode_inputs(list(llm.scheduler.running))
 
     def one_step() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from fractions import Fraction
 
 from r1kit.grading import last_boxed
 from r1kit.prompts import ANSWER_CLOSE, ANSWER_OPEN
@@ -31,7 +32,7 @@ def equation_of(completion: str) -> str | None:
     return with_ops[0] if with_ops else sides[0]
 
 
-def equation_value(equation: str, numbers: list[int]):
+def equation_value(equation: str, numbers: list[int]) -> Fraction:
     """The value of an equation that uses only the given numbers, each at most once; raises ValueError."""
     value, used = evaluate(equation)
     extra = Counter(used) - Counter(numbers)
@@ -51,10 +52,13 @@ def equation_credit(completion: str, numbers: list[int]) -> float:
     if ANSWER_OPEN not in completion:
         return 0.0
     equation = equation_of(completion)
+    if equation is None:
+        return 0.5
     try:
-        return 1.0 if equation is not None and equation_value(equation, numbers) is not None else 0.5
+        equation_value(equation, numbers)
     except ValueError:
         return 0.5
+    return 1.0
 
 
 def countdown_verify(completion: str, row: Row) -> float:

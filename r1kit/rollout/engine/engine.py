@@ -186,10 +186,13 @@ class LLMEngine:
         """Whether the next step may start before this one's tokens reach the host: the same sequences run it
         (none ended or aborted, no request waits to be admitted) and no setting needs the tokens on the host
         first (the repetition penalty's history, top logprobs). Its KV writes stay within each sequence's
-        reserved blocks: a sequence's last token is written at prompt + max_tokens - 1."""
+        reserved blocks: a sequence's last token is written at prompt + max_tokens - 1.
+
+        `seqs` was the running set and only a prefill adds to it (never while a step runs ahead), so the
+        same count means none of them ended or was aborted: scheduler.finish() removes those."""
         batch = self._batch
         return (not self.scheduler.waiting and len(seqs) == len(self.scheduler.running) and batch is not None
-                and batch.runs_ahead and not any(seq.finished for seq in seqs))
+                and batch.runs_ahead)
 
     def decode_inputs(self, seqs: list[Sequence]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, RunningBatch]:
         """What a decode step of these sequences needs: the model's inputs (tokens, positions, KV slots, block
