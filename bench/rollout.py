@@ -5,7 +5,8 @@ graphs, and with graphs + compiled layers; (c) GRPO-shaped rollouts, 32 prompts 
 and without shared group prompts. Then: the engine's logprobs against the trainer's forward; the bf16
 greedy check against HF (a differing token allowed only where HF's top two logits are within 1e-3; the
 top-2 gaps where they part, in HF's logits and an fp32 forward's); the fp32 greedy check; and one decode
-step split into forward, sampler and host, at 1, 64 and 512 sequences, and its GPU time by kernel. Every
+step split into forward, sampler and host, at 1, 64 and 512 sequences, and its GPU time by kernel; the
+phases of (a) (queueing, prefill, decode). Every
 sequence generates exactly the requested tokens on every side (ignore_eos / min_new_tokens). Figures are
 saved as they come.
 
@@ -148,6 +149,26 @@ def decoding(engine: EngineGenerator, texts: list[str], max_tokens: int, steps: 
     return llm
 
 
+def phases(engine: EngineGenerator, texts: list[str], params: SamplingParams) -> dict:
+    """Where a whole generate() of the texts spends its wall time: tokenizing and queueing the prompts,
+    prefill steps, decode steps (each step's wall time on the host, so a step run ahead counts once)."""
+    llm = engine.engine
+    sync(llm.device)
+    t0 = time.perf_counter()
+    for text in texts:
+        llm.add_request(engine.encode(text), params)
+    spent = {"queue": time.perf_counter() - t0}
+    steps: dict[str, int] = {}
+    while llm.has_work():
+        t = time.perf_counter()
+        llm.step()
+        spent[llm.last_step] = spent.get(llm.last_step, 0.0) + time.perf_counter() - t
+        steps[llm.last_step] = steps.get(llm.last_step, 0) + 1
+    sync(llm.device)
+    return {"sequences": len(texts), "total_s": round(time.perf_counter() - t0, 3),
+            **{f"{kind}_s": round(s, 3) for kind, s in spent.items()}, **{f"{k}_steps": n for k, n in steps.items()}}
+
+
 def decode_breakdown(engine: EngineGenerator, texts: list[str], repeats: int = 20) -> dict:
     """Milliseconds of one decode step of len(texts) sequences, and of its parts: the forward (graph replay
     with its input copies), the sampler, and the rest (the host loop: token append, finish checks; while
@@ -260,8 +281,9 @@ def main() -> None:
     print(f"[{time.perf_counter() - started:.0f} s]", results["logprob_gap"], results["greedy_check"], flush=True)
     results["fp32_greedy_check"] = fp32_greedy_check(model, tokenizer, texts[:16], min(new, 64))
     results["decode_breakdown"] = [decode_breakdown(engine, texts[:n]) for n in sorted({1, min(64, big), big})]
+    results["phases"] = phases(engine, texts, sampled)
     print(f"[{time.perf_counter() - started:.0f} s]", results["fp32_greedy_check"], results["decode_breakdown"],
-          flush=True)
+          results["phases"], flush=True)
     save()
     if device.type == "cuda":
         try:  # the profiler must not cost the figures above

@@ -1,13 +1,16 @@
-"""The serving layer's own ceiling: `r1kit serve`'s app and engine thread around a fake engine whose step
-takes a fixed time and emits one token per running sequence, loaded like `serve_load.py`. Compared with a
-real run, it tells whether the HTTP/SSE side or the engine limits tokens/s.
+"""Where serving's time goes: `r1kit serve`'s app and engine thread, loaded like `serve_load.py`, in one
+process, around a fake engine (its step takes a fixed time and emits one token per running sequence) or the
+real one (`--model`), through HTTP or straight into the engine thread (`--direct`). Fake engine vs real,
+HTTP vs direct: which of the engine, the thread around it and the HTTP/SSE side limits tokens/s.
   python bench/serve_ceiling.py --step-ms 2 --clients 64 --requests 128 --max-tokens 128
+  python bench/serve_ceiling.py --model default --direct --max-tokens 256
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import time
 from types import SimpleNamespace
 
@@ -28,7 +31,7 @@ class FakeEngine:
         self.tokenizer, self.step_s, self.host_s, self.waits, self.token = tokenizer, step_s, host_s, waits, token
         self.decoder = SimpleNamespace(max_len=8192)
         self.scheduler = SimpleNamespace(running=[], waiting=[])
-        self._next = 0
+        self._next, self.last_step = 0, "decode"
 
     def add_request(self, prompt_ids: list[int], params) -> Request:
         seqs = [Sequence(self._next, i, list(prompt_ids), params, 0) for i in range(params.n)]
@@ -57,11 +60,46 @@ class FakeEngine:
         return advanced
 
 
+async def direct(worker, tokenizer, clients: int, requests: int, max_tokens: int) -> dict:
+    """serve_load's workload and figures, each request streamed straight from the engine thread."""
+    import statistics
+
+    from r1kit.rollout.types import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=1.0)
+    queue, results = list(range(requests)), []
+
+    async def client() -> None:
+        while queue:
+            i = queue.pop()
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"Question {i}: what is {i} + {2 * i + 7}? Explain."}],
+                add_generation_prompt=True, tokenize=True, return_dict=False)
+            started, first, tokens = time.perf_counter(), None, 0
+            async for _, events in worker.stream([list(prompt)], params):
+                first = first if first is not None else time.perf_counter() - started
+                tokens += len(events)
+            results.append((first, tokens))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - started
+    ttft = sorted(r[0] for r in results)
+    tokens = sum(r[1] for r in results)
+    return {"clients": clients, "requests": requests, "max_tokens": max_tokens, "wall_s": round(wall, 2),
+            "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p99_s": round(ttft[int(0.99 * (len(ttft) - 1))], 3),
+            "tokens": tokens, "tokens_per_s": round(tokens / wall, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step-ms", type=float, default=2.0, help="the fake engine's time waiting on the 'GPU'")
     parser.add_argument("--host-ms", type=float, default=0.0, help="its Python time per step (holding the GIL)")
     parser.add_argument("--waits", type=int, default=1, help="GIL releases per step")
+    parser.add_argument("--model", help="the real engine of this model ('default', .gguf, HF folder) instead")
+    parser.add_argument("--device", default="auto", help="with --model")
+    parser.add_argument("--direct", action="store_true", help="no HTTP: clients stream from the engine thread")
+    parser.add_argument("--procs", type=int, default=1, help="client processes (HTTP only)")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -71,21 +109,36 @@ def main() -> None:
 
     from r1kit.models import resolve_model
     from r1kit.serve.app import ServedModel, create_app
-    from r1kit.serve.server import free_port, serve_in_thread
+    from r1kit.serve.server import free_port, load_served, serve_in_thread
     from r1kit.serve.worker import EngineWorker
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
-    worker = EngineWorker(FakeEngine(tokenizer, args.step_ms / 1000, args.host_ms / 1000, args.waits))
-    app = create_app([ServedModel("fake", worker, tokenizer, "0" * 64, "", 0)], ServeConfig(max_concurrent=10_000))
+    if args.model:
+        served = load_served(args.model, None, args.device, 65_536)
+        worker, tokenizer = served.worker, served.tokenizer
+        setup = {"model": args.model}
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
+        worker = EngineWorker(FakeEngine(tokenizer, args.step_ms / 1000, args.host_ms / 1000, args.waits))
+        served = ServedModel("fake", worker, tokenizer, "0" * 64, "", 0)
+        setup = {"step_ms": args.step_ms, "host_ms": args.host_ms, "waits": args.waits}
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine thread's tokens/s lines
+    if args.direct:
+        try:
+            result = asyncio.run(direct(worker, tokenizer, args.clients, args.requests, args.max_tokens))
+        finally:
+            worker.close()
+        emit({**setup, "http": False, **result}, args.out)
+        return
+    app = create_app([served], ServeConfig(max_concurrent=10_000))
     port = free_port()
     server, thread = serve_in_thread(app, port)
     try:
-        result = asyncio.run(run(f"http://127.0.0.1:{port}", "none", args.clients, args.requests, args.max_tokens, 600))
+        result = run(f"http://127.0.0.1:{port}", "none", args.clients, args.requests, args.max_tokens, 600, args.procs)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
         worker.close()
-    emit({"step_ms": args.step_ms, "host_ms": args.host_ms, "waits": args.waits, **result}, args.out)
+    emit({**setup, "http": True, **result}, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Load test of `r1kit serve` on 127.0.0.1: N concurrent streaming clients, a bounded number of requests.
 
 Reports errors, time to first token (p50/p99), generated tokens/s and requests/s, then exits.
-  python bench/serve_load.py --model default --clients 64 --requests 256 --max-tokens 128
+  python bench/serve_load.py --model default --clients 64 --requests 256 --max-tokens 128 --procs 4
   python bench/serve_load.py --model tiny --device cpu --max-tokens 64
   python bench/serve_load.py --url http://127.0.0.1:8000 --api-key KEY
 """
@@ -78,14 +78,16 @@ async def one_request(client, model: str, i: int, max_tokens: int) -> dict:
             "s": time.perf_counter() - started}
 
 
-async def run(url: str, api_key: str, clients: int, requests: int, max_tokens: int, timeout: float) -> dict:
+async def load(url: str, api_key: str, clients: int, requests: range, max_tokens: int, timeout: float
+               ) -> tuple[list[dict], list[str], float, float]:
+    """(results, errors, start, end) of `clients` streaming clients working through `requests`."""
     import openai
 
     # trust_env=False: a proxy from the environment (HTTP_PROXY) must never sit between a load test and its server
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=timeout,
                                 http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
     model = (await client.models.list()).data[0].id
-    queue = list(range(requests))
+    queue = list(requests)
     results, errors = [], []
 
     async def worker() -> None:
@@ -96,13 +98,35 @@ async def run(url: str, api_key: str, clients: int, requests: int, max_tokens: i
             except Exception as e:  # noqa: BLE001 - every failure is counted and reported
                 errors.append(f"{type(e).__name__}: {e}")
 
-    started = time.perf_counter()
+    started = time.time()
     await asyncio.gather(*(worker() for _ in range(clients)))
-    wall = time.perf_counter() - started
+    return results, errors, started, time.time()
+
+
+def _load_in_process(args: tuple) -> tuple[list[dict], list[str], float, float]:
+    return asyncio.run(load(*args))
+
+
+def run(url: str, api_key: str, clients: int, requests: int, max_tokens: int, timeout: float,
+        procs: int = 1) -> dict:
+    """The load's figures; with procs > 1 the clients are split over that many processes, so that the
+    clients' own Python (an OpenAI client parses every chunk) is not what limits tokens/s."""
+    shares = [(url, api_key, len(range(p, clients, procs)), range(p, requests, procs), max_tokens, timeout)
+              for p in range(procs)]
+    if procs == 1:
+        parts = [_load_in_process(shares[0])]
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(procs) as pool:
+            parts = pool.map(_load_in_process, shares)
+    results = [r for part in parts for r in part[0]]
+    errors = [e for part in parts for e in part[1]]
+    wall = max(part[3] for part in parts) - min(part[2] for part in parts)
     ttft = sorted(r["ttft"] for r in results)
     tokens = sum(r["tokens"] for r in results)
-    return {"clients": clients, "requests": requests, "max_tokens": max_tokens, "errors": len(errors),
-            "first_errors": errors[:3], "wall_s": round(wall, 2),
+    return {"clients": clients, "client_processes": procs, "requests": requests, "max_tokens": max_tokens,
+            "errors": len(errors), "first_errors": errors[:3], "wall_s": round(wall, 2),
             "ttft_p50_s": round(statistics.median(ttft), 3) if ttft else None,
             "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3) if ttft else None,
             "tokens": tokens, "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round(len(results) / wall, 2)}
@@ -118,6 +142,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--kv-cache-tokens", type=int, default=65_536)
+    parser.add_argument("--procs", type=int, default=1, help="client processes the clients are split over")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per request before it counts as an error")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--server-log", help="write the local server's output here (its engine logs tokens/s and "
@@ -129,7 +154,7 @@ def main() -> None:
     url, proc = (args.url, None) if args.url else start_local(model, args.device, args.kv_cache_tokens,
                                                                             args.server_log)
     try:
-        result = asyncio.run(run(url, args.api_key, args.clients, args.requests, args.max_tokens, args.timeout))
+        result = run(url, args.api_key, args.clients, args.requests, args.max_tokens, args.timeout, args.procs)
     finally:
         if proc is not None:
             proc.terminate()

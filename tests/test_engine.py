@@ -217,7 +217,7 @@ def test_graph_buckets_cover_every_batch_and_skip_one():
     assert buckets_for(1) == [2] and buckets_for(40)[-1] == 48
 
 
-def test_compiled_decode_layers_equal_eager_and_compile_once(tokenizer):
+def test_compiled_layers_equal_eager_and_compile_once(tokenizer):
     import warnings
 
     from torch._dynamo.utils import counters
@@ -232,13 +232,23 @@ def test_compiled_decode_layers_equal_eager_and_compile_once(tokenizer):
     llm.step()
     args, _, _ = llm.decode_inputs(llm.scheduler.running)
     eager = llm.decoder.decode(*args)
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    slots = [[llm._slot(seq, p) for p in range(len(seq.prompt_ids))] for seq in llm.scheduler.running]
+    llm.decoder.k_cache.zero_()
+    eager_prefill = llm.decoder.prefill(prompts, slots)
+    cache = llm.decoder.k_cache.clone()
     graphs_before = counters["stats"]["unique_graphs"]
     llm.decoder.compile_layers()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed compile falls back with a warning: fail instead
         assert torch.allclose(llm.decoder.decode(*args), eager, atol=1e-4)
         assert torch.allclose(llm.decoder.decode(*[a[:2] for a in args]), eager[:2], atol=1e-4)
-    assert counters["stats"]["unique_graphs"] - graphs_before <= 2  # one layer graph serves all six layers
+        llm.decoder.k_cache.zero_()
+        assert torch.allclose(llm.decoder.prefill(prompts, slots), eager_prefill, atol=1e-4)
+        assert torch.allclose(llm.decoder.k_cache, cache, atol=1e-5)  # the prompts' KV written again, as eagerly
+        assert torch.allclose(llm.decoder.prefill(prompts[1:3], slots[1:3]), eager_prefill[1:3], atol=1e-4)
+    # one layer graph each for decode and prefill serves all six layers and every batch and prompt length
+    assert counters["stats"]["unique_graphs"] - graphs_before <= 4
 
 
 def test_padded_graph_buckets_change_no_sequence(tiny, monkeypatch):
@@ -256,6 +266,9 @@ def test_padded_graph_buckets_change_no_sequence(tiny, monkeypatch):
                               scratch_slot=llm.decoder.scratch_slot, device=llm.device)
     assert [c.token_ids for c in graphed.generate(PROMPTS, params)] == [c.token_ids for c in plain]
     assert 16 in llm._step.graphs  # 12 running sequences, padded to the bucket of 16
+    llm.warmup()  # between requests, as a server may: every bucket captured, on padding rows only
+    assert sorted(llm._step.graphs) == [2, 4, 8, 16]
+    assert [c.token_ids for c in graphed.generate(PROMPTS, params)] == [c.token_ids for c in plain]
 
 
 def test_running_ahead_changes_no_token_and_leaks_no_block(tiny, monkeypatch):
@@ -288,3 +301,20 @@ def test_running_ahead_changes_no_token_and_leaks_no_block(tiny, monkeypatch):
     plain, plain_launches = run(False)
     assert ahead == plain
     assert launches > plain_launches  # it did run ahead: steps were launched that some ended sequences drop
+
+
+def test_a_warm_engine_compiles_no_prefill_again(tokenizer):
+    # a server prefills whatever arrives: after warmup() no prompt count or length may recompile (a stall
+    # of seconds), including lengths that equal one of the model's dimensions (here 2 KV heads, 16 head_dim)
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    llm = LLMEngine(LlamaForCausalLM(config).eval(), tokenizer, kv_cache_tokens=1024, block_size=4)
+    llm.decoder.compile_layers()
+    llm.warmup()
+    graphs = counters["stats"]["unique_graphs"]
+    for lengths in ([2], [16], [64], [30, 2], [16, 16, 5], [3, 40, 9, 64, 2]):
+        llm.decoder.prefill([[7] * n for n in lengths], [list(range(n)) for n in lengths])
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -118,3 +118,14 @@ def test_uniforms_stay_strictly_inside_the_unit_interval():
     u = to_unit(torch.tensor([0, 2**32 - 1, 2**31, 511, 512]))
     assert (u > 0).all() and (u < 1).all()
     assert torch.isfinite(-torch.log(-torch.log(u))).all()
+
+
+def test_prompts_encode_in_a_batch_as_one_by_one(tokenizer):
+    from r1kit.prompts import build_prompt
+    from r1kit.rollout.types import encode_prompts
+
+    chat = build_prompt("What is 2 + 3?", tokenizer, "chat_plain")  # a template that may open with BOS
+    prompts = ["plain text", chat, f"{tokenizer.bos_token}already has a BOS", "", chat + " more"]
+    one_by_one = [tokenizer(p, add_special_tokens=not p.startswith(tokenizer.bos_token))["input_ids"] for p in prompts]
+    assert encode_prompts(tokenizer, prompts) == one_by_one
+    assert encode_prompts(tokenizer, []) == []

@@ -222,10 +222,12 @@ def test_step_stats_summarize_a_window():
     from r1kit.serve.worker import StepStats
 
     stats = StepStats(every_s=0.0)
-    stats.record(0.002, 64)
-    stats.record(0.004, 60)
+    stats.record("decode", 0.002, 64)
+    stats.record("prefill", 0.010, 1)
+    stats.record("decode", 0.004, 60)
     line = stats.line(running=60, waiting=3)
-    assert "step 3.0 ms mean (4 max)" in line and line.endswith("running 60, waiting 3")
+    assert "2 decode steps 3.0 ms mean (4 max), 1 prefill steps 10.0 ms mean (10 max)" in line
+    assert line.endswith("running 60, waiting 3")
     assert stats.line(running=60, waiting=3) is None  # a new window, with no step in it yet
 
 

@@ -6,7 +6,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from r1kit.rollout.sampler import SamplingBatch, request_seed, sample, sequence_key, top_logprobs
-from r1kit.rollout.types import Completion, Progress, SamplingParams, cut_at_stop, encode_prompt
+from r1kit.rollout.types import Completion, Progress, SamplingParams, cut_at_stop, encode_prompt, encode_prompts
 
 
 class _Sampler(LogitsProcessor):
@@ -59,7 +59,7 @@ class HFGenerator:
                  ) -> list[Completion]:
         """n completions per prompt, grouped by prompt in prompt order."""
         seed = request_seed(params.seed)
-        encoded = [self.encode(p) for p in prompts]
+        encoded = encode_prompts(self.tokenizer, prompts)
         jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(params.n)),
                       key=lambda job: -len(encoded[job[0]]))
         results: dict[tuple[int, int], Completion] = {}

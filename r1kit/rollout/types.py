@@ -66,8 +66,22 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str | None:
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Prompt token ids; no second BOS when the (chat-templated) text already starts with one."""
+    return encode_prompts(tokenizer, [prompt])[0]
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """encode_prompt of each prompt, in one tokenizer call per BOS case (a fast tokenizer encodes a batch
+    in parallel: 512 prompts one by one took 70 ms of a 0.9-s rollout)."""
     bos = tokenizer.bos_token
-    return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+    has_bos = [bool(bos) and p.startswith(bos) for p in prompts]
+    ids: list[list[int]] = [[] for _ in prompts]
+    for flag in (False, True):
+        where = [i for i, b in enumerate(has_bos) if b == flag]
+        if where:
+            for i, row in zip(where, tokenizer([prompts[i] for i in where], add_special_tokens=not flag)["input_ids"],
+                              strict=True):
+                ids[i] = row
+    return ids
 
 
 class Generator(Protocol):

@@ -338,21 +338,25 @@ async def _chat_stream(meta: dict, choices: list[ChoiceText], splitters: list[Re
                                          "finish_reason": None}]})
     reasoning_text = [""] * len(choices)
     async for _, batch in events:
+        deltas: dict[int, list[str]] = {}  # choice -> [reasoning, content] this batch adds
         for event in batch:
             choice, splitter = choices[event.index], splitters[event.index]
             reasoning, content = splitter.feed(choice.add(event))
             if choice.finish_reason:
                 tail = splitter.finish()
                 reasoning, content = reasoning + tail[0], content + tail[1]
-            reasoning_text[event.index] += reasoning
+            added = deltas.setdefault(event.index, ["", ""])
+            added[0], added[1] = added[0] + reasoning, added[1] + content
+        for index, (reasoning, content) in deltas.items():
+            reasoning_text[index] += reasoning
             delta = {}
             if reasoning:
                 delta.update(reasoning_content=reasoning, reasoning=reasoning)
             if content:
                 delta["content"] = content
-            finish = choice.finish_reason
+            finish = choices[index].finish_reason
             if delta or finish:
-                yield sse({**chunk, "choices": [{"index": event.index, "delta": delta, "finish_reason": finish}]})
+                yield sse({**chunk, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
     if include_usage:
         reasoning_tokens = sum(_count(served.tokenizer, r) for r in reasoning_text)
         yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, sum(c.tokens for c in choices),
@@ -363,11 +367,13 @@ async def _chat_stream(meta: dict, choices: list[ChoiceText], splitters: list[Re
 async def _completion_stream(meta: dict, choices: list[ChoiceText], events: AsyncIterator, n: int
                              ) -> AsyncIterator[str]:
     async for p, batch in events:
+        texts: dict[int, str] = {}  # choice -> the text this batch adds
         for event in batch:
-            choice = choices[p * n + event.index]
-            text = choice.add(event)
-            if text or choice.finish_reason:
+            index = p * n + event.index
+            texts[index] = texts.get(index, "") + choices[index].add(event)
+        for index, text in texts.items():
+            if text or choices[index].finish_reason:
                 yield sse({**meta, "object": "text_completion", "choices": [
-                    {"index": p * n + event.index, "text": text, "finish_reason": choice.finish_reason,
+                    {"index": index, "text": text, "finish_reason": choices[index].finish_reason,
                      "logprobs": None}]})
     yield "data: [DONE]\n\n"

@@ -45,6 +45,10 @@ def load_served(spec: str, name: str | None, device: str, kv_cache_tokens: int) 
     folder = resolve_model(spec)
     model, tokenizer = load_model(spec, device)
     engine = LLMEngine(model, tokenizer, kv_cache_tokens=kv_cache_tokens)
+    started = time.perf_counter()
+    engine.warmup()
+    logging.getLogger("r1kit.serve").info("engine warm (decode graphs and sampler compiled) in %.1f s",
+                                          time.perf_counter() - started)
     served_name = name or (Path(spec).name if spec != "default" else "SmolLM2-135M-Instruct")
     return ServedModel(name=served_name, worker=EngineWorker(engine), tokenizer=tokenizer,
                        sha256=weights_sha256(folder), path=str(folder), created=int(time.time()))

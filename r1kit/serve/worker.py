@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,28 +24,33 @@ log = logging.getLogger("r1kit.serve")
 
 
 class StepStats:
-    """The engine's throughput over a window, for a periodic log line (as vLLM logs its own)."""
+    """The engine's throughput over a window, prefill and decode steps apart, for a periodic log line (as
+    vLLM logs its own)."""
 
     def __init__(self, every_s: float = 10.0):
         self.every_s = every_s
         self._reset(time.perf_counter())
 
     def _reset(self, now: float) -> None:
-        self.started, self.steps, self.tokens, self.busy_s, self.longest_s = now, 0, 0, 0.0, 0.0
+        self.started, self.tokens = now, 0
+        self.kinds: dict[str, list[float]] = {}  # kind -> [steps, busy seconds, longest seconds]
 
-    def record(self, seconds: float, tokens: int) -> None:
-        self.steps, self.tokens, self.busy_s = self.steps + 1, self.tokens + tokens, self.busy_s + seconds
-        self.longest_s = max(self.longest_s, seconds)
+    def record(self, kind: str, seconds: float, tokens: int) -> None:
+        self.tokens += tokens
+        steps, busy, longest = self.kinds.get(kind, (0, 0.0, 0.0))
+        self.kinds[kind] = [steps + 1, busy + seconds, max(longest, seconds)]
 
     def line(self, running: int, waiting: int) -> str | None:
         """A summary of the window once it is over (then a new one starts), else None."""
         now = time.perf_counter()
         window = now - self.started
-        if window < self.every_s or not self.steps:
+        if window < self.every_s or not self.kinds:
             return None
-        text = (f"engine: {self.tokens / window:.0f} tokens/s, {self.steps / window:.0f} steps/s, step "
-                f"{1000 * self.busy_s / self.steps:.1f} ms mean ({1000 * self.longest_s:.0f} max), busy "
-                f"{self.busy_s / window:.0%}, running {running}, waiting {waiting}")
+        kinds = ", ".join(f"{steps:.0f} {kind} steps {1000 * busy / steps:.1f} ms mean ({1000 * longest:.0f} max)"
+                          for kind, (steps, busy, longest) in sorted(self.kinds.items()))
+        busy = sum(kind[1] for kind in self.kinds.values())
+        text = (f"engine: {self.tokens / window:.0f} tokens/s, {kinds}, busy {busy / window:.0%}, "
+                f"running {running}, waiting {waiting}")
         self._reset(now)
         return text
 
@@ -84,6 +90,9 @@ class EngineWorker:
         self.inbox: queue.SimpleQueue[Submission] = queue.SimpleQueue()
         self.running = True
         self.stats = StepStats()
+        # after each wait on the GPU the engine thread needs the GIL back; while the event loop holds it,
+        # Python hands it over only every switch interval (5 ms by default), which stretched 2-ms steps to 6
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self.thread = threading.Thread(target=self._loop, name="r1kit-engine", daemon=True)
         self.thread.start()
 
@@ -143,7 +152,7 @@ class EngineWorker:
                     self._fail_all(error)
                     advanced = []
                 if advanced:
-                    self.stats.record(time.perf_counter() - started, len(advanced))
+                    self.stats.record(self.engine.last_step, time.perf_counter() - started, len(advanced))
                     line = self.stats.line(len(self.engine.scheduler.running), len(self.engine.scheduler.waiting))
                     if line:
                         log.info(line)
@@ -177,12 +186,26 @@ class EngineWorker:
         remaining = params.n * len(prompts)
         try:
             while remaining:
-                i, events = await arrived.get()
-                if isinstance(events, Exception):
-                    raise events
-                remaining -= sum(e.finish_reason is not None for e in events)
-                yield i, events
+                for i, events in _drained(await arrived.get(), arrived):
+                    remaining -= sum(e.finish_reason is not None for e in events)
+                    yield i, events
         finally:
             if remaining:
                 for submission in submissions:
                     self.abort(submission)
+
+
+def _drained(first: tuple[int, list[Event] | Exception], arrived: asyncio.Queue) -> list[tuple[int, list[Event]]]:
+    """`first` and whatever else has arrived, the events of each prompt merged in order: a client that falls
+    behind the engine gets several tokens a chunk instead of falling further behind, chunk by chunk."""
+    merged: dict[int, list[Event]] = {}
+    item = first
+    while True:
+        i, events = item
+        if isinstance(events, Exception):
+            raise events
+        merged.setdefault(i, []).extend(events)
+        try:
+            item = arrived.get_nowait()
+        except asyncio.QueueEmpty:
+            return list(merged.items())

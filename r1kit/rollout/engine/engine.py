@@ -14,7 +14,7 @@ from r1kit.rollout.engine.scheduler import Request, Scheduler
 from r1kit.rollout.engine.sequence import Sequence
 from r1kit.rollout.hf import eos_token_ids
 from r1kit.rollout.sampler import SamplingBatch, request_seed, sample, sequence_key, top_logprobs
-from r1kit.rollout.types import Completion, Progress, SamplingParams, cut_at_stop, encode_prompt
+from r1kit.rollout.types import Completion, Progress, SamplingParams, cut_at_stop, encode_prompt, encode_prompts
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -67,6 +67,7 @@ class LLMEngine:
         self._next_id = 0
         self._batch: RunningBatch | None = None  # of the last decode step
         self._ahead: Sampled | None = None  # a decode step launched before the last one was recorded
+        self.last_step = ""  # "prefill" or "decode": what the last step() ran
         self._step = self._decode_step(max_num_seqs, cuda_graphs, compile)
 
     def _decode_step(self, max_num_seqs: int, cuda_graphs: bool, compile: bool):
@@ -83,6 +84,25 @@ class LLMEngine:
     def sync_weights(self) -> None:
         """Refresh the engine's weight buffers after an optimizer step (free when it shares the policy's)."""
         self.decoder.sync_weights()
+
+    def warmup(self) -> None:
+        """Compile and capture now what a first use would (every batch size's decode graph, the prefill
+        layer, the sampler), so that no later step stalls for seconds: a server's batch changes with every
+        request."""
+        if isinstance(self._step, GraphedDecode):
+            self._step.capture_all()
+        # prefills of one prompt and of several, writing only to the scratch slot; lengths that equal no
+        # dimension of a model, or torch.compile ties them to it and compiles again for any other
+        scratch = self.decoder.scratch_slot
+        for prompts in ([[0] * 7], [[0] * 11, [0] * 13]):
+            self.decoder.prefill(prompts, [[scratch] * len(p) for p in prompts])
+        vocab = self.decoder.w["lm_head.weight"].shape[0]
+        for rows in (1, 2):  # the sampler compiles once for one row and once for any other count
+            for params in (SamplingParams(), SamplingParams(top_p=0.9)):  # with and without a filter
+                keys, steps = (torch.zeros(rows, dtype=torch.long, device=self.device) for _ in range(2))
+                # two tensors, not one twice: the compiled sampler would guard on keys being steps
+                sample(torch.zeros(rows, vocab, device=self.device), SamplingBatch.of([params] * rows, self.device),
+                       keys, steps)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, keys: list[int] | None = None) -> Request:
         """Queue params.n sequences of a prompt; `keys` seeds each one's sampling (random when None)."""
@@ -119,8 +139,10 @@ class LLMEngine:
         """One prefill (admitting requests) or one decode step; the sequences that got a token."""
         if self._ahead is not None:
             ahead, self._ahead = self._ahead, None
+            self.last_step = "decode"
             return self._decode(ahead.seqs, ahead) if self._can_run_ahead(ahead.seqs) else self._record(ahead)
         kind, work = self.scheduler.schedule()
+        self.last_step = kind
         if kind == "prefill":
             return self._prefill(work)
         return self._decode(list(work)) if work else []
@@ -288,9 +310,9 @@ class EngineGenerator:
                  ) -> list[Completion]:
         """n completions per prompt, grouped by prompt in prompt order."""
         seed = request_seed(params.seed)
-        requests = [self.engine.add_request(self.encode(p), params,
-                                            [sequence_key(seed, i * params.n + s) for s in range(params.n)])
-                    for i, p in enumerate(prompts)]
+        keys = [[sequence_key(seed, i * params.n + s) for s in range(params.n)] for i in range(len(prompts))]
+        requests = [self.engine.add_request(ids, params, keys[i])
+                    for i, ids in enumerate(encode_prompts(self.tokenizer, prompts))]
         while self.engine.has_work():
             done = sum(seq.finished for seq in self.engine.step())
             if progress and done:

@@ -53,6 +53,15 @@ class GraphedDecode:
         self.graphs[bucket]()
         return self.logits[:batch]
 
+    def capture_all(self) -> None:
+        """Capture every bucket's graph not captured yet, on padding rows only (they touch no real KV)."""
+        for buffer, pad in ((self.tokens, 0), (self.positions, 0), (self.slots, self.scratch_slot), (self.lens, 1)):
+            buffer.fill_(pad)
+        self.tables.zero_()
+        for bucket in self.buckets:
+            if bucket not in self.graphs:
+                self.graphs[bucket] = self.capture(self._bucket_step(bucket))
+
     def _bucket_step(self, bucket: int) -> Callable[[], None]:
         inputs = (self.tokens[:bucket], self.positions[:bucket], self.slots[:bucket], self.tables[:bucket],
                   self.lens[:bucket])

@@ -98,7 +98,7 @@ class PagedDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         self.layer_weights = [layer_weights(self.w, f"model.layers.{i}.") for i in range(self.layers)]
-        self.decode_layer = self._decode_layer
+        self.decode_layer, self.prefill_layer = self._decode_layer, self._prefill_layer
         # one slot past the blocks: where padded rows of a captured decode step write their KV
         self.block_size, self.scratch_slot = block_size, num_slots
         shape = (self.layers, num_slots + 1, self.kv_heads, self.head_dim)
@@ -148,9 +148,12 @@ class PagedDecoder:
         return self._post_attention(x, attention, lw)
 
     def compile_layers(self) -> None:
-        """Decode through one compiled layer, reused by all (one compilation of one layer, not of the
-        whole stack: seconds instead of a minute, with the same fusions)."""
+        """Decode and prefill through one compiled layer each, reused by all (one compilation of one layer,
+        not of the whole stack: seconds instead of a minute, with the same fusions). Uncompiled, a prefill
+        is ~30 ops a layer launched from Python: tens of ms for a few short prompts, which a server pays
+        at every arrival."""
         self.decode_layer = compiled(self._decode_layer, "the engine's decode layer")
+        self.prefill_layer = compiled(self._prefill_layer, "the engine's prefill layer")
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.w["model.embed_tokens.weight"])
@@ -171,25 +174,31 @@ class PagedDecoder:
         starts = lengths.cumsum(0) - lengths
         row = torch.repeat_interleave(torch.arange(len(prompts), device=self.device), lengths)
         positions = torch.arange(len(ids), device=self.device) - starts[row]
-        longest = max(len(p) for p in prompts)
+        grid = torch.empty(len(prompts), max(len(p) for p in prompts), 0, device=self.device)  # only its shape
+        x, (cos, sin) = self._embed(ids), self._rotary(positions)
+        for layer, lw in enumerate(self.layer_weights):
+            x = self.prefill_layer(x, cos, sin, lw, self.k_cache[layer], self.v_cache[layer], slot_t, row, positions,
+                                   grid)
+        return self._logits(x[starts + lengths - 1])
+
+    def _prefill_layer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lw: LayerWeights,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, row: torch.Tensor,
+                       positions: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """A layer over the prompts' packed tokens (token i is prompt row[i]'s positions[i]), writing each
+        token's KV at its slot of the layer's caches; grid is (prompts, longest, 0). The caches are passed,
+        not indexed by layer here: a compiled layer would specialize on the index, once per layer."""
+        q, k, v = self._pre_attention(x, cos, sin, lw)
+        k_cache[slots] = k
+        v_cache[slots] = v
 
         def padded(t: torch.Tensor) -> torch.Tensor:
-            out = t.new_zeros(len(prompts), longest, *t.shape[1:])
+            out = t.new_zeros(grid.shape[0], grid.shape[1], *t.shape[1:])
             out[row, positions] = t
             return out.transpose(1, 2)
 
         # right padding: with a causal mask no real query sees a pad, so one SDPA call runs every prompt
-        def attend(q, k, v, layer):
-            self.k_cache[layer, slot_t] = k
-            self.v_cache[layer, slot_t] = v
-            out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True, enable_gqa=True)
-            return out.transpose(1, 2)[row, positions]
-
-        x, (cos, sin) = self._embed(ids), self._rotary(positions)
-        for layer, lw in enumerate(self.layer_weights):
-            q, k, v = self._pre_attention(x, cos, sin, lw)
-            x = self._post_attention(x, attend(q, k, v, layer), lw)
-        return self._logits(x[starts + lengths - 1])
+        attention = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True, enable_gqa=True)
+        return self._post_attention(x, attention.transpose(1, 2)[row, positions], lw)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
