@@ -136,15 +136,22 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
     """(model, tokenizer) for a spec; the model in eval mode, `model.name_or_path` its local folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = resolve_model(spec)
     dev = pick_device(device)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=pick_dtype(dtype, dev)).to(dev).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, load_tokenizer(str(folder))
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of a spec, padding with EOS where it has no pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 def model_info(spec: str) -> dict:

@@ -318,3 +318,30 @@ def test_a_warm_engine_compiles_no_prefill_again(tokenizer):
     for lengths in ([2], [16], [64], [30, 2], [16, 16, 5], [3, 40, 9, 64, 2]):
         llm.decoder.prefill([[7] * n for n in lengths], [list(range(n)) for n in lengths])
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_arrivals_wait_to_be_prefilled_together(tiny):
+    # a request arriving while others run waits prefill_delay x the last prefill's duration, so that several
+    # arrivals share one prefill; nothing running, or the wait over, it is prefilled at once
+    model, tokenizer = tiny
+    llm = LLMEngine(model, tokenizer, kv_cache_tokens=512, block_size=4, prefill_delay=2.0)
+    now = [0.0]
+    llm.clock = lambda: now[0]
+    params = SamplingParams(max_tokens=20, ignore_eos=True, seed=1)
+    first = llm.add_request(encode_prompt(tokenizer, PROMPTS[0]), params)
+    llm.step()
+    assert llm.last_step == "prefill" and llm._prefill_s == 0.0  # the clock stood still: a free prefill
+    llm._prefill_s = 0.5  # as if it had taken half a second
+    late = [llm.add_request(encode_prompt(tokenizer, p), params) for p in PROMPTS[1:3]]
+    kinds = []
+    for tick in (0.4, 0.5, 0.9, 1.0, 1.0):  # due once the first arrival has waited 2.0 x 0.5 s
+        now[0] = tick
+        llm.step()
+        kinds.append(llm.last_step)
+    # at 1.0 the step launched ahead at 0.9 is recorded first, then the two arrivals share one prefill
+    assert kinds == ["decode"] * 4 + ["prefill"]
+    assert [len(s.output_ids) for r in [first, *late] for s in r.sequences] == [5, 1, 1]
+    while llm.has_work():
+        llm.step()
+    assert all(len(s.output_ids) == 20 for r in [first, *late] for s in r.sequences)
+    assert first.sequences[0].output_ids == engine(model, tokenizer).generate(PROMPTS[:1], params)[0].token_ids

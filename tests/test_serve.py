@@ -241,6 +241,7 @@ def test_worker_inbox_refusals_and_aborts_happen_on_the_engine_thread():
 
     class StubEngine:
         scheduler = SimpleNamespace(running=[], waiting=[])
+        decoder = SimpleNamespace(max_len=4096)
 
         def __init__(self):
             self.added, self.aborted, self.threads = [], [], set()
@@ -326,3 +327,46 @@ def test_generation_failures_reach_the_client_in_openais_shape(tmp_path, tokeniz
         assert broken.client.models.list().data[0].id == "tiny"  # the server and its engine thread live on
     finally:
         broken.stop()
+
+
+def test_the_engine_in_its_own_process(tiny_model_dir):
+    # as `r1kit serve` runs it on a GPU: the engine in a child process, requests and events through pipes
+    import asyncio
+
+    from r1kit.rollout.types import SamplingParams
+    from r1kit.serve.process import EngineProcess
+
+    cfg = ServeConfig(model=str(tiny_model_dir), port=free_port(), device="cpu", kv_cache_tokens=2048)
+    served = load_served(cfg.model, "tiny", "cpu", cfg.kv_cache_tokens, engine_process=True)
+    assert isinstance(served.worker, EngineProcess) and served.worker.max_len == 2048
+    server, thread = serve_in_thread(create_app([served], cfg), cfg.port, log_level="error")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.port}/v1", api_key="none", max_retries=0)
+    try:
+        chat = dict(model="tiny", messages=[{"role": "user", "content": "hi"}])
+        streamed = list(client.chat.completions.create(**chat, max_tokens=6, stream=True, seed=3,
+                                                       stream_options={"include_usage": True}))
+        assert streamed[-1].usage.completion_tokens <= 6
+        whole = client.chat.completions.create(**chat, max_tokens=6, n=2, seed=3)
+        assert len(whole.choices) == 2 and whole.choices[0].message.content is not None
+        with pytest.raises(openai.BadRequestError, match="exceed tiny.s context of 2048 tokens"):
+            client.chat.completions.create(**chat, max_tokens=2040)
+
+        async def first_then_leave():  # a client that goes away: its request is aborted in the child
+            async for _ in served.worker.stream([[5, 6, 7]], SamplingParams(max_tokens=1500, ignore_eos=True)):
+                return
+
+        asyncio.run(first_then_leave())
+        assert not served.worker._listeners
+        with pytest.raises(ValueError, match="exceed the engine's context of 2048 tokens"):
+            asyncio.run(_stream_all(served.worker, [1] * 2000))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        served.worker.close()
+    assert not served.worker.process.is_alive()
+
+
+async def _stream_all(worker, prompt):
+    from r1kit.rollout.types import SamplingParams
+
+    return [events async for _, events in worker.stream([prompt], SamplingParams(max_tokens=100))]

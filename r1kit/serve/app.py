@@ -21,7 +21,7 @@ from r1kit.rollout.types import SamplingParams, encode_prompt
 from r1kit.serve.reasoning import ReasoningSplitter, split_reasoning
 from r1kit.serve.router import Gate, Router
 from r1kit.serve.schemas import ChatRequest, CompletionRequest, SamplingFields, error_body, usage
-from r1kit.serve.worker import EngineWorker, Event
+from r1kit.serve.worker import Event, Worker
 
 
 class APIError(Exception):
@@ -38,7 +38,7 @@ class ServedModel:
     """A model the server answers as `name`: its engine worker, tokenizer and weight identity."""
 
     name: str
-    worker: EngineWorker
+    worker: Worker
     tokenizer: Any
     sha256: str
     path: str
@@ -166,7 +166,7 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
                            f"{cfg.max_prompt_tokens}", code="context_length_exceeded")
 
     def check_context(served: ServedModel, ids: list[int], params: SamplingParams) -> None:
-        context = served.worker.engine.decoder.max_len
+        context = served.worker.max_len
         if len(ids) + params.max_tokens > context:
             raise APIError(400, f"the prompt's {len(ids)} tokens + max_tokens {params.max_tokens} exceed "
                            f"{served.name}'s context of {context} tokens", code="context_length_exceeded")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from r1kit.config import ServeConfig
 from r1kit.serve.app import ServedModel, create_app
+from r1kit.serve.process import EngineProcess
 from r1kit.serve.router import Gate, Router
 from r1kit.serve.worker import EngineWorker
 
@@ -37,21 +38,31 @@ def serve_in_thread(app, port: int, log_level: str = "warning"):
     return server, thread
 
 
-def load_served(spec: str, name: str | None, device: str, kv_cache_tokens: int) -> ServedModel:
-    """A model ready to serve: weights loaded (bf16 on GPU), engine thread running, sha256 computed."""
-    from r1kit.models import load_model, resolve_model, weights_sha256
+def load_served(spec: str, name: str | None, device: str, kv_cache_tokens: int,
+                engine_process: bool | None = None) -> ServedModel:
+    """A model ready to serve: engine running and warm (bf16 on GPU), tokenizer loaded, sha256 computed.
+
+    The engine runs in a process of its own on a GPU (`engine_process` None), on a thread of this one on
+    the CPU, where a step is slow enough that sharing the interpreter lock costs little."""
+    from r1kit.models import load_model, load_tokenizer, pick_device, resolve_model, weights_sha256
     from r1kit.rollout.engine import LLMEngine
 
     folder = resolve_model(spec)
-    model, tokenizer = load_model(spec, device)
-    engine = LLMEngine(model, tokenizer, kv_cache_tokens=kv_cache_tokens)
+    log = logging.getLogger("r1kit.serve")
     started = time.perf_counter()
-    engine.warmup()
-    logging.getLogger("r1kit.serve").info("engine warm (decode graphs and sampler compiled) in %.1f s",
-                                          time.perf_counter() - started)
+    if engine_process if engine_process is not None else pick_device(device).type == "cuda":
+        worker = EngineProcess(str(folder), device, kv_cache_tokens)
+        tokenizer = load_tokenizer(str(folder))
+    else:
+        model, tokenizer = load_model(str(folder), device)
+        engine = LLMEngine(model, tokenizer, kv_cache_tokens=kv_cache_tokens)
+        engine.warmup()
+        worker = EngineWorker(engine)
+    log.info("engine loaded and warm (decode graphs, prefill and sampler compiled) in %.1f s",
+             time.perf_counter() - started)
     served_name = name or (Path(spec).name if spec != "default" else "SmolLM2-135M-Instruct")
-    return ServedModel(name=served_name, worker=EngineWorker(engine), tokenizer=tokenizer,
-                       sha256=weights_sha256(folder), path=str(folder), created=int(time.time()))
+    return ServedModel(name=served_name, worker=worker, tokenizer=tokenizer, sha256=weights_sha256(folder),
+                       path=str(folder), created=int(time.time()))
 
 
 def build_app(cfg: ServeConfig):

@@ -77,13 +77,53 @@ class Submission:
     listener: Listener
     request: Request | None = None
     aborted: bool = False
+    sid: int = -1  # its id in the engine process (EngineProcess)
 
 
-class EngineWorker:
-    """Runs `engine.step()` in a loop on its own thread; each request's events go to its callback."""
+class Worker:
+    """What the app streams from: requests go in with `submit` and `abort`, their events come back to a
+    listener from another thread. EngineWorker runs the engine on a thread of this process; EngineProcess
+    (serve/process.py) in a process of its own."""
 
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
+    max_len: int  # the engine's context: prompt + max_tokens must fit
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, listener: Listener) -> Submission:
+        raise NotImplementedError
+
+    def abort(self, submission: Submission) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    async def stream(self, prompts: list[list[int]], params: SamplingParams
+                     ) -> AsyncIterator[tuple[int, list[Event]]]:
+        """(prompt index, events) of one request per prompt as they come; leaving early aborts them all."""
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Queue[tuple[int, list[Event] | Exception]] = asyncio.Queue()
+
+        def listener(i: int) -> Listener:
+            return lambda events: loop.call_soon_threadsafe(arrived.put_nowait, (i, events))
+
+        submissions = [self.submit(ids, params, listener(i)) for i, ids in enumerate(prompts)]
+        remaining = params.n * len(prompts)
+        try:
+            while remaining:
+                for i, events in _drained(await arrived.get(), arrived):
+                    remaining -= sum(e.finish_reason is not None for e in events)
+                    yield i, events
+        finally:
+            if remaining:
+                for submission in submissions:
+                    self.abort(submission)
+
+
+class EngineWorker(Worker):
+    """Runs `engine.step()` in a loop on its own thread; each request's events go to its callback, and
+    `flush` (if given) is called once a loop, after the callbacks (to send what they gathered)."""
+
+    def __init__(self, engine: LLMEngine, flush: Callable[[], None] | None = None):
+        self.engine, self.flush, self.max_len = engine, flush, engine.decoder.max_len
         self.lock = threading.Lock()  # held through each step: another thread may read the engine between steps
         self.wakeup = threading.Event()
         self.listeners: dict[int, tuple[Request, Listener]] = {}
@@ -172,27 +212,8 @@ class EngineWorker:
                 self.wakeup.clear()
             for listener, events in calls:
                 listener(events)
-
-    async def stream(self, prompts: list[list[int]], params: SamplingParams
-                     ) -> AsyncIterator[tuple[int, list[Event]]]:
-        """(prompt index, events) of one request per prompt as they come; leaving early aborts them all."""
-        loop = asyncio.get_running_loop()
-        arrived: asyncio.Queue[tuple[int, list[Event] | Exception]] = asyncio.Queue()
-
-        def listener(i: int) -> Listener:
-            return lambda events: loop.call_soon_threadsafe(arrived.put_nowait, (i, events))
-
-        submissions = [self.submit(ids, params, listener(i)) for i, ids in enumerate(prompts)]
-        remaining = params.n * len(prompts)
-        try:
-            while remaining:
-                for i, events in _drained(await arrived.get(), arrived):
-                    remaining -= sum(e.finish_reason is not None for e in events)
-                    yield i, events
-        finally:
-            if remaining:
-                for submission in submissions:
-                    self.abort(submission)
+            if self.flush:
+                self.flush()
 
 
 def _drained(first: tuple[int, list[Event] | Exception], arrived: asyncio.Queue) -> list[tuple[int, list[Event]]]:

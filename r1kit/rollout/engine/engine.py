@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,8 @@ class LLMEngine:
 
     def __init__(self, model, tokenizer, *, kv_cache_tokens: int = 65_536, block_size: int = 16,
                  max_num_seqs: int = 512, max_prefill_tokens: int = 16_384, dtype: torch.dtype | None = None,
-                 share_prompts: bool = True, cuda_graphs: bool = True, compile: bool = True):
+                 share_prompts: bool = True, cuda_graphs: bool = True, compile: bool = True,
+                 prefill_delay: float = 1.0):
         num_blocks = -(-kv_cache_tokens // block_size)
         self.decoder = PagedDecoder(model, num_blocks * block_size, block_size, dtype)
         self.blocks = BlockManager(num_blocks, block_size)
@@ -68,6 +70,10 @@ class LLMEngine:
         self._batch: RunningBatch | None = None  # of the last decode step
         self._ahead: Sampled | None = None  # a decode step launched before the last one was recorded
         self.last_step = ""  # "prefill" or "decode": what the last step() ran
+        # A request that arrives while others run waits prefill_delay x the last prefill's duration before
+        # it is prefilled, so that arrivals are prefilled together: a prefill of one short prompt costs
+        # about as much as of several, and as much as ~10 decode steps of the running batch.
+        self.prefill_delay, self.clock, self._prefill_s = prefill_delay, time.perf_counter, 0.0
         self._step = self._decode_step(max_num_seqs, cuda_graphs, compile)
 
     def _decode_step(self, max_num_seqs: int, cuda_graphs: bool, compile: bool):
@@ -113,7 +119,7 @@ class LLMEngine:
             base = request_seed(params.seed)
             keys = [sequence_key(base, i) for i in range(params.n)]
         seqs = [Sequence(self._next_id, i, list(prompt_ids), params, keys[i]) for i in range(params.n)]
-        request = Request(self._next_id, seqs, shared=self.share_prompts and params.n > 1)
+        request = Request(self._next_id, seqs, shared=self.share_prompts and params.n > 1, arrived=self.clock())
         self.scheduler.add(request)
         self._next_id += 1
         return request
@@ -141,11 +147,17 @@ class LLMEngine:
             ahead, self._ahead = self._ahead, None
             self.last_step = "decode"
             return self._decode(ahead.seqs, ahead) if self._can_run_ahead(ahead.seqs) else self._record(ahead)
-        kind, work = self.scheduler.schedule()
+        kind, work = self.scheduler.schedule(self._admitting())
         self.last_step = kind
         if kind == "prefill":
             return self._prefill(work)
         return self._decode(list(work)) if work else []
+
+    def _admitting(self) -> bool:
+        """Whether the next step may prefill waiting requests: nothing runs, or the oldest has waited enough."""
+        waiting = self.scheduler.waiting
+        return bool(waiting) and (not self.scheduler.running
+                                  or self.clock() - waiting[0].arrived >= self.prefill_delay * self._prefill_s)
 
     def _slot(self, seq: Sequence, position: int) -> int:
         """The KV cache slot of a sequence's token at this position."""
@@ -155,6 +167,7 @@ class LLMEngine:
         return [self._slot(seq, p) for p in range(start, end)]
 
     def _prefill(self, requests: list[Request]) -> list[Sequence]:
+        started = self.clock()
         prompts, slots, rows, seqs = [], [], [], []
         for request in requests:
             heads = request.sequences[:1] if request.shared else request.sequences
@@ -171,7 +184,10 @@ class LLMEngine:
         self.scheduler.running += seqs
         sampling, keys = self._sampling(seqs)
         steps = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
-        return self._record(self._sample(seqs, logits[torch.tensor(rows, device=self.device)], sampling, keys, steps))
+        advanced = self._record(self._sample(seqs, logits[torch.tensor(rows, device=self.device)], sampling, keys,
+                                             steps))
+        self._prefill_s = self.clock() - started  # _record waited for the device
+        return advanced
 
     def _sampling(self, seqs: list[Sequence]) -> tuple[SamplingBatch, torch.Tensor]:
         return SamplingBatch.of([s.params for s in seqs], self.device), torch.tensor([s.key for s in seqs],
@@ -206,14 +222,14 @@ class LLMEngine:
 
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
         """Whether the next step may start before this one's tokens reach the host: the same sequences run it
-        (none ended or aborted, no request waits to be admitted) and no setting needs the tokens on the host
+        (none ended or aborted, no waiting request is due to be admitted) and no setting needs the tokens on the host
         first (the repetition penalty's history, top logprobs). Its KV writes stay within each sequence's
         reserved blocks: a sequence's last token is written at prompt + max_tokens - 1.
 
         `seqs` was the running set and only a prefill adds to it (never while a step runs ahead), so the
         same count means none of them ended or was aborted: scheduler.finish() removes those."""
         batch = self._batch
-        return (not self.scheduler.waiting and len(seqs) == len(self.scheduler.running) and batch is not None
+        return (not self._admitting() and len(seqs) == len(self.scheduler.running) and batch is not None
                 and batch.runs_ahead)
 
     def decode_inputs(self, seqs: list[Sequence]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, RunningBatch]:

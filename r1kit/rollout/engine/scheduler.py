@@ -22,6 +22,7 @@ class Request:
     id: int
     sequences: list[Sequence]
     shared: bool
+    arrived: float = 0.0  # when it was queued (the engine's clock)
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -65,11 +66,11 @@ class Scheduler:
             shared = prompt_blocks if i == 0 else self.blocks.share(prompt_blocks)
             seq.block_table = shared + self.blocks.allocate(per_seq - full)
 
-    def schedule(self) -> tuple[str, list[Request] | list[Sequence]]:
-        """("prefill", requests to admit) when any fit, else ("decode", the running sequences)."""
+    def schedule(self, admit: bool = True) -> tuple[str, list[Request] | list[Sequence]]:
+        """("prefill", requests to admit) when admitting and any fit, else ("decode", the running sequences)."""
         admitted: list[Request] = []
         seqs, tokens = len(self.running), 0
-        while self.waiting:
+        while admit and self.waiting:
             request = self.waiting[0]
             prefill = len(request.prompt_ids) * (1 if request.shared else len(request.sequences))
             if seqs + len(request.sequences) > self.max_num_seqs:
