@@ -121,7 +121,8 @@ def main() -> None:
         worker = EngineWorker(FakeEngine(tokenizer, args.step_ms / 1000, args.host_ms / 1000, args.waits))
         served = ServedModel("fake", worker, tokenizer, "0" * 64, "", 0)
         setup = {"step_ms": args.step_ms, "host_ms": args.host_ms, "waits": args.waits}
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine thread's tokens/s lines
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("r1kit.serve").setLevel(logging.INFO)  # the engine's tokens/s lines, not every request
     if args.direct:
         try:
             result = asyncio.run(direct(worker, tokenizer, args.clients, args.requests, args.max_tokens))

@@ -238,7 +238,7 @@ def test_compiled_layers_equal_eager_and_compile_once(tokenizer):
     eager_prefill = llm.decoder.prefill(prompts, slots)
     cache = llm.decoder.k_cache.clone()
     graphs_before = counters["stats"]["unique_graphs"]
-    llm.decoder.compile_layers()
+    llm.decoder.compile_layers(prefill=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed compile falls back with a warning: fail instead
         assert torch.allclose(llm.decoder.decode(*args), eager, atol=1e-4)
@@ -312,7 +312,7 @@ def test_a_warm_engine_compiles_no_prefill_again(tokenizer):
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     llm = LLMEngine(LlamaForCausalLM(config).eval(), tokenizer, kv_cache_tokens=1024, block_size=4)
-    llm.decoder.compile_layers()
+    llm.decoder.compile_layers(prefill=True)
     llm.warmup()
     graphs = counters["stats"]["unique_graphs"]
     for lengths in ([2], [16], [64], [30, 2], [16, 16, 5], [3, 40, 9, 64, 2]):

@@ -35,7 +35,7 @@ def _engine_main(spec: str, device: str, kv_cache_tokens: int, inbox, outbox) ->
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # the stats lines
     try:
         model, tokenizer = load_model(spec, device)
-        engine = LLMEngine(model, tokenizer, kv_cache_tokens=kv_cache_tokens)
+        engine = LLMEngine(model, tokenizer, kv_cache_tokens=kv_cache_tokens, compile_prefill=True)
         engine.warmup()
     except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
         outbox.send(("failed", type(error).__name__, str(error)))

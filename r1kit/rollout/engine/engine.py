@@ -58,7 +58,7 @@ class LLMEngine:
     def __init__(self, model, tokenizer, *, kv_cache_tokens: int = 65_536, block_size: int = 16,
                  max_num_seqs: int = 512, max_prefill_tokens: int = 16_384, dtype: torch.dtype | None = None,
                  share_prompts: bool = True, cuda_graphs: bool = True, compile: bool = True,
-                 prefill_delay: float = 1.0):
+                 compile_prefill: bool = False, prefill_delay: float = 1.0):
         num_blocks = -(-kv_cache_tokens // block_size)
         self.decoder = PagedDecoder(model, num_blocks * block_size, block_size, dtype)
         self.blocks = BlockManager(num_blocks, block_size)
@@ -74,15 +74,15 @@ class LLMEngine:
         # it is prefilled, so that arrivals are prefilled together: a prefill of one short prompt costs
         # about as much as of several, and as much as ~10 decode steps of the running batch.
         self.prefill_delay, self.clock, self._prefill_s = prefill_delay, time.perf_counter, 0.0
-        self._step = self._decode_step(max_num_seqs, cuda_graphs, compile)
+        self._step = self._decode_step(max_num_seqs, cuda_graphs, compile, compile_prefill)
 
-    def _decode_step(self, max_num_seqs: int, cuda_graphs: bool, compile: bool):
+    def _decode_step(self, max_num_seqs: int, cuda_graphs: bool, compile: bool, compile_prefill: bool):
         """The decode forward, compiled and captured in CUDA graphs where the Triton attention kernel runs."""
         decoder = self.decoder
         if not (cuda_graphs and kernel_supports(self.device, decoder.dtype, decoder.head_dim)):
             return decoder.decode
         if compile:
-            decoder.compile_layers()
+            decoder.compile_layers(prefill=compile_prefill)
         width = self.blocks.blocks_for(decoder.max_len)
         vocab = decoder.w["lm_head.weight"].shape[0]
         return GraphedDecode(decoder.decode, max_num_seqs, width, vocab, decoder.scratch_slot, self.device)

@@ -147,13 +147,15 @@ class PagedDecoder:
         attention = torch.ops.r1kit.paged_decode(q, k, v, slots, tables, lens, self.cache_key, layer)
         return self._post_attention(x, attention, lw)
 
-    def compile_layers(self) -> None:
-        """Decode and prefill through one compiled layer each, reused by all (one compilation of one layer,
+    def compile_layers(self, prefill: bool = False) -> None:
+        """Decode (and prefill) through one compiled layer each, reused by all (one compilation of one layer,
         not of the whole stack: seconds instead of a minute, with the same fusions). Uncompiled, a prefill
-        is ~30 ops a layer launched from Python: tens of ms for a few short prompts, which a server pays
-        at every arrival."""
+        is ~30 ops a layer launched from Python: ~30 ms for a few short prompts, which a server pays at
+        every arrival; compiled, ~20 ms, for ~20 s of compiling (two variants) that a run which prefills a
+        few times does not get back."""
         self.decode_layer = compiled(self._decode_layer, "the engine's decode layer")
-        self.prefill_layer = compiled(self._prefill_layer, "the engine's prefill layer")
+        if prefill:
+            self.prefill_layer = compiled(self._prefill_layer, "the engine's prefill layer")
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.w["model.embed_tokens.weight"])
