@@ -1,4 +1,5 @@
-"""`r1kit serve`: load the model, start the engine thread, run the app under uvicorn."""
+"""`r1kit serve`: load the model, start its engine (a process of its own on a GPU, a thread on the CPU), run the
+app under uvicorn."""
 
 from __future__ import annotations
 
