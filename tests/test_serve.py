@@ -3,6 +3,7 @@
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import openai
@@ -359,11 +360,17 @@ def test_the_engine_in_its_own_process(tiny_model_dir):
         assert not served.worker._listeners
         with pytest.raises(ValueError, match="exceed the engine's context of 2048 tokens"):
             asyncio.run(_stream_all(served.worker, [1] * 2000))
+        served.worker.process.kill()  # the engine dies (a crash, the OOM killer): the server says so
+        served.worker.process.join(timeout=10)
+        with pytest.raises(urllib.error.HTTPError) as down:
+            urllib.request.urlopen(f"http://127.0.0.1:{cfg.port}/health")
+        assert down.value.code == 503 and json.load(down.value) == {"status": "engine down", "models": ["tiny"]}
+        with pytest.raises(openai.InternalServerError, match="the engine process has exited"):
+            client.chat.completions.create(**chat, max_tokens=4)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
         served.worker.close()
-    assert not served.worker.process.is_alive()
 
 
 async def _stream_all(worker, prompt):

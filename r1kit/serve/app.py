@@ -172,8 +172,11 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
                            f"{served.name}'s context of {context} tokens", code="context_length_exceeded")
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        down = [m.name for m in models if not m.worker.alive()]
+        if down:  # 503: a load balancer or supervisor should stop sending here, or restart the server
+            return JSONResponse({"status": "engine down", "models": down}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

@@ -28,10 +28,12 @@ def _as_error(kind: str, message: str) -> Exception:
 def _engine_main(spec: str, device: str, kv_cache_tokens: int, inbox, outbox) -> None:
     """The child: load the model, warm the engine up, say ready, then serve the pipe until told to close."""
     import logging
+    import signal
 
     from r1kit.models import load_model
     from r1kit.rollout.engine import LLMEngine
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server shuts this down
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # the stats lines
     try:
         model, tokenizer = load_model(spec, device)
@@ -83,6 +85,8 @@ class EngineProcess(Worker):
         self.process = context.Process(target=_engine_main, args=(spec, device, kv_cache_tokens, child_inbox,
                                                                     child_outbox), name="r1kit-engine", daemon=True)
         self.process.start()
+        child_inbox.close()  # the child's ends: with them closed here, its exit reads as EOF and a broken pipe
+        child_outbox.close()
         if not self._outbox.poll(start_timeout_s):
             self.process.kill()
             raise RuntimeError(f"the engine process did not start within {start_timeout_s:.0f} s")
@@ -98,7 +102,13 @@ class EngineProcess(Worker):
 
     def _send(self, message: tuple) -> None:
         with self._send_lock:
+            self._post(message)
+
+    def _post(self, message: tuple) -> None:
+        try:
             self._inbox.send(message)
+        except OSError as error:
+            raise EngineError("the engine process has exited") from error
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, listener: Listener) -> Submission:
         """Send a request to the engine process; `listener` gets its events from the reader thread."""
@@ -107,14 +117,19 @@ class EngineProcess(Worker):
             sid, self._next_id = self._next_id, self._next_id + 1
             submission.sid = sid
             self._listeners[sid] = _counting(listener, params.n, lambda: self._listeners.pop(sid, None))
-            self._inbox.send(("submit", sid, prompt_ids, params))
+            try:
+                self._post(("submit", sid, prompt_ids, params))
+            except EngineError:
+                self._listeners.pop(sid, None)
+                raise
         return submission
 
     def abort(self, submission: Submission) -> None:
         """Stop a request whose client went away."""
         submission.aborted = True
         self._listeners.pop(submission.sid, None)
-        self._send(("abort", submission.sid))
+        with contextlib.suppress(EngineError):  # a gone engine has stopped it already
+            self._send(("abort", submission.sid))
 
     def _read(self) -> None:
         while True:
@@ -130,8 +145,11 @@ class EngineProcess(Worker):
                 if listener is not None:
                     listener(_as_error(*events) if isinstance(events, tuple) else events)
 
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
     def close(self) -> None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(EngineError):
             self._send(("close",))
         self.process.join(timeout=10)
         if self.process.is_alive():

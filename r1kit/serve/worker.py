@@ -96,6 +96,10 @@ class Worker:
     def close(self) -> None:
         raise NotImplementedError
 
+    def alive(self) -> bool:
+        """Whether the engine still runs (its thread or process has not died)."""
+        raise NotImplementedError
+
     async def stream(self, prompts: list[list[int]], params: SamplingParams
                      ) -> AsyncIterator[tuple[int, list[Event]]]:
         """(prompt index, events) of one request per prompt as they come; leaving early aborts them all."""
@@ -172,6 +176,9 @@ class EngineWorker(Worker):
         self.running = False
         self.wakeup.set()
         self.thread.join(timeout=5)
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
 
     def _fail_all(self, error: Exception) -> None:
         """A step raised: end every request in flight with the error and free the engine for new ones."""
