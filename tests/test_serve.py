@@ -377,3 +377,10 @@ async def _stream_all(worker, prompt):
     from r1kit.rollout.types import SamplingParams
 
     return [events async for _, events in worker.stream([prompt], SamplingParams(max_tokens=100))]
+
+
+def test_an_engine_process_that_cannot_load_says_why(tmp_path):
+    from r1kit.serve.process import EngineError, EngineProcess
+
+    with pytest.raises(EngineError, match=f"the engine process could not load {tmp_path}: "):
+        EngineProcess(str(tmp_path), "cpu", 1024)

@@ -90,7 +90,12 @@ class EngineProcess(Worker):
         if not self._outbox.poll(start_timeout_s):
             self.process.kill()
             raise RuntimeError(f"the engine process did not start within {start_timeout_s:.0f} s")
-        first = self._outbox.recv()
+        try:
+            first = self._outbox.recv()
+        except EOFError:  # it died without a word: a crash, or the OOM killer
+            self.process.join(timeout=10)
+            raise EngineError(f"the engine process exited while loading {spec} (exit code "
+                              f"{self.process.exitcode})") from None
         if first[0] == "failed":
             raise _as_error(first[1], f"the engine process could not load {spec}: {first[2]}")
         self.max_len = first[1]
@@ -134,10 +139,10 @@ class EngineProcess(Worker):
     def _read(self) -> None:
         while True:
             try:
-                kind, batch = self._outbox.recv()
+                _, batch = self._outbox.recv()
             except (EOFError, OSError):  # the child is gone: end whatever was in flight
                 for listener in list(self._listeners.values()):
-                    listener(EngineError("the engine process exited"))
+                    listener(EngineError("the engine process has exited"))
                 self._listeners.clear()
                 return
             for sid, events in batch:
