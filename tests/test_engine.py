@@ -217,7 +217,8 @@ def test_graph_buckets_cover_every_batch_and_skip_one():
     assert buckets_for(1) == [2] and buckets_for(40)[-1] == 48
 
 
-def test_compiled_layers_equal_eager_and_compile_once(tokenizer):
+@pytest.mark.parametrize("dtype", [None, torch.float64], ids=["shared", "owned-fused"])
+def test_compiled_layers_equal_eager_and_compile_once(tokenizer, dtype):
     import warnings
 
     from torch._dynamo.utils import counters
@@ -226,7 +227,8 @@ def test_compiled_layers_equal_eager_and_compile_once(tokenizer):
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     model = LlamaForCausalLM(config).eval()
-    llm = LLMEngine(model, tokenizer, kv_cache_tokens=1024, block_size=4)
+    llm = LLMEngine(model, tokenizer, kv_cache_tokens=1024, block_size=4, dtype=dtype)
+    assert (llm.decoder.layer_weights[0].qkv is not None) == (dtype is not None)
     for i, prompt in enumerate(PROMPTS):
         llm.add_request(encode_prompt(tokenizer, prompt), SamplingParams(max_tokens=4, ignore_eos=True, seed=i))
     llm.step()
@@ -345,3 +347,28 @@ def test_arrivals_wait_to_be_prefilled_together(tiny):
         llm.step()
     assert all(len(s.output_ids) == 20 for r in [first, *late] for s in r.sequences)
     assert first.sequences[0].output_ids == engine(model, tokenizer).generate(PROMPTS[:1], params)[0].token_ids
+
+
+def test_buffers_the_engine_owns_are_fused_and_give_the_models_tokens(tiny):
+    # an engine in another dtype than the policy owns its buffers: q/k/v (with their biases) and gate/up
+    # become one matmul each, views of one buffer that sync_weights() refreshes like any other
+    model, tokenizer = tiny
+    llm = LLMEngine(model, tokenizer, kv_cache_tokens=1024, block_size=4, dtype=torch.float64)
+    lw = llm.decoder.layer_weights[0]
+    assert lw.qkv is not None and lw.gate_up is not None
+    assert (lw.qkv_bias is not None) == (lw.q_bias is not None)
+    assert lw.q.data_ptr() == lw.qkv.data_ptr() and lw.up.data_ptr() == lw.gate_up[lw.gate.shape[0]:].data_ptr()
+    assert LLMEngine(model, tokenizer, kv_cache_tokens=64).decoder.layer_weights[0].qkv is None  # shared: apart
+    wide = copy.deepcopy(model).double()
+    greedy = SamplingParams(temperature=0, max_tokens=10)
+    for prompt in PROMPTS[:2]:
+        ids = encode_prompt(tokenizer, prompt)
+        request = llm.add_request(ids, greedy)
+        while llm.has_work():
+            llm.step()
+        assert request.sequences[0].output_ids == hf_greedy(wide, ids, 10, tokenizer.pad_token_id)[:10]
+    with torch.no_grad():  # an optimizer step on the policy reaches the fused buffers at the next sync
+        model.model.layers[0].self_attn.k_proj.weight.add_(0.5)
+        llm.sync_weights()
+        assert torch.equal(lw.k, model.model.layers[0].self_attn.k_proj.weight.double())
+        model.model.layers[0].self_attn.k_proj.weight.sub_(0.5)

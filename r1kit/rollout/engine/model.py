@@ -4,6 +4,7 @@ It holds references to the HF model's own parameter tensors, never copies, so op
 policy are seen by the next rollout. When the engine runs in another dtype than the policy (bf16
 rollouts of fp32 master weights), it keeps one preallocated buffer per parameter, and for a peft LoRA
 model one merged buffer (W + scale * B @ A) per adapted layer; `sync_weights()` refreshes them in place.
+Buffers it owns are laid out so that q/k/v and gate/up are one matmul each.
 
 Prefill runs eagerly (one padded SDPA call for all prompts). Decode runs layer by layer through
 `decode_layer`, which `compile_layers()` replaces by one compiled layer that serves every layer, and
@@ -37,7 +38,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class LayerWeights(NamedTuple):
-    """One decoder layer's tensors (the engine's views of them); None where the family has none."""
+    """One decoder layer's tensors (the engine's views of them); None where the family has none. Where the
+    engine owns its buffers, q/k/v (and their biases) and gate/up are also one buffer each (qkv, gate_up),
+    with q, k, v, gate and up views into it: one matmul where there were three and two."""
 
     input_norm: torch.Tensor
     q: torch.Tensor
@@ -53,16 +56,20 @@ class LayerWeights(NamedTuple):
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    qkv: torch.Tensor | None = None
+    qkv_bias: torch.Tensor | None = None
+    gate_up: torch.Tensor | None = None
 
 
-def layer_weights(w: dict[str, torch.Tensor], prefix: str) -> LayerWeights:
-    """The tensors of the layer whose HF parameter names start with prefix."""
+def layer_weights(w: dict[str, torch.Tensor], fused: dict[str, torch.Tensor], prefix: str) -> LayerWeights:
+    """The tensors of the layer whose HF parameter names start with prefix, with its fused buffers."""
     attn, mlp = prefix + "self_attn.", prefix + "mlp."
     return LayerWeights(w[prefix + "input_layernorm.weight"], w[attn + "q_proj.weight"], w[attn + "k_proj.weight"],
                         w[attn + "v_proj.weight"], w.get(attn + "q_proj.bias"), w.get(attn + "k_proj.bias"),
                         w.get(attn + "v_proj.bias"), w.get(attn + "q_norm.weight"), w.get(attn + "k_norm.weight"),
                         w[attn + "o_proj.weight"], w[prefix + "post_attention_layernorm.weight"],
-                        w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"], w[mlp + "down_proj.weight"])
+                        w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"], w[mlp + "down_proj.weight"],
+                        fused.get(prefix + "qkv"), fused.get(prefix + "qkv_bias"), fused.get(prefix + "gate_up"))
 
 
 class PagedDecoder:
@@ -83,13 +90,15 @@ class PagedDecoder:
         self._merged = [(name, module) for name, module in inner.named_modules()
                         if hasattr(module, "base_layer") and hasattr(module, "lora_A")]
         merged = {name + ".weight" for name, _ in self._merged}
+        owned = {name for name, p in params.items() if p.dtype != self.dtype or name in merged}
+        self.fused, views = self._fuse(params, owned, config.num_hidden_layers)
         self.w: dict[str, torch.Tensor] = {}
         self._shadowed: list[tuple[torch.Tensor, torch.Tensor]] = []
         for name, p in params.items():
-            if p.dtype == self.dtype and name not in merged:
+            if name not in owned:
                 self.w[name] = p.data  # the policy's own storage
             else:
-                self.w[name] = torch.empty_like(p.data, dtype=self.dtype)
+                self.w[name] = views[name] if name in views else torch.empty_like(p.data, dtype=self.dtype)
                 if name not in merged:
                     self._shadowed.append((p.data, self.w[name]))
         self.sync_weights()
@@ -97,7 +106,7 @@ class PagedDecoder:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        self.layer_weights = [layer_weights(self.w, f"model.layers.{i}.") for i in range(self.layers)]
+        self.layer_weights = [layer_weights(self.w, self.fused, f"model.layers.{i}.") for i in range(self.layers)]
         self.decode_layer, self.prefill_layer = self._decode_layer, self._prefill_layer
         # one slot past the blocks: where padded rows of a captured decode step write their KV
         self.block_size, self.scratch_slot = block_size, num_slots
@@ -110,6 +119,32 @@ class PagedDecoder:
         position_ids = torch.arange(self.max_len, device=self.device)[None]
         cos, sin = self.rotary(torch.zeros((), dtype=torch.float32, device=self.device), position_ids)
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+
+    def _fuse(self, params: dict, owned: set[str], layers: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """One buffer for each layer's q/k/v (and their biases) and gate/up whose members the engine owns
+        anyway (it would hold a copy of each: fp32 master weights, merged LoRA layers); ({buffer name:
+        buffer}, {member: its view}).
+        The q/k/v weights fuse only with their biases, where the family has them. Weights the engine shares
+        with the policy stay apart: fusing them would take a copy, or moving the policy's own tensors."""
+        fused, views = {}, {}
+        for i in range(layers):
+            prefix = f"model.layers.{i}."
+            attn, mlp = prefix + "self_attn.", prefix + "mlp."
+            qkv = [attn + f"{p}_proj.weight" for p in "qkv"]
+            biases = [attn + f"{p}_proj.bias" for p in "qkv" if attn + f"{p}_proj.bias" in params]
+            groups = {prefix + "gate_up": [mlp + "gate_proj.weight", mlp + "up_proj.weight"]}
+            if all(n in owned for n in qkv + biases):
+                groups[prefix + "qkv"] = qkv
+                if biases:
+                    groups[prefix + "qkv_bias"] = biases
+            for key, names in groups.items():
+                if not all(n in owned for n in names):
+                    continue
+                rows = [params[n].shape[0] for n in names]
+                fused[key] = torch.empty(sum(rows), *params[names[0]].shape[1:], dtype=self.dtype,
+                                         device=self.device)
+                views.update(zip(names, fused[key].split(rows), strict=True))
+        return fused, views
 
     @torch.no_grad()
     def sync_weights(self) -> None:
@@ -128,9 +163,12 @@ class PagedDecoder:
     def _pre_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lw: LayerWeights):
         """A layer up to attention: input norm, q/k/v projections, q/k norms (Qwen3), rotary."""
         h = rms_norm(x, lw.input_norm, self.eps)
-        q = F.linear(h, lw.q, lw.q_bias).view(-1, self.heads, self.head_dim)
-        k = F.linear(h, lw.k, lw.k_bias).view(-1, self.kv_heads, self.head_dim)
-        v = F.linear(h, lw.v, lw.v_bias).view(-1, self.kv_heads, self.head_dim)
+        if lw.qkv is not None:
+            q, k, v = F.linear(h, lw.qkv, lw.qkv_bias).split([lw.q.shape[0], lw.k.shape[0], lw.v.shape[0]], -1)
+        else:
+            q, k, v = F.linear(h, lw.q, lw.q_bias), F.linear(h, lw.k, lw.k_bias), F.linear(h, lw.v, lw.v_bias)
+        q = q.reshape(-1, self.heads, self.head_dim)
+        k, v = k.reshape(-1, self.kv_heads, self.head_dim), v.reshape(-1, self.kv_heads, self.head_dim)
         if lw.q_norm is not None:
             q, k = rms_norm(q, lw.q_norm, self.eps), rms_norm(k, lw.k_norm, self.eps)
         return rotate(q, cos, sin), rotate(k, cos, sin), v
@@ -139,7 +177,11 @@ class PagedDecoder:
         """A layer after attention: output projection, residual, post norm, SwiGLU MLP, residual."""
         x = x + F.linear(attention.reshape(x.shape[0], -1), lw.o)
         h = rms_norm(x, lw.post_norm, self.eps)
-        return x + F.linear(F.silu(F.linear(h, lw.gate)) * F.linear(h, lw.up), lw.down)
+        if lw.gate_up is not None:
+            gate, up = F.linear(h, lw.gate_up).chunk(2, -1)
+        else:
+            gate, up = F.linear(h, lw.gate), F.linear(h, lw.up)
+        return x + F.linear(F.silu(gate) * up, lw.down)
 
     def _decode_layer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lw: LayerWeights,
                       slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, layer: int) -> torch.Tensor:
