@@ -6,9 +6,10 @@ rollouts of fp32 master weights), it keeps one preallocated buffer per parameter
 model one merged buffer (W + scale * B @ A) per adapted layer; `sync_weights()` refreshes them in place.
 Buffers it owns are laid out so that q/k/v and gate/up are one matmul each.
 
-Prefill runs eagerly (one padded SDPA call for all prompts). Decode runs layer by layer through
-`decode_layer`, which `compile_layers()` replaces by one compiled layer that serves every layer, and
-attends through the paged-attention op, so a whole step can be captured in a CUDA graph.
+Prefill runs layer by layer through `prefill_layer` (one padded SDPA call for all prompts), decode
+through `decode_layer`, which attends through the paged-attention op, so a whole step can be captured
+in a CUDA graph. `compile_layers()` replaces each by one compiled layer that serves every layer (the
+prefill one only when asked: a server's).
 """
 
 from __future__ import annotations
