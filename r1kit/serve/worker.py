@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -134,9 +133,6 @@ class EngineWorker(Worker):
         self.inbox: queue.SimpleQueue[Submission] = queue.SimpleQueue()
         self.running = True
         self.stats = StepStats()
-        # after each wait on the GPU the engine thread needs the GIL back; while the event loop holds it,
-        # Python hands it over only every switch interval (5 ms by default), which stretched 2-ms steps to 6
-        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self.thread = threading.Thread(target=self._loop, name="r1kit-engine", daemon=True)
         self.thread.start()
 
