@@ -15,7 +15,7 @@ import time
 from types import SimpleNamespace
 
 from bench_io import emit
-from serve_load import run
+from serve_load import figures, question, run
 
 from r1kit.config import ServeConfig
 from r1kit.rollout.engine.scheduler import Request
@@ -62,8 +62,6 @@ class FakeEngine:
 
 async def direct(worker, tokenizer, clients: int, requests: int, max_tokens: int) -> dict:
     """serve_load's workload and figures, each request streamed straight from the engine thread."""
-    import statistics
-
     from r1kit.rollout.types import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=1.0)
@@ -72,23 +70,18 @@ async def direct(worker, tokenizer, clients: int, requests: int, max_tokens: int
     async def client() -> None:
         while queue:
             i = queue.pop()
-            prompt = tokenizer.apply_chat_template(
-                [{"role": "user", "content": f"Question {i}: what is {i} + {2 * i + 7}? Explain."}],
-                add_generation_prompt=True, tokenize=True, return_dict=False)
+            prompt = tokenizer.apply_chat_template(question(i), add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False)
             started, first, tokens = time.perf_counter(), None, 0
             async for _, events in worker.stream([list(prompt)], params):
                 first = first if first is not None else time.perf_counter() - started
                 tokens += len(events)
-            results.append((first, tokens))
+            results.append({"ttft": first, "tokens": tokens})
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
-    wall = time.perf_counter() - started
-    ttft = sorted(r[0] for r in results)
-    tokens = sum(r[1] for r in results)
-    return {"clients": clients, "requests": requests, "max_tokens": max_tokens, "wall_s": round(wall, 2),
-            "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p99_s": round(ttft[int(0.99 * (len(ttft) - 1))], 3),
-            "tokens": tokens, "tokens_per_s": round(tokens / wall, 1)}
+    return {"clients": clients, "requests": requests, "max_tokens": max_tokens,
+            **figures(results, time.perf_counter() - started)}
 
 
 def main() -> None:

@@ -61,11 +61,25 @@ def start_local(model: str, device: str, kv_cache_tokens: int, log_path: str | N
             time.sleep(0.2)
 
 
+def question(i: int) -> list[dict[str, str]]:
+    """The i-th request's conversation."""
+    return [{"role": "user", "content": f"Question {i}: what is {i} + {2 * i + 7}? Explain."}]
+
+
+def figures(results: list[dict], wall: float) -> dict:
+    """Time to first token (p50, p99), tokens and rates of finished requests ({"ttft", "tokens"} each)."""
+    ttft = sorted(r["ttft"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    return {"wall_s": round(wall, 2), "ttft_p50_s": round(statistics.median(ttft), 3) if ttft else None,
+            "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3) if ttft else None,
+            "tokens": tokens, "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round(len(results) / wall, 2)}
+
+
 async def one_request(client, model: str, i: int, max_tokens: int) -> dict:
     started = time.perf_counter()
     first, tokens = None, 0
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": f"Question {i}: what is {i} + {2 * i + 7}? Explain."}],
+        model=model, messages=question(i),
         max_tokens=max_tokens, temperature=1.0, stream=True, stream_options={"include_usage": True})
     async for chunk in stream:
         if chunk.usage:
@@ -123,13 +137,8 @@ def run(url: str, api_key: str, clients: int, requests: int, max_tokens: int, ti
     results = [r for part in parts for r in part[0]]
     errors = [e for part in parts for e in part[1]]
     wall = max(part[3] for part in parts) - min(part[2] for part in parts)
-    ttft = sorted(r["ttft"] for r in results)
-    tokens = sum(r["tokens"] for r in results)
     return {"clients": clients, "client_processes": procs, "requests": requests, "max_tokens": max_tokens,
-            "errors": len(errors), "first_errors": errors[:3], "wall_s": round(wall, 2),
-            "ttft_p50_s": round(statistics.median(ttft), 3) if ttft else None,
-            "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3) if ttft else None,
-            "tokens": tokens, "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round(len(results) / wall, 2)}
+            "errors": len(errors), "first_errors": errors[:3], **figures(results, wall)}
 
 
 def main() -> None:

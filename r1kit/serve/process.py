@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 
 from r1kit.rollout.types import SamplingParams
-from r1kit.serve.worker import EngineWorker, Event, Listener, Submission, Worker
+from r1kit.serve.worker import EngineWorker, Event, Listener, Submission, Worker, warm_engine
 
 
 class EngineError(RuntimeError):
@@ -30,15 +30,10 @@ def _engine_main(spec: str, device: str, kv_cache_tokens: int, inbox, outbox) ->
     import logging
     import signal
 
-    from r1kit.models import load_model
-    from r1kit.rollout.engine import LLMEngine
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server shuts this down
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # the stats lines
     try:
-        model, tokenizer = load_model(spec, device)
-        engine = LLMEngine(model, tokenizer, kv_cache_tokens=kv_cache_tokens, compile_prefill=True)
-        engine.warmup()
+        engine = warm_engine(spec, device, kv_cache_tokens)
     except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
         outbox.send(("failed", type(error).__name__, str(error)))
         return

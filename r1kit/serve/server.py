@@ -14,7 +14,7 @@ from r1kit.config import ServeConfig
 from r1kit.serve.app import ServedModel, create_app
 from r1kit.serve.process import EngineProcess
 from r1kit.serve.router import Gate, Router
-from r1kit.serve.worker import EngineWorker
+from r1kit.serve.worker import EngineWorker, warm_engine
 
 
 def free_port() -> int:
@@ -45,8 +45,7 @@ def load_served(spec: str, name: str | None, device: str, kv_cache_tokens: int,
 
     The engine runs in a process of its own on a GPU (`engine_process` None), on a thread of this one on
     the CPU, where a step is slow enough that sharing the interpreter lock costs little."""
-    from r1kit.models import load_model, load_tokenizer, pick_device, resolve_model, weights_sha256
-    from r1kit.rollout.engine import LLMEngine
+    from r1kit.models import load_tokenizer, pick_device, resolve_model, weights_sha256
 
     folder = resolve_model(spec)
     log = logging.getLogger("r1kit.serve")
@@ -55,12 +54,9 @@ def load_served(spec: str, name: str | None, device: str, kv_cache_tokens: int,
         worker = EngineProcess(str(folder), device, kv_cache_tokens)
         tokenizer = load_tokenizer(str(folder))
     else:
-        model, tokenizer = load_model(str(folder), device)
-        engine = LLMEngine(model, tokenizer, kv_cache_tokens=kv_cache_tokens, compile_prefill=True)
-        engine.warmup()
-        worker = EngineWorker(engine)
-    log.info("engine loaded and warmed up in %.1f s",
-             time.perf_counter() - started)
+        engine = warm_engine(str(folder), device, kv_cache_tokens)
+        worker, tokenizer = EngineWorker(engine), engine.tokenizer
+    log.info("engine loaded and warmed up in %.1f s", time.perf_counter() - started)
     served_name = name or (Path(spec).name if spec != "default" else "SmolLM2-135M-Instruct")
     return ServedModel(name=served_name, worker=worker, tokenizer=tokenizer, sha256=weights_sha256(folder),
                        path=str(folder), created=int(time.time()))

@@ -22,6 +22,16 @@ from r1kit.rollout.types import SamplingParams
 log = logging.getLogger("r1kit.serve")
 
 
+def warm_engine(spec: str, device: str, kv_cache_tokens: int) -> LLMEngine:
+    """A serving engine for a model: loaded, its prefill layer compiled too, and warmed up."""
+    from r1kit.models import load_model
+
+    model, tokenizer = load_model(spec, device)
+    engine = LLMEngine(model, tokenizer, kv_cache_tokens=kv_cache_tokens, compile_prefill=True)
+    engine.warmup()
+    return engine
+
+
 class StepStats:
     """The engine's throughput over a window, prefill and decode steps apart, for a periodic log line (as
     vLLM logs its own)."""

@@ -222,8 +222,8 @@ class LLMEngine:
 
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
         """Whether the next step may start before this one's tokens reach the host: the same sequences run it
-        (none ended or aborted, no waiting request is due to be admitted) and no setting needs the tokens on the host
-        first (the repetition penalty's history, top logprobs). Its KV writes stay within each sequence's
+        (none ended or aborted, no waiting request is due to be admitted) and no setting needs the tokens on
+        the host first (the repetition penalty's history, top logprobs). Its KV writes stay within each sequence's
         reserved blocks: a sequence's last token is written at prompt + max_tokens - 1.
 
         `seqs` was the running set and only a prefill adds to it (never while a step runs ahead), so the
