@@ -170,17 +170,21 @@ def test_repetition_penalty_and_top_logprobs_agree_with_hf(tiny):
     assert greedy.token_ids == ref[: len(greedy.token_ids)]
 
 
-def test_lora_model_through_a_merged_view(tiny):
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]], ids=["all", "q-v"])
+def test_lora_model_through_a_merged_view(tiny, targets):
     from peft import LoraConfig, get_peft_model
 
     base, tokenizer = tiny
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     rng = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.2, generator=rng)  # peft starts B at zero: make the adapters matter
     gen = engine(model, tokenizer)
+    lw = gen.engine.decoder.layer_weights[0]
+    # q/k/v fuse when all are merged or none is; gate/up, shared or merged alike, always
+    assert (lw.qkv is not None) == (targets == "all-linear") and lw.gate_up is not None
     prompt = gen.encode(PROMPTS[1])
 
     def check():
@@ -217,7 +221,7 @@ def test_graph_buckets_cover_every_batch_and_skip_one():
     assert buckets_for(1) == [2] and buckets_for(40)[-1] == 48
 
 
-@pytest.mark.parametrize("dtype", [None, torch.float64], ids=["shared", "owned-fused"])
+@pytest.mark.parametrize("dtype", [None, torch.float64], ids=["shared", "owned"])
 def test_compiled_layers_equal_eager_and_compile_once(tokenizer, dtype):
     import warnings
 
@@ -228,7 +232,7 @@ def test_compiled_layers_equal_eager_and_compile_once(tokenizer, dtype):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     model = LlamaForCausalLM(config).eval()
     llm = LLMEngine(model, tokenizer, kv_cache_tokens=1024, block_size=4, dtype=dtype)
-    assert (llm.decoder.layer_weights[0].qkv is not None) == (dtype is not None)
+    assert llm.decoder.layer_weights[0].qkv is not None and llm.decoder.layer_weights[0].gate_up is not None
     for i, prompt in enumerate(PROMPTS):
         llm.add_request(encode_prompt(tokenizer, prompt), SamplingParams(max_tokens=4, ignore_eos=True, seed=i))
     llm.step()
@@ -358,7 +362,6 @@ def test_buffers_the_engine_owns_are_fused_and_give_the_models_tokens(tiny):
     assert lw.qkv is not None and lw.gate_up is not None
     assert (lw.qkv_bias is not None) == (lw.q_bias is not None)
     assert lw.q.data_ptr() == lw.qkv.data_ptr() and lw.up.data_ptr() == lw.gate_up[lw.gate.shape[0]:].data_ptr()
-    assert LLMEngine(model, tokenizer, kv_cache_tokens=64).decoder.layer_weights[0].qkv is None  # shared: apart
     wide = copy.deepcopy(model).double()
     greedy = SamplingParams(temperature=0, max_tokens=10)
     for prompt in PROMPTS[:2]:
@@ -372,3 +375,35 @@ def test_buffers_the_engine_owns_are_fused_and_give_the_models_tokens(tiny):
         llm.sync_weights()
         assert torch.equal(lw.k, model.model.layers[0].self_attn.k_proj.weight.double())
         model.model.layers[0].self_attn.k_proj.weight.sub_(0.5)
+
+
+def test_shared_weights_are_fused_in_the_policy_itself(tiny, tmp_path):
+    # sharing the policy's tensors, the engine makes its q/k/v and gate/up parameters views of one buffer
+    # each: nothing copied, the model's outputs and checkpoint unchanged, a second engine finds them fused,
+    # and an optimizer step on the policy is what both engines run next
+    base, tokenizer = tiny
+    model = copy.deepcopy(base)
+    ids = torch.tensor([encode_prompt(tokenizer, PROMPTS[1])])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        logits = model(ids).logits
+    first = LLMEngine(model, tokenizer, kv_cache_tokens=64).decoder.layer_weights[0]
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.q_proj.weight.data_ptr() == first.qkv.data_ptr()
+    assert attn.v_proj.weight.data_ptr() == first.qkv[first.q.shape[0] + first.k.shape[0]:].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == first.gate_up[first.gate.shape[0]:].data_ptr()
+    assert (attn.q_proj.bias is None) or attn.k_proj.bias.data_ptr() == first.qkv_bias[first.q.shape[0]:].data_ptr()
+    second = LLMEngine(model, tokenizer, kv_cache_tokens=64).decoder.layer_weights[0]
+    assert second.qkv.data_ptr() == first.qkv.data_ptr() and second.gate_up.data_ptr() == first.gate_up.data_ptr()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(state[k], reloaded[k]) for k in state)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    for lw in (first, second):
+        assert torch.equal(lw.k, attn.k_proj.weight) and torch.equal(lw.gate, mlp.gate_proj.weight)
+    assert not torch.equal(attn.k_proj.weight, state["model.layers.0.self_attn.k_proj.weight"])

@@ -22,7 +22,8 @@ def buckets_for(max_batch: int) -> list[int]:
 
 
 class GraphedDecode:
-    """Calls `step(tokens, positions, slots, tables, lens) -> logits` through captured CUDA graphs."""
+    """Calls `step(tokens, positions, slots, tables, lens, out)`, which writes logits into out, through
+    captured CUDA graphs."""
 
     def __init__(self, step: Callable[..., torch.Tensor], max_batch: int, width: int, vocab: int,
                  scratch_slot: int, device: torch.device):
@@ -67,7 +68,7 @@ class GraphedDecode:
                   self.lens[:bucket])
 
         def run() -> None:
-            self.logits[:bucket] = self.step(*inputs)
+            self.step(*inputs, self.logits[:bucket])
 
         return run
 

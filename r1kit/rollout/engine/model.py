@@ -1,15 +1,19 @@
 """A plain-PyTorch forward of the Llama family (Llama, Mistral, Qwen2, Qwen3) over a paged KV cache.
 
-It holds references to the HF model's own parameter tensors, never copies, so optimizer steps on the
-policy are seen by the next rollout. When the engine runs in another dtype than the policy (bf16
-rollouts of fp32 master weights), it keeps one preallocated buffer per parameter, and for a peft LoRA
-model one merged buffer (W + scale * B @ A) per adapted layer; `sync_weights()` refreshes them in place.
-Buffers it owns are laid out so that q/k/v and gate/up are one matmul each.
+It holds the HF model's own parameter tensors, never copies, so optimizer steps on the policy are seen by
+the next rollout. Each layer's q/k/v (with their biases) and gate/up are one buffer and one matmul each:
+where the engine shares the policy's tensors, the policy's parameters become views into that buffer (a
+second engine on the same policy finds them fused already). When the engine runs in another dtype than
+the policy (bf16 rollouts of fp32 master weights), it keeps preallocated buffers of its own, and for a
+peft LoRA model one merged buffer (W + scale * B @ A) per adapted layer; `sync_weights()` refreshes them
+in place.
 
 Prefill runs layer by layer through `prefill_layer` (one padded SDPA call for all prompts), decode
 through `decode_layer`, which attends through the paged-attention op, so a whole step can be captured
-in a CUDA graph. `compile_layers()` replaces each by one compiled layer that serves every layer (the
-prefill one only when asked: a server's).
+in a CUDA graph. A layer returns its output apart from the residual stream, which the next layer adds in
+its input norm: one kernel where an add and a norm were two. `compile_layers()` replaces each by one
+compiled layer that serves every layer (the prefill one only when asked: a server's), and compiles the
+output head.
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class LayerWeights(NamedTuple):
-    """One decoder layer's tensors (the engine's views of them); None where the family has none. Where the
-    engine owns its buffers, q/k/v (and their biases) and gate/up are also one buffer each (qkv, gate_up),
-    with q, k, v, gate and up views into it: one matmul where there were three and two."""
+    """One decoder layer's tensors (the engine's views of them); None where the family has none. q/k/v (and
+    their biases) and gate/up are also one buffer each (qkv, gate_up), q, k, v, gate and up being views
+    into it: one matmul where there were three and two (None where a LoRA mix keeps them apart)."""
 
     input_norm: torch.Tensor
     q: torch.Tensor
@@ -60,6 +64,22 @@ class LayerWeights(NamedTuple):
     qkv: torch.Tensor | None = None
     qkv_bias: torch.Tensor | None = None
     gate_up: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def shared_buffer(members: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The members' rows as one tensor that the parameters themselves are views of: their storage if they
+    lie back to back already (an earlier engine fused them), else a new buffer they are moved into."""
+    first = members[0].data
+    offsets = [first.storage_offset() + sum(p.numel() for p in members[:i]) for i in range(len(members))]
+    shape = (sum(p.shape[0] for p in members), *first.shape[1:])
+    if all(p.data.is_contiguous() and p.data.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+           and p.data.storage_offset() == offset for p, offset in zip(members, offsets, strict=True)):
+        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape)
+    buffer = torch.cat([p.data for p in members])
+    for p, view in zip(members, buffer.split([p.shape[0] for p in members]), strict=True):
+        p.data = view  # the policy trains the buffer's rows in place: still shared, never copied again
+    return buffer
 
 
 def layer_weights(w: dict[str, torch.Tensor], fused: dict[str, torch.Tensor], prefix: str) -> LayerWeights:
@@ -108,7 +128,7 @@ class PagedDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         self.layer_weights = [layer_weights(self.w, self.fused, f"model.layers.{i}.") for i in range(self.layers)]
-        self.decode_layer, self.prefill_layer = self._decode_layer, self._prefill_layer
+        self.decode_layer, self.prefill_layer, self.head = self._decode_layer, self._prefill_layer, self._head
         # one slot past the blocks: where padded rows of a captured decode step write their KV
         self.block_size, self.scratch_slot = block_size, num_slots
         shape = (self.layers, num_slots + 1, self.kv_heads, self.head_dim)
@@ -122,30 +142,31 @@ class PagedDecoder:
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
 
     def _fuse(self, params: dict, owned: set[str], layers: int) -> tuple[dict[str, torch.Tensor], dict]:
-        """One buffer for each layer's q/k/v (and their biases) and gate/up whose members the engine owns
-        anyway (it would hold a copy of each: fp32 master weights, merged LoRA layers); ({buffer name:
-        buffer}, {member: its view}).
-        The q/k/v weights fuse only with their biases, where the family has them. Weights the engine shares
-        with the policy stay apart: fusing them would take a copy, or moving the policy's own tensors."""
+        """One buffer for each layer's q/k/v (and their biases, where the family has them) and gate/up;
+        ({buffer name: buffer}, {member: its view}). A group fuses when the engine owns all its members or
+        shares all of them; a mix (LoRA on some projections only) stays apart."""
         fused, views = {}, {}
         for i in range(layers):
             prefix = f"model.layers.{i}."
             attn, mlp = prefix + "self_attn.", prefix + "mlp."
-            qkv = [attn + f"{p}_proj.weight" for p in "qkv"]
-            biases = [attn + f"{p}_proj.bias" for p in "qkv" if attn + f"{p}_proj.bias" in params]
-            groups = {prefix + "gate_up": [mlp + "gate_proj.weight", mlp + "up_proj.weight"]}
-            if all(n in owned for n in qkv + biases):
-                groups[prefix + "qkv"] = qkv
-                if biases:
-                    groups[prefix + "qkv_bias"] = biases
+            biases = [attn + f"{p}_proj.bias" for p in "qkv"]
+            groups = {prefix + "qkv": [attn + f"{p}_proj.weight" for p in "qkv"],
+                      prefix + "gate_up": [mlp + "gate_proj.weight", mlp + "up_proj.weight"]}
+            if all(n in params for n in biases):
+                groups[prefix + "qkv_bias"] = biases
             for key, names in groups.items():
-                if not all(n in owned for n in names):
+                mine = [n in owned for n in names]
+                if any(mine) and not all(mine):
                     continue
-                rows = [params[n].shape[0] for n in names]
-                fused[key] = torch.empty(sum(rows), *params[names[0]].shape[1:], dtype=self.dtype,
-                                         device=self.device)
-                views.update(zip(names, fused[key].split(rows), strict=True))
+                members = [params[n] for n in names]
+                fused[key] = self._owned_buffer(members) if all(mine) else shared_buffer(members)
+                views.update(zip(names, fused[key].split([p.shape[0] for p in members]), strict=True))
         return fused, views
+
+    def _owned_buffer(self, members: list[torch.Tensor]) -> torch.Tensor:
+        """An empty buffer in the engine's dtype with the members' rows back to back (sync_weights fills it)."""
+        rows = sum(p.shape[0] for p in members)
+        return torch.empty(rows, *members[0].shape[1:], dtype=self.dtype, device=self.device)
 
     @torch.no_grad()
     def sync_weights(self) -> None:
@@ -161,9 +182,12 @@ class PagedDecoder:
                     weight = weight + layer.scaling[adapter] * (b @ a)
             self.w[name + ".weight"].copy_(weight)
 
-    def _pre_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lw: LayerWeights):
-        """A layer up to attention: input norm, q/k/v projections, q/k norms (Qwen3), rotary."""
-        h = rms_norm(x, lw.input_norm, self.eps)
+    def _pre_attention(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       lw: LayerWeights):
+        """A layer up to attention: the previous layer's output x added to the residual stream, input norm,
+        q/k/v projections, q/k norms (Qwen3), rotary; (q, k, v, stream)."""
+        stream = residual + x
+        h = rms_norm(stream, lw.input_norm, self.eps)
         if lw.qkv is not None:
             q, k, v = F.linear(h, lw.qkv, lw.qkv_bias).split([lw.q.shape[0], lw.k.shape[0], lw.v.shape[0]], -1)
         else:
@@ -172,31 +196,36 @@ class PagedDecoder:
         k, v = k.reshape(-1, self.kv_heads, self.head_dim), v.reshape(-1, self.kv_heads, self.head_dim)
         if lw.q_norm is not None:
             q, k = rms_norm(q, lw.q_norm, self.eps), rms_norm(k, lw.k_norm, self.eps)
-        return rotate(q, cos, sin), rotate(k, cos, sin), v
+        return rotate(q, cos, sin), rotate(k, cos, sin), v, stream
 
-    def _post_attention(self, x: torch.Tensor, attention: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
-        """A layer after attention: output projection, residual, post norm, SwiGLU MLP, residual."""
-        x = x + F.linear(attention.reshape(x.shape[0], -1), lw.o)
-        h = rms_norm(x, lw.post_norm, self.eps)
+    def _post_attention(self, stream: torch.Tensor, attention: torch.Tensor, lw: LayerWeights
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer after attention: output projection, residual, post norm, SwiGLU MLP; (the MLP's output,
+        the stream it is to be added to)."""
+        stream = stream + F.linear(attention.reshape(stream.shape[0], -1), lw.o)
+        h = rms_norm(stream, lw.post_norm, self.eps)
         if lw.gate_up is not None:
             gate, up = F.linear(h, lw.gate_up).chunk(2, -1)
         else:
             gate, up = F.linear(h, lw.gate), F.linear(h, lw.up)
-        return x + F.linear(F.silu(gate) * up, lw.down)
+        return F.linear(F.silu(gate) * up, lw.down), stream
 
-    def _decode_layer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lw: LayerWeights,
-                      slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, layer: int) -> torch.Tensor:
-        q, k, v = self._pre_attention(x, cos, sin, lw)
+    def _decode_layer(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      lw: LayerWeights, slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, layer: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v, stream = self._pre_attention(x, residual, cos, sin, lw)
         attention = torch.ops.r1kit.paged_decode(q, k, v, slots, tables, lens, self.cache_key, layer)
-        return self._post_attention(x, attention, lw)
+        return self._post_attention(stream, attention, lw)
 
     def compile_layers(self, prefill: bool = False) -> None:
         """Decode (and prefill) through one compiled layer each, reused by all (one compilation of one layer,
         not of the whole stack: seconds instead of a minute, with the same fusions). Uncompiled, a prefill
         is ~30 ops a layer launched from Python: ~30 ms for a few short prompts, which a server pays at
         every arrival; compiled, ~20 ms, for ~20 s of compiling (two variants) that a run which prefills a
-        few times does not get back."""
+        few times does not get back. The output head compiles too: its norm and the logits' conversion to
+        fp32 into the caller's buffer, a few fused kernels where eager ran ten."""
         self.decode_layer = compiled(self._decode_layer, "the engine's decode layer")
+        self.head = compiled(self._head, "the engine's output head")
         if prefill:
             self.prefill_layer = compiled(self._prefill_layer, "the engine's prefill layer")
 
@@ -206,9 +235,16 @@ class PagedDecoder:
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions, None, :], self.sin[positions, None, :]
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = rms_norm(x, self.w["model.norm.weight"], self.eps)
-        return F.linear(x, self.w["lm_head.weight"]).float()
+    def _head(self, x: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor,
+              out: torch.Tensor) -> None:
+        """fp32 next-token logits of the last layer's output x added to its stream, written into out."""
+        out.copy_(F.linear(rms_norm(residual + x, norm, self.eps), lm_head))
+
+    def _logits(self, x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        lm_head = self.w["lm_head.weight"]
+        out = x.new_empty(x.shape[0], lm_head.shape[0], dtype=torch.float32) if out is None else out
+        self.head(x, residual, self.w["model.norm.weight"], lm_head, out)
+        return out
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
@@ -221,18 +257,21 @@ class PagedDecoder:
         positions = torch.arange(len(ids), device=self.device) - starts[row]
         grid = torch.empty(len(prompts), max(len(p) for p in prompts), 0, device=self.device)  # only its shape
         x, (cos, sin) = self._embed(ids), self._rotary(positions)
+        residual = torch.zeros_like(x)
         for layer, lw in enumerate(self.layer_weights):
-            x = self.prefill_layer(x, cos, sin, lw, self.k_cache[layer], self.v_cache[layer], slot_t, row, positions,
-                                   grid)
-        return self._logits(x[starts + lengths - 1])
+            x, residual = self.prefill_layer(x, residual, cos, sin, lw, self.k_cache[layer], self.v_cache[layer],
+                                             slot_t, row, positions, grid)
+        last = starts + lengths - 1
+        return self._logits(x[last], residual[last], None)
 
-    def _prefill_layer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lw: LayerWeights,
-                       k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, row: torch.Tensor,
-                       positions: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    def _prefill_layer(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       lw: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                       row: torch.Tensor, positions: torch.Tensor, grid: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer over the prompts' packed tokens (token i is prompt row[i]'s positions[i]), writing each
         token's KV at its slot of the layer's caches; grid is (prompts, longest, 0). The caches are passed,
         not indexed by layer here: a compiled layer would specialize on the index, once per layer."""
-        q, k, v = self._pre_attention(x, cos, sin, lw)
+        q, k, v, stream = self._pre_attention(x, residual, cos, sin, lw)
         k_cache[slots] = k
         v_cache[slots] = v
 
@@ -243,16 +282,18 @@ class PagedDecoder:
 
         # right padding: with a causal mask no real query sees a pad, so one SDPA call runs every prompt
         attention = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True, enable_gqa=True)
-        return self._post_attention(x, attention.transpose(1, 2)[row, positions], lw)
+        return self._post_attention(stream, attention.transpose(1, 2)[row, positions], lw)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-               lens: torch.Tensor) -> torch.Tensor:
+               lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """One token per sequence: (B,) tokens at (B,) positions, their KV written at (B,) slots; (B, width)
-        block tables and (B,) context lengths (this token included). Returns (B, vocab) logits.
+        block tables and (B,) context lengths (this token included). Returns (B, vocab) fp32 logits, in out
+        when given.
 
         No host synchronization on the kernel path, so the step can be captured in a CUDA graph."""
         x, (cos, sin) = self._embed(tokens), self._rotary(positions)
+        residual = torch.zeros_like(x)
         for layer, lw in enumerate(self.layer_weights):
-            x = self.decode_layer(x, cos, sin, lw, slots, tables, lens, layer)
-        return self._logits(x)
+            x, residual = self.decode_layer(x, residual, cos, sin, lw, slots, tables, lens, layer)
+        return self._logits(x, residual, out)
