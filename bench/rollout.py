@@ -1,7 +1,8 @@
 """Rollout-engine benchmarks against HF `generate` (plain and static cache) on the same inputs.
 
-(a) 512 prompts x 256 sampled tokens, (b) batch-1 decode latency, each for the engine eager, with CUDA
-graphs, and with graphs + compiled layers; (c) GRPO-shaped rollouts, 32 prompts x G=16 x 256 tokens, with
+(a) 512 prompts x 256 sampled tokens, (b) batch-1 decode latency (per token of a whole generate, and per
+decoded token with the prefill left out), each for the engine eager, with CUDA graphs, and with graphs +
+compiled layers; (c) GRPO-shaped rollouts, 32 prompts x G=16 x 256 tokens, with
 and without shared group prompts. Then: the engine's logprobs against the trainer's forward; the bf16
 greedy check against HF (a differing token allowed only where HF's top two logits are within 1e-3; the
 top-2 gaps where they part, in HF's logits and an fp32 forward's); the fp32 greedy check; and one decode
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from functools import partial
@@ -57,6 +59,15 @@ def hf_generate(model, tokenizer, texts: list[str], new: int, static: bool):
     extra = {"cache_implementation": "static"} if static else {}
     return lambda: model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0,
                                   top_p=1.0, pad_token_id=tokenizer.pad_token_id, **extra)
+
+
+def per_token_ms(run, new: int, device: torch.device) -> float:
+    """Milliseconds per decoded token past the first, at batch 1: (time for `new` tokens - time for one) /
+    (new - 1), which leaves out what both pay once (tokenizing, prefill, the first token). run(n) returns a
+    call that generates n tokens."""
+    all_tokens, _ = timed(run(new), device)
+    one_token, _ = timed(run(1), device)
+    return round(1000 * (all_tokens - one_token) / (new - 1), 3)
 
 
 def row(name: str, seconds: float, sequences: int, new: int) -> dict:
@@ -239,6 +250,7 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "runs": []}
     sampled = SamplingParams(temperature=1.0, max_tokens=new, ignore_eos=True, seed=0)
     texts = prompts(tokenizer, big)
+    decode_ms = results["batch1_ms_per_decoded_token"] = {}
 
     def save() -> None:  # after every figure, so a call cut off at its time limit keeps what it measured
         save_json(results, args.out)
@@ -257,6 +269,9 @@ def main() -> None:
                 hf_generate(model, tokenizer, texts, new, static), big)
         measure(f"(b) HF generate{' static' if static else ''} batch 1",
                 hf_generate(model, tokenizer, texts[:1], new, static), 1)
+    if not args.skip_hf:
+        decode_ms["HF generate static"] = per_token_ms(partial(hf_generate, model, tokenizer, texts[:1],
+                                                               static=True), new, device)
 
     variants = {"eager": {"cuda_graphs": False}, "graphs": {"compile": False}, "graphs+compile": {}}
     for variant, options in variants.items():
@@ -269,6 +284,10 @@ def main() -> None:
             results["runs"][-1]["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         measure(f"(b) r1kit engine [{variant}] batch 1", partial(engine.generate, texts[:1], sampled), 1)
 
+    decode_ms["r1kit engine [graphs+compile]"] = per_token_ms(
+        lambda n: partial(engine.generate, texts[:1], dataclasses.replace(sampled, max_tokens=n)), new, device)
+    print("(b) batch-1 ms per decoded token, prefill left out:", decode_ms, flush=True)
+    save()
     group = SamplingParams(n=g, temperature=1.0, max_tokens=new, ignore_eos=True, seed=0)
     for shared in (True, False):
         engine.engine.share_prompts = shared

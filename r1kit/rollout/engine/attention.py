@@ -1,11 +1,13 @@
 """Decode attention over the paged KV cache: one new query token per sequence against its cached context.
 
-Two implementations of one contract, `out = paged_decode(q, k, v, slots, k_cache, v_cache, tables, lens,
-block_size)`: write the new token's k and v at its slot, then attend over the sequence's context. A Triton
-kernel (flash-decoding without the split: one program per sequence and KV head, online softmax over tiles
-of the cached context read in place through the block table, then the new token from registers, which it
-also stores: one kernel a layer where a copy into the cache and an attention were three) and a PyTorch
-reference that writes, gathers the context and calls SDPA. The kernel reads every cached token once, which
+Two implementations of one contract, `out = paged_decode(q, k, v, cos, sin, slots, k_cache, v_cache, tables,
+lens, block_size)`: rotate the new token's q and k (rotary embedding), write its k and v at its slot, then
+attend over the sequence's context. A Triton kernel (flash-decoding without the split: one program per
+sequence and KV head; it rotates q and k in registers, reading them where the q/k/v projection left them,
+online softmax over tiles of the cached context read in place through the block table, then the new
+token from registers, which it also stores: one kernel a layer where the rotary, the copies into the
+cache and the attention were five) and a PyTorch reference that rotates, writes, gathers the context and
+calls SDPA. The kernel reads every cached token once, which
 is what bounds a decode step; the reference copies the whole context per layer first. The kernel is
 registered as a custom op so that `torch.compile` keeps it whole inside the compiled decode step.
 """
@@ -24,11 +26,20 @@ except ImportError:  # CPU installs: the reference path serves
     triton = None
 
 
-def paged_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
-                           k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
-                           block_size: int) -> torch.Tensor:
-    """Store (B, kv_heads, head_dim) k and v at slots; the (B, heads, head_dim) attention output of q against
-    each row's first lens[b] tokens (the new one included)."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (HF's rotate-half form) of (tokens, heads, head_dim) with (tokens, head_dim) cos and sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def paged_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                           lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Rotate (B, heads, head_dim) q and (B, kv_heads, head_dim) k by (B, head_dim) cos and sin, store k and v
+    at slots; the attention output (B, heads, head_dim) of q against each row's first lens[b] tokens (the new
+    one included)."""
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     k_cache.index_copy_(0, slots, k)
     v_cache.index_copy_(0, slots, v)
     positions = torch.arange(int(lens.max()), device=q.device)
@@ -42,18 +53,32 @@ def paged_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sl
 if triton is not None:
 
     @triton.jit
-    def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, slots_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr,
-                             scale, stride_qb, stride_qh, stride_nb, stride_nh, stride_cs, stride_ch, stride_tb,
-                             stride_ob, stride_oh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+    def _rotated(ptr, offsets, partners, first_half, cos, sin, mask):
+        """x * cos + rotate_half(x) * sin of the values at offsets (their rotate-half partners at partners),
+        computed in fp32 and rounded back once."""
+        x = tl.load(ptr + offsets, mask=mask, other=0.0)
+        partner = tl.load(ptr + partners, mask=mask, other=0.0).to(tl.float32)
+        return (x.to(tl.float32) * cos + tl.where(first_half, -partner, partner) * sin).to(x.dtype)
+
+    @triton.jit
+    def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_ptr, tables_ptr,
+                             lens_ptr, out_ptr, scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
+                             stride_vh, stride_rb, stride_cs, stride_ch, stride_tb, stride_ob, stride_oh,
+                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
         seq, kv_head = tl.program_id(0), tl.program_id(1)
         cached = tl.load(lens_ptr + seq) - 1  # the context before the new token
         g, d = tl.arange(0, GROUP_PAD), tl.arange(0, HEAD_DIM)
         real = g < GROUP  # heads padded up to the smallest shape tl.dot takes
         heads = kv_head * GROUP + g
-        q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=real[:, None], other=0.0)
-        k_new = tl.load(k_new_ptr + seq * stride_nb + kv_head * stride_nh + d)
-        v_new = tl.load(v_new_ptr + seq * stride_nb + kv_head * stride_nh + d)
+        cos = tl.load(cos_ptr + seq * stride_rb + d).to(tl.float32)
+        sin = tl.load(sin_ptr + seq * stride_rb + d).to(tl.float32)
+        partner, first_half = (d + HEAD_DIM // 2) % HEAD_DIM, d < HEAD_DIM // 2
+        q_rows = seq * stride_qb + heads[:, None] * stride_qh
+        q = _rotated(q_ptr, q_rows + d[None, :], q_rows + partner[None, :], first_half, cos, sin, real[:, None])
+        k_row = seq * stride_kb + kv_head * stride_kh
+        k_new = _rotated(k_new_ptr, k_row + d, k_row + partner, first_half, cos, sin, d < HEAD_DIM)
+        v_new = tl.load(v_new_ptr + seq * stride_vb + kv_head * stride_vh + d)
         slot = tl.load(slots_ptr + seq).to(tl.int64) * stride_cs + kv_head * stride_ch
         tl.store(k_ptr + slot + d, k_new)  # read by later steps only: this one takes it from registers
         tl.store(v_ptr + slot + d, v_new)
@@ -90,21 +115,23 @@ def kernel_supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
             and head_dim >= 16 and head_dim & (head_dim - 1) == 0)
 
 
-def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
-                        k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
-                        block_size: int) -> torch.Tensor:
-    """The same contract as paged_decode_reference, computed by the Triton kernel."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                        lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The same contract as paged_decode_reference, computed by the Triton kernel. q, k and v are read where
+    they lie (views of one projection's output) as long as each head's values are contiguous."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    cos, sin = cos.contiguous(), sin.contiguous()  # one row stride for both
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     tile = 64 if head_dim <= 64 else 32  # keeps a tile of K and V in registers
     _paged_decode_kernel[(batch, kv_heads)](
-        q, k, v, slots, k_cache, v_cache, tables, lens, out, head_dim**-0.5,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k_cache.stride(0), k_cache.stride(1), tables.stride(0),
-        out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, TILE=tile)
+        q, k, v, cos, sin, slots, k_cache, v_cache, tables, lens, out, head_dim**-0.5, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
+        tables.stride(0), out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=tile)
     return out
 
 
@@ -121,14 +148,16 @@ def register_cache(owner) -> int:
 # The op finds its KV cache through a key, as vLLM's attention op does, so that a compiled decode step
 # never sees the cache as a graph input it mutates (which compile would functionalize into a copy).
 @torch.library.custom_op("r1kit::paged_decode", mutates_args=())
-def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-                 lens: torch.Tensor, cache: int, layer: int) -> torch.Tensor:
-    """Write the new tokens' k and v at `slots` of layer `layer`, then attend (B, heads, head_dim) q."""
+def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, cache: int, layer: int) -> torch.Tensor:
+    """Rotate the new tokens' q and k, write k and v at `slots` of layer `layer`, then attend q: (B, heads,
+    head_dim)."""
     owner = _DECODERS[cache]
     attend = paged_decode_triton if kernel_supports(q.device, q.dtype, q.shape[-1]) else paged_decode_reference
-    return attend(q, k, v, slots, owner.k_cache[layer], owner.v_cache[layer], tables, lens, owner.block_size)
+    return attend(q, k, v, cos, sin, slots, owner.k_cache[layer], owner.v_cache[layer], tables, lens,
+                  owner.block_size)
 
 
 @paged_decode.register_fake
-def _(q, k, v, slots, tables, lens, cache, layer):
-    return torch.empty_like(q)
+def _(q, k, v, cos, sin, slots, tables, lens, cache, layer):
+    return q.new_empty(q.shape)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from r1kit.rollout.compiled import compiled
-from r1kit.rollout.engine.attention import register_cache
+from r1kit.rollout.engine.attention import register_cache, rotate
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -33,13 +33,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp32, as HF's Llama does."""
     x32 = x.float()
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of (tokens, heads, head_dim) with (tokens, 1, head_dim) cos and sin."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class LayerWeights(NamedTuple):
@@ -182,10 +175,9 @@ class PagedDecoder:
                     weight = weight + layer.scaling[adapter] * (b @ a)
             self.w[name + ".weight"].copy_(weight)
 
-    def _pre_attention(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       lw: LayerWeights):
+    def _pre_attention(self, x: torch.Tensor, residual: torch.Tensor, lw: LayerWeights):
         """A layer up to attention: the previous layer's output x added to the residual stream, input norm,
-        q/k/v projections, q/k norms (Qwen3), rotary; (q, k, v, stream)."""
+        q/k/v projections, q/k norms (Qwen3); (q, k, v, stream), q and k not yet rotated."""
         stream = residual + x
         h = rms_norm(stream, lw.input_norm, self.eps)
         if lw.qkv is not None:
@@ -196,7 +188,7 @@ class PagedDecoder:
         k, v = k.reshape(-1, self.kv_heads, self.head_dim), v.reshape(-1, self.kv_heads, self.head_dim)
         if lw.q_norm is not None:
             q, k = rms_norm(q, lw.q_norm, self.eps), rms_norm(k, lw.k_norm, self.eps)
-        return rotate(q, cos, sin), rotate(k, cos, sin), v, stream
+        return q, k, v, stream
 
     def _post_attention(self, stream: torch.Tensor, attention: torch.Tensor, lw: LayerWeights
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,8 +205,8 @@ class PagedDecoder:
     def _decode_layer(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       lw: LayerWeights, slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, layer: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v, stream = self._pre_attention(x, residual, cos, sin, lw)
-        attention = torch.ops.r1kit.paged_decode(q, k, v, slots, tables, lens, self.cache_key, layer)
+        q, k, v, stream = self._pre_attention(x, residual, lw)
+        attention = torch.ops.r1kit.paged_decode(q, k, v, cos, sin, slots, tables, lens, self.cache_key, layer)
         return self._post_attention(stream, attention, lw)
 
     def compile_layers(self, prefill: bool = False) -> None:
@@ -233,7 +225,7 @@ class PagedDecoder:
         return F.embedding(ids, self.w["model.embed_tokens.weight"])
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions, None, :], self.sin[positions, None, :]
+        return self.cos[positions], self.sin[positions]
 
     def _head(self, x: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor,
               out: torch.Tensor) -> None:
@@ -271,7 +263,8 @@ class PagedDecoder:
         """A layer over the prompts' packed tokens (token i is prompt row[i]'s positions[i]), writing each
         token's KV at its slot of the layer's caches; grid is (prompts, longest, 0). The caches are passed,
         not indexed by layer here: a compiled layer would specialize on the index, once per layer."""
-        q, k, v, stream = self._pre_attention(x, residual, cos, sin, lw)
+        q, k, v, stream = self._pre_attention(x, residual, lw)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         k_cache[slots] = k
         v_cache[slots] = v
 
