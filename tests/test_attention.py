@@ -12,7 +12,7 @@ from r1kit.rollout.engine.attention import paged_decode_reference
 
 CHECK = """
 import torch
-from r1kit.rollout.engine.attention import paged_decode_reference, paged_decode_triton, rotate
+from r1kit.rollout.engine.attention import paged_decode_reference, paged_decode_triton
 torch.manual_seed(0)
 for heads, kv_heads, head_dim in ((9, 3, 64), (4, 4, 32), (8, 2, 128)):
     block_size, blocks = 16, 40
@@ -32,9 +32,9 @@ for heads, kv_heads, head_dim in ((9, 3, 64), (4, 4, 32), (8, 2, 128)):
     ours = paged_decode_triton(q, k, v, cos, sin, slots, k_cache, v_cache, tables, lens, block_size).float()
     ref = paged_decode_reference(q.float(), k.float(), v.float(), cos.float(), sin.float(), slots, *ref_caches,
                                  tables, lens, block_size)
-    # the stored k is rotated with eager PyTorch's roundings in fp16: bit for bit rotate() in fp16
-    stored = k_cache[slots]
-    same_cache = torch.equal(v_cache.float(), ref_caches[1]) and torch.equal(stored, rotate(k, cos, sin))
+    # the stored k was rotated in fp32 and rounded once: within one fp16 step of the fp32 reference's
+    same_cache = torch.equal(v_cache.float(), ref_caches[1]) and torch.allclose(k_cache.float(), ref_caches[0],
+                                                                                 rtol=1e-3, atol=1e-3)
     print(heads, kv_heads, head_dim, same_cache, (ours - ref).abs().max().item())
 """
 

@@ -55,12 +55,10 @@ if triton is not None:
     @triton.jit
     def _rotated(ptr, offsets, partners, first_half, cos, sin, mask):
         """x * cos + rotate_half(x) * sin of the values at offsets (their rotate-half partners at partners),
-        each product and the sum rounded to x's dtype as eager PyTorch (and so HF) rounds them."""
+        computed in fp32 and rounded back once."""
         x = tl.load(ptr + offsets, mask=mask, other=0.0)
         partner = tl.load(ptr + partners, mask=mask, other=0.0).to(tl.float32)
-        straight = (x.to(tl.float32) * cos).to(x.dtype).to(tl.float32)
-        turned = (tl.where(first_half, -partner, partner) * sin).to(x.dtype).to(tl.float32)
-        return (straight + turned).to(x.dtype)
+        return (x.to(tl.float32) * cos + tl.where(first_half, -partner, partner) * sin).to(x.dtype)
 
     @triton.jit
     def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_ptr, tables_ptr,
@@ -105,9 +103,7 @@ if triton is not None:
         score_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
         m_new = tl.maximum(m, score_new)
         p_new, alpha = tl.exp(score_new - m_new), tl.exp(m - m_new)
-        # its weight rounded as the tiles' are before their dot (and a flash-attention kernel's are)
-        weight_new = p_new.to(v_new.dtype).to(tl.float32)
-        acc = acc * alpha[:, None] + weight_new[:, None] * v_new.to(tl.float32)[None, :]
+        acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
         out = acc / (total * alpha + p_new)[:, None]
         tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=real[:, None])
