@@ -25,9 +25,14 @@ import torch.nn.functional as F
 
 from r1kit.rollout.compiled import compiled
 from r1kit.rollout.engine.attention import register_cache, rotate
-from r1kit.rollout.engine.small_linear import SMALL_ROWS, norm_linear_runs, rms_norm
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, as HF's Llama does."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class LayerWeights(NamedTuple):
@@ -115,8 +120,6 @@ class PagedDecoder:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        # up to SMALL_ROWS tokens, a layer's norms, activation and residual adds ride in its matmul kernels
-        self.small_fused = norm_linear_runs(self.device, self.dtype)
         self.layer_weights = [layer_weights(self.w, self.fused, f"model.layers.{i}.") for i in range(self.layers)]
         self.decode_layer, self.prefill_layer, self.head = self._decode_layer, self._prefill_layer, self._head
         # one slot past the blocks: where padded rows of a captured decode step write their KV
@@ -174,42 +177,24 @@ class PagedDecoder:
 
     def _pre_attention(self, x: torch.Tensor, residual: torch.Tensor, lw: LayerWeights):
         """A layer up to attention: the previous layer's output x added to the residual stream, input norm,
-        q/k/v projections, q/k norms (Qwen3); ((q, k, v), stream), q and k not yet rotated."""
-        if self._small(x, lw):
-            qkv, stream = torch.ops.r1kit.norm_linear(x, lw.qkv, residual, lw.input_norm, lw.qkv_bias, None, self.eps,
-                                                      False)
-            return self._heads(*qkv.split([lw.q.shape[0], lw.k.shape[0], lw.v.shape[0]], -1), lw), stream
+        q/k/v projections, q/k norms (Qwen3); (q, k, v, stream), q and k not yet rotated."""
         stream = residual + x
         h = rms_norm(stream, lw.input_norm, self.eps)
         if lw.qkv is not None:
             q, k, v = F.linear(h, lw.qkv, lw.qkv_bias).split([lw.q.shape[0], lw.k.shape[0], lw.v.shape[0]], -1)
         else:
             q, k, v = F.linear(h, lw.q, lw.q_bias), F.linear(h, lw.k, lw.k_bias), F.linear(h, lw.v, lw.v_bias)
-        return self._heads(q, k, v, lw), stream
-
-    def _heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lw: LayerWeights):
-        """(tokens, heads, head_dim) q, k and v, with q/k norms (Qwen3)."""
         q = q.reshape(-1, self.heads, self.head_dim)
         k, v = k.reshape(-1, self.kv_heads, self.head_dim), v.reshape(-1, self.kv_heads, self.head_dim)
         if lw.q_norm is not None:
             q, k = rms_norm(q, lw.q_norm, self.eps), rms_norm(k, lw.k_norm, self.eps)
-        return q, k, v
-
-    def _small(self, x: torch.Tensor, lw: LayerWeights) -> bool:
-        """Whether this layer runs through the fused small-batch kernels (few tokens, projections fused)."""
-        return self.small_fused and x.shape[0] <= SMALL_ROWS and lw.qkv is not None and lw.gate_up is not None
+        return q, k, v, stream
 
     def _post_attention(self, stream: torch.Tensor, attention: torch.Tensor, lw: LayerWeights
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer after attention: output projection, residual, post norm, SwiGLU MLP; (the MLP's output,
         the stream it is to be added to)."""
-        attention = attention.reshape(stream.shape[0], -1)
-        if self._small(stream, lw):
-            linear = torch.ops.r1kit.norm_linear
-            stream, _ = linear(attention, lw.o, None, None, None, stream, self.eps, False)
-            act, _ = linear(stream, lw.gate_up, None, lw.post_norm, None, None, self.eps, True)
-            return linear(act, lw.down, None, None, None, None, self.eps, False)[0], stream
-        stream = stream + F.linear(attention, lw.o)
+        stream = stream + F.linear(attention.reshape(stream.shape[0], -1), lw.o)
         h = rms_norm(stream, lw.post_norm, self.eps)
         if lw.gate_up is not None:
             gate, up = F.linear(h, lw.gate_up).chunk(2, -1)
@@ -220,7 +205,7 @@ class PagedDecoder:
     def _decode_layer(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       lw: LayerWeights, slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, layer: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        (q, k, v), stream = self._pre_attention(x, residual, lw)
+        q, k, v, stream = self._pre_attention(x, residual, lw)
         attention = torch.ops.r1kit.paged_decode(q, k, v, cos, sin, slots, tables, lens, self.cache_key, layer)
         return self._post_attention(stream, attention, lw)
 
@@ -278,7 +263,7 @@ class PagedDecoder:
         """A layer over the prompts' packed tokens (token i is prompt row[i]'s positions[i]), writing each
         token's KV at its slot of the layer's caches; grid is (prompts, longest, 0). The caches are passed,
         not indexed by layer here: a compiled layer would specialize on the index, once per layer."""
-        (q, k, v), stream = self._pre_attention(x, residual, lw)
+        q, k, v, stream = self._pre_attention(x, residual, lw)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         k_cache[slots] = k
         v_cache[slots] = v
