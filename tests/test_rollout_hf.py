@@ -129,3 +129,16 @@ def test_prompts_encode_in_a_batch_as_one_by_one(tokenizer):
     one_by_one = [tokenizer(p, add_special_tokens=not p.startswith(tokenizer.bos_token))["input_ids"] for p in prompts]
     assert encode_prompts(tokenizer, prompts) == one_by_one
     assert encode_prompts(tokenizer, []) == []
+
+
+def test_chunked_argmax_is_argmax_with_its_ties():
+    from r1kit.rollout.sampler import chunked_argmax
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3000)
+    x[1, 2047] = x[1, 10] = 99.0  # a tie across chunks: the first index wins
+    x[2, 2999] = 50.0  # the last column, in the padded chunk
+    x[3, 5] = x[3, 6] = 50.0  # a tie within a chunk
+    x[4] = float("-inf")
+    assert torch.equal(chunked_argmax(x, chunk=1024), x.argmax(-1))
+    assert chunked_argmax(x, chunk=1024).tolist()[:4] == [x[0].argmax().item(), 10, 2999, 5]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from r1kit.rollout.compiled import compiled
 from r1kit.rollout.types import SamplingParams
@@ -141,6 +142,18 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, keys: torch.Tensor, steps
     return _draw(logits, batch.temperature, keys, steps, _codes[where], choice)
 
 
+def chunked_argmax(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """argmax over the last dimension (the first of equal maxima, as torch.argmax) in two stages, per chunk
+    of columns and then over the chunks: compiled, a batch of one row spreads over a GPU program per chunk
+    where one program would walk the whole vocabulary (35 us of a 1-ms decode step on the H200)."""
+    rows, width = x.shape
+    if width % chunk:
+        x = F.pad(x, (0, chunk - width % chunk), value=float("-inf"))
+    values, within = x.view(rows, -1, chunk).max(-1)
+    best = values.argmax(-1, keepdim=True)
+    return (best * chunk + within.gather(-1, best)).squeeze(-1)
+
+
 def draw(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor,
          codes: torch.Tensor, choice: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens drawn from softmax(choice) by Gumbel-max with noise hashed from each row's (key, step), argmax
@@ -149,7 +162,7 @@ def draw(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, st
     scaled = _scale(logits, temperature)
     choice = scaled if choice is None else choice
     noisy = choice - torch.log(-torch.log(uniform_noise(keys, steps, codes)))
-    tokens = torch.where(temperature == 0, choice.argmax(-1), noisy.argmax(-1))
+    tokens = torch.where(temperature == 0, chunked_argmax(choice), chunked_argmax(noisy))
     return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - scaled.logsumexp(-1)
 
 
