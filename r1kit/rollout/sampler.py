@@ -162,7 +162,7 @@ def draw(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, st
     scaled = _scale(logits, temperature)
     choice = scaled if choice is None else choice
     noisy = choice - torch.log(-torch.log(uniform_noise(keys, steps, codes)))
-    tokens = torch.where(temperature == 0, chunked_argmax(choice), chunked_argmax(noisy))
+    tokens = chunked_argmax(torch.where((temperature == 0)[:, None], choice, noisy))  # one pass for both kinds
     return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - scaled.logsumexp(-1)
 
 
