@@ -142,3 +142,5 @@ def test_chunked_argmax_is_argmax_with_its_ties():
     x[4] = float("-inf")
     assert torch.equal(chunked_argmax(x, chunk=1024), x.argmax(-1))
     assert chunked_argmax(x, chunk=1024).tolist()[:4] == [x[0].argmax().item(), 10, 2999, 5]
+    many = torch.randn(70, 3000)  # enough rows for the one-pass argmax
+    assert torch.equal(chunked_argmax(many, chunk=1024), many.argmax(-1))

@@ -142,11 +142,17 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, keys: torch.Tensor, steps
     return _draw(logits, batch.temperature, keys, steps, _codes[where], choice)
 
 
+CHUNKED_BELOW = 64  # rows: from here on a batch fills the GPU, and one pass shares its reads with log-softmax
+
+
 def chunked_argmax(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """argmax over the last dimension (the first of equal maxima, as torch.argmax) in two stages, per chunk
-    of columns and then over the chunks: compiled, a batch of one row spreads over a GPU program per chunk
-    where one program would walk the whole vocabulary (35 us of a 1-ms decode step on the H200)."""
+    """argmax over the last dimension (the first of equal maxima, as torch.argmax); for fewer than
+    CHUNKED_BELOW rows in two stages, per chunk of columns and then over the chunks: compiled, a batch of
+    one row spreads over a GPU program per chunk where one program would walk the whole vocabulary (35 us
+    of a 1-ms decode step on the H200)."""
     rows, width = x.shape
+    if rows >= CHUNKED_BELOW:
+        return x.argmax(-1)
     if width % chunk:
         x = F.pad(x, (0, chunk - width % chunk), value=float("-inf"))
     values, within = x.view(rows, -1, chunk).max(-1)

@@ -14,7 +14,7 @@ from r1kit.rollout.engine.model import PagedDecoder
 from r1kit.rollout.engine.scheduler import Request, Scheduler
 from r1kit.rollout.engine.sequence import Sequence
 from r1kit.rollout.hf import eos_token_ids
-from r1kit.rollout.sampler import SamplingBatch, request_seed, sample, sequence_key, top_logprobs
+from r1kit.rollout.sampler import CHUNKED_BELOW, SamplingBatch, request_seed, sample, sequence_key, top_logprobs
 from r1kit.rollout.types import Completion, Progress, SamplingParams, cut_at_stop, encode_prompt, encode_prompts
 
 
@@ -103,7 +103,8 @@ class LLMEngine:
         for prompts in ([[0] * 7], [[0] * 11, [0] * 13]):
             self.decoder.prefill(prompts, [[scratch] * len(p) for p in prompts])
         vocab = self.decoder.w["lm_head.weight"].shape[0]
-        for rows in (1, 2):  # the sampler compiles once for one row and once for any other count
+        # the sampler compiles once for one row, once for fewer rows than CHUNKED_BELOW, once for more
+        for rows in (1, 2, CHUNKED_BELOW):
             for params in (SamplingParams(), SamplingParams(top_p=0.9)):  # with and without a filter
                 keys, steps = (torch.zeros(rows, dtype=torch.long, device=self.device) for _ in range(2))
                 # two tensors, not one twice: the compiled sampler would guard on keys being steps
