@@ -1,11 +1,20 @@
-"""The rollout engine (eager, on CPU) against HF on tiny random Llama, Qwen2 and Qwen3 models."""
+"""The rollout engine (eager, on CPU) against HF on tiny random Llama, Qwen2, Qwen3 and Mistral models."""
 
 import copy
 
 import pytest
 import torch
 from conftest import hf_greedy
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from r1kit.rollout import HFGenerator, SamplingParams
 from r1kit.rollout.engine import EngineGenerator, LLMEngine
@@ -18,6 +27,7 @@ FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 160}),
 }
 
 
@@ -407,3 +417,18 @@ def test_shared_weights_are_fused_in_the_policy_itself(tiny, tmp_path):
     for lw in (first, second):
         assert torch.equal(lw.k, attn.k_proj.weight) and torch.equal(lw.gate, mlp.gate_proj.weight)
     assert not torch.equal(attn.k_proj.weight, state["model.layers.0.self_attn.k_proj.weight"])
+
+
+def test_a_sliding_window_caps_the_context(tokenizer):
+    # the engine's kernels attend to the whole context: with the context capped at the window, that is what
+    # the model's sliding-window attention computes; a longer request is refused, saying why
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=48)
+    llm = LLMEngine(MistralForCausalLM(config).eval(), tokenizer, kv_cache_tokens=1024, block_size=4)
+    assert llm.decoder.max_len == 48
+    with pytest.raises(ValueError, match=r"10 prompt tokens \+ max_tokens 40 exceed the engine's context of 48 "
+                                         r"tokens \(the model's sliding attention window"):
+        llm.add_request(list(range(10)), SamplingParams(max_tokens=40))
+    qwen2 = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=48)
+    assert LLMEngine(Qwen2ForCausalLM(qwen2).eval(), tokenizer, kv_cache_tokens=1024).decoder.max_len == 512

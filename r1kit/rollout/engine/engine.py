@@ -114,8 +114,10 @@ class LLMEngine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams, keys: list[int] | None = None) -> Request:
         """Queue params.n sequences of a prompt; `keys` seeds each one's sampling (random when None)."""
         if len(prompt_ids) + params.max_tokens > self.decoder.max_len:
+            window = (" (the model's sliding attention window, which the engine does not run past; backend=hf does)"
+                      if self.decoder.max_len == self.decoder.window else "")
             raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens} exceed the "
-                             f"engine's context of {self.decoder.max_len} tokens")
+                             f"engine's context of {self.decoder.max_len} tokens{window}")
         if keys is None:
             base = request_seed(params.seed)
             keys = [sequence_key(base, i) for i in range(params.n)]

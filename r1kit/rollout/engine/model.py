@@ -35,6 +35,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def attention_window(config) -> int | None:
+    """The sliding-window width where the model's attention uses one (Mistral v0.1, Qwen2 with
+    use_sliding_window), else None."""
+    window = getattr(config, "sliding_window", None)
+    sliding = config.model_type == "mistral" or "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    return window if window and sliding else None
+
+
 class LayerWeights(NamedTuple):
     """One decoder layer's tensors (the engine's views of them); None where the family has none. q/k/v (and
     their biases) and gate/up are also one buffer each (qkv, gate_up), q, k, v, gate and up being views
@@ -128,7 +136,9 @@ class PagedDecoder:
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cache_key = register_cache(self)
-        self.max_len = min(num_slots, config.max_position_embeddings)
+        # no sliding window in the kernels: a context no longer than the window is the same computation
+        self.window = attention_window(config)
+        self.max_len = min(num_slots, config.max_position_embeddings, self.window or num_slots)
         # rotary tables for every position a sequence can reach, indexed instead of recomputed each step
         position_ids = torch.arange(self.max_len, device=self.device)[None]
         cos, sin = self.rotary(torch.zeros((), dtype=torch.float32, device=self.device), position_ids)
