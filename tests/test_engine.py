@@ -432,3 +432,23 @@ def test_a_sliding_window_caps_the_context(tokenizer):
     qwen2 = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=48)
     assert LLMEngine(Qwen2ForCausalLM(qwen2).eval(), tokenizer, kv_cache_tokens=1024).decoder.max_len == 512
+
+
+def test_models_the_engine_cannot_run_are_refused_with_the_reason(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from r1kit.rollout.engine.model import unsupported
+
+    def llama(**extra):
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, **extra)
+        return LlamaForCausalLM(config).eval()
+
+    assert unsupported(llama()) is None
+    # an o_proj bias the forward would silently leave out: refused, naming it
+    with pytest.raises(ValueError, match=r"no place for 2 of this model's parameters "
+                                         r"\(model.layers.0.self_attn.o_proj.bias.*; use backend=hf"):
+        LLMEngine(llama(attention_bias=True, mlp_bias=False), tokenizer, kv_cache_tokens=64)
+    assert "activation is 'gelu'" in unsupported(llama(hidden_act="gelu"))
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    assert unsupported(gpt2) == "the rollout engine runs llama, mistral, qwen2, qwen3 models, not 'gpt2'"

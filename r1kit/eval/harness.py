@@ -116,7 +116,7 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
     # vLLM loads the weights itself: the HF copy (for the results' identity) stays off the GPU
     model, tokenizer = load_model(cfg.model, "cpu" if cfg.backend == "vllm" else cfg.device, cfg.dtype)
     # the engine reserves KV per request and keeps a GPU busy with hundreds; HF pads a batch to its longest
-    gpu_engine = model.device.type == "cuda" and uses_engine(cfg.backend, model.device)
+    gpu_engine = model.device.type == "cuda" and uses_engine(cfg.backend, model)
     batch_size = cfg.batch_size or (512 if gpu_engine or cfg.backend == "vllm" else 64)
     generator = make_generator(model, tokenizer, cfg.backend, batch_size)
     params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,

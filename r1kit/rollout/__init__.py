@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from r1kit.rollout.hf import HFGenerator
@@ -13,26 +15,35 @@ BACKENDS = ("auto", "hf", "engine", "vllm")
 KV_MEMORY_SHARE = 0.3  # of free GPU memory, leaving the rest to training
 
 
-def uses_engine(backend: str, device: torch.device) -> bool:
-    """Whether `backend` means the rollout engine on this device (`auto`: on a GPU)."""
+def uses_engine(backend: str, model) -> bool:
+    """Whether `backend` means the rollout engine for this model (`auto`: on a GPU, if the engine runs the
+    model; HF generate otherwise)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return backend == "engine" or (backend == "auto" and device.type == "cuda")
+    if backend != "auto" or next(model.parameters()).device.type != "cuda":
+        return backend == "engine"
+    from r1kit.rollout.engine.model import unsupported
+
+    return unsupported(model) is None
 
 
 def make_generator(model, tokenizer, backend: str = "auto", batch_size: int = 64) -> Generator:
     """The generator for a loaded model.
 
     `engine` is r1kit's rollout engine (paged KV cache, continuous batching, shared group prompts,
-    CUDA graphs); `auto` picks it on a GPU and HF generate elsewhere; `vllm` loads the model's folder
-    into vLLM (evaluation only: it does not share the model's weights).
+    CUDA graphs); `auto` picks it on a GPU where it runs the model (HF generate otherwise, saying why);
+    `vllm` loads the model's folder into vLLM (evaluation only: it does not share the model's weights).
     """
     if backend == "vllm":
         from r1kit.rollout.vllm import VLLMGenerator
 
         return VLLMGenerator(str(model.name_or_path), tokenizer)
     device = next(model.parameters()).device
-    if not uses_engine(backend, device):
+    if not uses_engine(backend, model):
+        if backend == "auto" and device.type == "cuda":
+            from r1kit.rollout.engine.model import unsupported
+
+            warnings.warn(f"{unsupported(model)}: backend auto generates with HF generate", stacklevel=2)
         return HFGenerator(model, tokenizer, batch_size=batch_size)
     from r1kit.rollout.engine import EngineGenerator
     from r1kit.rollout.engine.engine import kv_bytes_per_token

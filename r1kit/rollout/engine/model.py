@@ -27,6 +27,34 @@ from r1kit.rollout.compiled import compiled
 from r1kit.rollout.engine.attention import register_cache, rotate
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+# every parameter the forward reads; a model with others (an o_proj or MLP bias) would be run wrong
+LAYER_PARAMETERS = frozenset(
+    ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight",
+     "self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+     "mlp.down_proj.weight"] + [f"self_attn.{p}_proj.{kind}" for p in "qkv" for kind in ("weight", "bias")])
+MODEL_PARAMETERS = frozenset(["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"])
+
+
+def base_model(model):
+    """The language model itself (a peft model's wrapped one)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def unsupported(model) -> str | None:
+    """Why the engine cannot run this HF model (its family, its activation, parameters it has no place
+    for), or None when it can."""
+    inner = base_model(model)
+    config = inner.config
+    if config.model_type not in SUPPORTED:
+        return f"the rollout engine runs {', '.join(SUPPORTED)} models, not {config.model_type!r}"
+    if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
+        return f"the rollout engine's MLP is SwiGLU, and this model's activation is {config.hidden_act!r}"
+    names = [n.replace(".base_layer", "") for n, _ in inner.named_parameters() if ".lora_" not in n]
+    left = [n for n in names if n not in MODEL_PARAMETERS
+            and not (n.startswith("model.layers.") and n.split(".", 3)[-1] in LAYER_PARAMETERS)]
+    if left:
+        return f"the rollout engine has no place for {len(left)} of this model's parameters ({', '.join(left[:3])})"
+    return None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,11 +126,10 @@ class PagedDecoder:
     """The decoder's forward for prefill (whole prompts) and decode (one token per sequence)."""
 
     def __init__(self, model, num_slots: int, block_size: int, dtype: torch.dtype | None = None):
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped LM
+        if (reason := unsupported(model)) is not None:
+            raise ValueError(f"{reason}; use backend=hf")
+        inner = base_model(model)
         config = inner.config
-        if config.model_type not in SUPPORTED:
-            raise ValueError(f"the rollout engine runs {', '.join(SUPPORTED)} models, not {config.model_type!r}; "
-                             "use backend=hf")
         self.config, self.rotary = config, inner.model.rotary_emb
         params = {n.replace(".base_layer", ""): p for n, p in inner.named_parameters() if ".lora_" not in n}
         params.setdefault("lm_head.weight", params["model.embed_tokens.weight"])
