@@ -7,7 +7,7 @@ and without shared group prompts. Then: the engine's logprobs against the traine
 greedy check against HF (a differing token allowed only where HF's top two logits are within 1e-3; the
 top-2 gaps where they part, in HF's logits and an fp32 forward's); the fp32 greedy check; and one decode
 step split into forward, sampler and host, at 1, 64 and 512 sequences, and its GPU time by kernel; the
-phases of (a) (queueing, prefill, decode). Every
+phases of (a) (queueing, prefill, decode); the time to refresh a bf16 engine from an fp32 policy. Every
 sequence generates exactly the requested tokens on every side (ignore_eos / min_new_tokens). Figures are
 saved as they come.
 
@@ -144,6 +144,21 @@ def logprob_gap(model, engine_completions, prompt_ids: list[list[int]], group: i
         gaps[name] = {"mean_abs": d.abs().mean().item(), "p99_abs": d.abs().quantile(0.99).item(),
                       "max_abs": d.abs().max().item(), "mean_ratio_minus_1": (d.exp() - 1).mean().item()}
     return gaps
+
+
+def weight_sync_ms(model, tokenizer, repeats: int = 20) -> float:
+    """Milliseconds to refresh a bf16 engine's buffers from an fp32 policy (one in-place copy of every weight
+    into its preallocated buffer), which training does once per update."""
+    policy = copy.deepcopy(model).float()
+    engine = EngineGenerator(policy, tokenizer, kv_cache_tokens=256, max_num_seqs=1, dtype=torch.bfloat16,
+                             cuda_graphs=False)
+    engine.sync_weights()
+    sync(policy.device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        engine.sync_weights()
+    sync(policy.device)
+    return round(1000 * (time.perf_counter() - t0) / repeats, 3)
 
 
 def decoding(engine: EngineGenerator, texts: list[str], max_tokens: int, steps: int):
@@ -296,6 +311,7 @@ def main() -> None:
     engine.engine.share_prompts = True
     rollouts = engine.generate(texts[:4], group)
     results["logprob_gap"] = logprob_gap(model, rollouts, [engine.encode(t) for t in texts[:4]], g)
+    results["weight_sync_ms"] = weight_sync_ms(model, tokenizer)
     results["greedy_check"] = greedy_check(model, tokenizer, engine, texts[:16], min(new, 64))
     print(f"[{time.perf_counter() - started:.0f} s]", results["logprob_gap"], results["greedy_check"], flush=True)
     results["fp32_greedy_check"] = fp32_greedy_check(model, tokenizer, texts[:16], min(new, 64))

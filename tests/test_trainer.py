@@ -234,3 +234,19 @@ def test_held_out_eval_sees_the_latest_update(tiny_model_dir, tmp_path, reward_f
         "default"].weight
     engine_weight = trainer.generator.engine.decoder.w["model.layers.0.self_attn.q_proj.weight"]
     assert torch.allclose(engine_weight, merged, atol=1e-6)
+
+
+def test_weights_refresh_once_per_update_and_are_timed(tiny_model_dir, tmp_path, reward_file, monkeypatch):
+    # dynamic sampling rolls out several rounds a step: the generator's buffers are refreshed before the first
+    # only (no update comes between rounds), and the refresh's time is reported as sync_s
+    cfg = config(tiny_model_dir, tmp_path, reward_file, backend="engine", lora_r=4, dynamic_sampling=True,
+                 max_rollout_rounds=3, eval_problems=0)
+    trainer = make_trainer(cfg)
+    refreshes, real = [], trainer.generator.sync_weights
+    monkeypatch.setattr(trainer.generator, "sync_weights", lambda: refreshes.append(trainer.step_count) or real())
+    monkeypatch.setattr(trainer_module, "informative_groups", lambda rewards, g: torch.zeros(len(rewards) // g,
+                                                                                           dtype=torch.bool))
+    first, _ = trainer.step()  # no group informative: every round runs
+    second, _ = trainer.step()
+    assert first["groups_generated"] == 3 * cfg.prompts_per_step and refreshes == [0, 1]
+    assert 0 < first["sync_s"] <= first["generation_s"] and second["sync_s"] > 0

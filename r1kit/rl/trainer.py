@@ -126,6 +126,8 @@ class GRPOTrainer:
         self.stream = PromptStream(len(task.rows), cfg.seed)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.step_count = 0
+        self._synced_step: int | None = None  # the step whose weights the generator holds
+        self.sync_s = 0.0  # this step's weight refresh, seconds
 
     def _lr_factor(self, opt_step: int) -> float:
         cfg = self.cfg
@@ -153,10 +155,17 @@ class GRPOTrainer:
                               seed=(cfg.seed * 1_000_003 + self.step_count * 101 + round_) % 2**63)
 
     def sync_generator(self) -> None:
-        """Bring the generator's weight buffers (the engine's bf16 copies, merged LoRA) to the last update."""
+        """Bring the generator's weight buffers (the engine's bf16 copies, merged LoRA) to the last update:
+        once per update however many rollout rounds follow it; its time adds to sync_s."""
         sync = getattr(self.generator, "sync_weights", None)
-        if sync is not None:
-            sync()
+        if sync is None or self._synced_step == self.step_count:
+            return
+        started = time.perf_counter()
+        sync()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copies run on the GPU: time them, not their launch
+        self.sync_s += time.perf_counter() - started
+        self._synced_step = self.step_count
 
     # -- rollout -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -190,6 +199,7 @@ class GRPOTrainer:
         stats = {"generation_s": 0.0, "scoring_s": 0.0, "groups_generated": 0, "zero_variance_groups": 0,
                  "generated_tokens": 0, "reward_failures": 0}
         all_rewards: list[torch.Tensor] = []
+        self.sync_s = 0.0
         for round_ in range(cfg.max_rollout_rounds if cfg.dynamic_sampling else 1):
             indices = self.stream.take(cfg.prompts_per_step)
             t0 = time.perf_counter()
@@ -216,6 +226,7 @@ class GRPOTrainer:
             if len(kept_idx) == cfg.prompts_per_step:
                 break
         stats["rollout_reward_mean"] = torch.cat(all_rewards).mean().item()
+        stats["sync_s"] = self.sync_s  # inside generation_s
         return Rollouts(
             rows=[self.task.rows[i] for i in kept_idx],
             prompt_ids=[self.prompt_ids[i] for i in kept_idx],
@@ -336,7 +347,7 @@ class GRPOTrainer:
         m.update(update)
         s = batch.stats
         m.update({k: s[k] for k in ("rollout_reward_mean", "groups_generated", "zero_variance_groups",
-                                    "reward_failures", "generation_s", "scoring_s")})
+                                    "reward_failures", "generation_s", "sync_s", "scoring_s")})
         m["update_s"], m["step_s"] = update_s, step_s
         m["tokens_per_s"] = s["generated_tokens"] / s["generation_s"] if s["generation_s"] else 0.0
         if self.device.type == "cuda":
@@ -353,3 +364,4 @@ class GRPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["stream"])
         self.step_count = state["step_count"]
+        self._synced_step = None  # the weights were loaded after the generator was built
