@@ -53,6 +53,16 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def ms_per_call(fn, device: torch.device, repeats: int) -> float:
+    """Mean milliseconds of `repeats` back-to-back calls of fn, the device synchronized at both ends."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return 1000 * (time.perf_counter() - t0) / repeats
+
+
 def hf_generate(model, tokenizer, texts: list[str], new: int, static: bool):
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -153,12 +163,7 @@ def weight_sync_ms(model, tokenizer, repeats: int = 20) -> float:
     engine = EngineGenerator(policy, tokenizer, kv_cache_tokens=256, max_num_seqs=1, dtype=torch.bfloat16,
                              cuda_graphs=False)
     engine.sync_weights()
-    sync(policy.device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        engine.sync_weights()
-    sync(policy.device)
-    return round(1000 * (time.perf_counter() - t0) / repeats, 3)
+    return round(ms_per_call(engine.sync_weights, policy.device, repeats), 3)
 
 
 def decoding(engine: EngineGenerator, texts: list[str], max_tokens: int, steps: int):
@@ -202,15 +207,7 @@ def decode_breakdown(engine: EngineGenerator, texts: list[str], repeats: int = 2
     from r1kit.rollout.sampler import sample
 
     llm = decoding(engine, texts, repeats + 8, steps=3)
-
-    def per_call(fn) -> float:
-        sync(llm.device)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync(llm.device)
-        return 1000 * (time.perf_counter() - t0) / repeats
-
+    per_call = partial(ms_per_call, device=llm.device, repeats=repeats)
     seqs = list(llm.scheduler.running)
     inputs, steps, batch = llm.decode_inputs(seqs)
     forward = per_call(lambda: llm._step(*inputs))
