@@ -201,23 +201,26 @@ def phases(engine: EngineGenerator, texts: list[str], params: SamplingParams) ->
 
 
 def decode_breakdown(engine: EngineGenerator, texts: list[str], repeats: int = 20) -> dict:
-    """Milliseconds of one decode step of len(texts) sequences, and of its parts: the forward (graph replay
-    with its input copies), the sampler, and the rest (the host loop: token append, finish checks; while
-    the next step runs ahead it overlaps the GPU, so the rest shrinks, or goes below zero)."""
+    """Milliseconds of one decode step of len(texts) sequences (the engine's step()), of the device's part of
+    it (the step's graph: inputs, forward, sampler, state advanced), of the forward alone (its own graph)
+    and of the sampler alone (launched eagerly, as it was before it joined the step's graph); the rest is the
+    host loop (token append, finish checks), which overlaps the GPU while the next step runs ahead."""
     from r1kit.rollout.sampler import sample
 
-    llm = decoding(engine, texts, repeats + 8, steps=3)
+    llm = decoding(engine, texts, 3 * repeats + 8, steps=3)
     per_call = partial(ms_per_call, device=llm.device, repeats=repeats)
-    seqs = list(llm.scheduler.running)
-    inputs, steps, batch = llm.decode_inputs(seqs)
-    forward = per_call(lambda: llm._step(*inputs))
-    logits = llm._step(*inputs)
-    sampler = per_call(lambda: sample(logits, batch.sampling, batch.keys, steps))
+    state, n = llm._steps, len(llm.scheduler.running)
+    state.forward(n)  # captured on first use
+    forward = per_call(lambda: state.forward(n))
+    sampler = per_call(lambda: sample(state.logits[:n], state.sampling(n, False), state.keys[:n], state.steps[:n]))
+    graph_step = per_call(lambda: state.step(n, False))
+    llm._batch = None  # those steps ran the device's state ahead of the host's: the next step loads it again
     step = per_call(llm.step)
     while llm.has_work():
         llm.step()
-    return {"sequences": len(seqs), "step_ms": round(step, 3), "forward_ms": round(forward, 3),
-            "sampler_ms": round(sampler, 3), "host_and_rest_ms": round(step - forward - sampler, 3)}
+    return {"sequences": n, "step_ms": round(step, 3), "graph_step_ms": round(graph_step, 3),
+            "forward_ms": round(forward, 3), "sampler_alone_ms": round(sampler, 3),
+            "host_and_rest_ms": round(step - graph_step, 3)}
 
 
 def kernel_profile(engine: EngineGenerator, texts: list[str], top: int = 15) -> dict:
@@ -228,10 +231,12 @@ def kernel_profile(engine: EngineGenerator, texts: list[str], top: int = 15) -> 
     from r1kit.rollout.sampler import sample
 
     llm = decoding(engine, texts, 64, steps=32)  # a context of prompt + 32 tokens
-    inputs, steps, batch = llm.decode_inputs(list(llm.scheduler.running))
+    state, n = llm._steps, len(llm.scheduler.running)
+    rows = state.rows(n)
 
-    def one_step() -> None:
-        sample(llm.decoder.decode(*inputs), batch.sampling, batch.keys, steps)
+    def one_step() -> None:  # as the step's graph runs it, but for the state's advance (a few tiny kernels)
+        sample(llm.decoder.decode(*state.inputs(rows)), state.sampling(rows, False), state.keys[:rows],
+               state.steps[:rows])
 
     one_step()
     sync(llm.device)

@@ -1,6 +1,7 @@
 """The rollout engine (eager, on CPU) against HF on tiny random Llama, Qwen2, Qwen3 and Mistral models."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -224,7 +225,7 @@ def test_one_request_after_another_equals_each_alone(tiny):
 
 
 def test_graph_buckets_cover_every_batch_and_skip_one():
-    from r1kit.rollout.engine.graphs import buckets_for
+    from r1kit.rollout.engine.decode_step import buckets_for
 
     buckets = buckets_for(512)
     assert buckets[:5] == [2, 4, 8, 16, 32] and buckets[-1] == 512 and all(b % 16 == 0 for b in buckets[3:])
@@ -246,7 +247,8 @@ def test_compiled_layers_equal_eager_and_compile_once(tokenizer, dtype):
     for i, prompt in enumerate(PROMPTS):
         llm.add_request(encode_prompt(tokenizer, prompt), SamplingParams(max_tokens=4, ignore_eos=True, seed=i))
     llm.step()
-    args, _, _ = llm.decode_inputs(llm.scheduler.running)
+    llm._running(llm.scheduler.running)
+    args = llm._steps.inputs(len(llm.scheduler.running))
     eager = llm.decoder.decode(*args)
     prompts = [encode_prompt(tokenizer, p) for p in PROMPTS]
     slots = [[llm._slot(seq, p) for p in range(len(seq.prompt_ids))] for seq in llm.scheduler.running]
@@ -270,21 +272,26 @@ def test_compiled_layers_equal_eager_and_compile_once(tokenizer, dtype):
 def test_padded_graph_buckets_change_no_sequence(tiny, monkeypatch):
     # The CUDA-graph runner on the CPU, each "graph" replaying its step eagerly: padding a batch up to its
     # bucket (rows that write to the scratch slot and attend to one token) must not touch real sequences.
-    from r1kit.rollout.engine.graphs import GraphedDecode
+    from r1kit.rollout.engine.decode_step import DecodeStep
 
     model, tokenizer = tiny
-    monkeypatch.setattr(GraphedDecode, "capture", lambda self, run: run)
+    monkeypatch.setattr(DecodeStep, "capture", lambda self, run: run)
     params = SamplingParams(n=3, temperature=0.9, max_tokens=10, seed=7)
     plain = engine(model, tokenizer).generate(PROMPTS, params)
     graphed = engine(model, tokenizer)
     llm = graphed.engine
-    llm._step = GraphedDecode(llm.decoder.decode, 12, width=64, vocab=len(tokenizer),
-                              scratch_slot=llm.decoder.scratch_slot, device=llm.device)
+    llm._steps = DecodeStep(llm.decoder, 12, width=64, graphs=True)
     assert [c.token_ids for c in graphed.generate(PROMPTS, params)] == [c.token_ids for c in plain]
-    assert 16 in llm._step.graphs  # 12 running sequences, padded to the bucket of 16
+    assert (16, "draw") in llm._steps.graphs  # 12 running sequences, padded to the bucket of 16
     llm.warmup()  # between requests, as a server may: every bucket captured, on padding rows only
-    assert sorted(llm._step.graphs) == [2, 4, 8, 16]
+    assert sorted(llm._steps.graphs) == [(b, mode) for b in (2, 4, 8, 16) for mode in ("draw", "filter")]
     assert [c.token_ids for c in graphed.generate(PROMPTS, params)] == [c.token_ids for c in plain]
+    # the other two variants: a filter sampled inside the step, a penalty sampled apart from the logits
+    for other in (dataclasses.replace(params, top_p=0.8, top_k=20),
+                  dataclasses.replace(params, repetition_penalty=1.5)):
+        expected = [c.token_ids for c in engine(model, tokenizer).generate(PROMPTS, other)]
+        assert [c.token_ids for c in graphed.generate(PROMPTS, other)] == expected
+    assert (16, "logits") in llm._steps.graphs
 
 
 def test_running_ahead_changes_no_token_and_leaks_no_block(tiny, monkeypatch):

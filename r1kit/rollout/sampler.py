@@ -82,8 +82,7 @@ class SamplingBatch:
             return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
 
         # decided on the host, so that checking them costs no device synchronization
-        filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params)
-        penalized = any(p.repetition_penalty != 1 for p in params)
+        filtered, penalized = any(p.filtered for p in params), any(p.penalized for p in params)
         return cls(column("temperature", torch.float32), column("top_k", torch.int64),
                    column("top_p", torch.float32), column("min_p", torch.float32),
                    column("repetition_penalty", torch.float32), filtered, penalized)

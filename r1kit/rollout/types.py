@@ -33,6 +33,16 @@ class SamplingParams:
         if self.repetition_penalty <= 0 or self.top_logprobs < 0:
             raise ValueError("need repetition_penalty > 0 and top_logprobs >= 0")
 
+    @property
+    def filtered(self) -> bool:
+        """Whether it keeps fewer than all tokens (top-k, top-p or min-p)."""
+        return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether it has a repetition penalty (then the sampler needs the token history)."""
+        return self.repetition_penalty != 1
+
     def to_dict(self) -> dict:
         """Every setting, for results files."""
         return asdict(self)

@@ -9,7 +9,7 @@ import torch
 
 from r1kit.rollout.engine.attention import kernel_supports
 from r1kit.rollout.engine.block_manager import BlockManager
-from r1kit.rollout.engine.graphs import GraphedDecode
+from r1kit.rollout.engine.decode_step import DecodeStep
 from r1kit.rollout.engine.model import PagedDecoder
 from r1kit.rollout.engine.scheduler import Request, Scheduler
 from r1kit.rollout.engine.sequence import Sequence
@@ -27,19 +27,19 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 @dataclass
 class RunningBatch:
-    """The running set's state on the device: what stays fixed while the set does (block tables, sampling
-    settings, keys), uploaded once, and what each decode step advances there (last tokens, lengths, steps),
-    so that a step of an unchanged set uploads nothing. The set is named by (request, index) of its
-    sequences: a finished sequence's id() is reused by the next one's."""
+    """The running set, whose state the decode step holds on the device (uploaded when the set changes), and
+    what its sampling needs from the host. The set is named by (request, index) of its sequences: a finished
+    sequence's id() is reused by the next one's."""
 
     names: list[tuple[int, int]]
-    tables: torch.Tensor
-    sampling: SamplingBatch
-    keys: torch.Tensor
-    tokens: torch.Tensor  # each sequence's last token, the next step's input
-    lens: torch.Tensor  # int32 context lengths, that token included
-    steps: torch.Tensor  # tokens generated so far (the sampling noise's position)
-    runs_ahead: bool  # no setting needs a step's tokens on the host before the next step
+    filtered: bool  # some sequence keeps fewer than all tokens (top-k, top-p or min-p)
+    penalized: bool  # some sequence has a repetition penalty: its sampler needs the token history
+    top_n: int  # the most top logprobs a sequence asks for
+
+    @property
+    def runs_ahead(self) -> bool:
+        """No setting needs a step's tokens on the host before the next step."""
+        return not self.penalized and not self.top_n
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Sampled:
     """A step's sampled tokens on their way to the host: the copy is started, not waited for."""
 
     seqs: list[Sequence]
-    host: torch.Tensor  # (2, B) float64 token ids and logprobs (float64 holds every token id exactly)
+    host: torch.Tensor  # (B, 2) float64 token ids and logprobs (float64 holds every token id exactly)
     copied: torch.cuda.Event | None  # None where the copy was synchronous (CPU)
     tops: list[dict[int, float]] | None
 
@@ -74,18 +74,16 @@ class LLMEngine:
         # it is prefilled, so that arrivals are prefilled together: a prefill of one short prompt costs
         # about as much as of several, and as much as ~10 decode steps of the running batch.
         self.prefill_delay, self.clock, self._prefill_s = prefill_delay, time.perf_counter, 0.0
-        self._step = self._decode_step(max_num_seqs, cuda_graphs, compile, compile_prefill)
+        self._steps = self._decode_step(max_num_seqs, cuda_graphs, compile, compile_prefill)
 
-    def _decode_step(self, max_num_seqs: int, cuda_graphs: bool, compile: bool, compile_prefill: bool):
-        """The decode forward, compiled and captured in CUDA graphs where the Triton attention kernel runs."""
+    def _decode_step(self, max_num_seqs: int, cuda_graphs: bool, compile: bool, compile_prefill: bool) -> DecodeStep:
+        """The decode step, its layers compiled and captured in CUDA graphs where the Triton attention kernel
+        runs."""
         decoder = self.decoder
-        if not (cuda_graphs and kernel_supports(self.device, decoder.dtype, decoder.head_dim)):
-            return decoder.decode
-        if compile:
+        graphs = cuda_graphs and kernel_supports(self.device, decoder.dtype, decoder.head_dim)
+        if graphs and compile:
             decoder.compile_layers(prefill=compile_prefill)
-        width = self.blocks.blocks_for(decoder.max_len)
-        vocab = decoder.w["lm_head.weight"].shape[0]
-        return GraphedDecode(decoder.decode, max_num_seqs, width, vocab, decoder.scratch_slot, self.device)
+        return DecodeStep(decoder, max_num_seqs, self.blocks.blocks_for(decoder.max_len), graphs)
 
     def sync_weights(self) -> None:
         """Refresh the engine's weight buffers after an optimizer step (free when it shares the policy's)."""
@@ -95,8 +93,8 @@ class LLMEngine:
         """Compile and capture now what a first use would (every batch size's decode graph, the prefill
         layer, the sampler), so that no later step stalls for seconds: a server's batch changes with every
         request."""
-        if isinstance(self._step, GraphedDecode):
-            self._step.capture_all()
+        self._steps.capture_all()
+        self._batch = None  # the captures overwrote the running set's state on the device
         # prefills of one prompt and of several, writing only to the scratch slot; lengths that equal no
         # dimension of a model, or torch.compile ties them to it and compiles again for any other
         scratch = self.decoder.scratch_slot
@@ -185,16 +183,18 @@ class LLMEngine:
             if request.shared:
                 self._copy_partial_block(request)
         self.scheduler.running += seqs
-        sampling, keys = self._sampling(seqs)
-        steps = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
-        advanced = self._record(self._sample(seqs, logits[torch.tensor(rows, device=self.device)], sampling, keys,
-                                             steps))
+        advanced = self._record(self._first_tokens(seqs, logits[torch.tensor(rows, device=self.device)]))
         self._prefill_s = self.clock() - started  # _record waited for the device
         return advanced
 
-    def _sampling(self, seqs: list[Sequence]) -> tuple[SamplingBatch, torch.Tensor]:
-        return SamplingBatch.of([s.params for s in seqs], self.device), torch.tensor([s.key for s in seqs],
-                                                                                       device=self.device)
+    def _first_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> Sampled:
+        """Sample each new sequence's first token from its prompt's last logits."""
+        sampling = SamplingBatch.of([s.params for s in seqs], self.device)
+        keys = torch.tensor([s.key for s in seqs], device=self.device)
+        steps = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
+        history = self._history(seqs) if sampling.penalized else None
+        tokens, logprobs = sample(logits, sampling, keys, steps, history)
+        return self._to_host(seqs, torch.stack([tokens.double(), logprobs.double()], 1), logits, sampling)
 
     def _copy_partial_block(self, request: Request) -> None:
         """Give each group member its own copy of the prompt's last, partly filled block."""
@@ -220,8 +220,12 @@ class LLMEngine:
         return advanced
 
     def _launch(self, seqs: list[Sequence]) -> Sampled:
-        inputs, steps, batch = self.decode_inputs(seqs)
-        return self._sample(seqs, self._step(*inputs), batch.sampling, batch.keys, steps, batch)
+        batch, state, n = self._running(seqs), self._steps, len(seqs)
+        if batch.penalized:
+            sampling = state.sampling(n, batch.filtered, penalized=True)
+            drawn = sample(state.forward(n), sampling, state.keys[:n], state.steps[:n], self._history(seqs))
+            return self._to_host(seqs, state.advance(n, *drawn), state.logits[:n], sampling)
+        return self._to_host(seqs, state.step(n, batch.filtered), state.logits[:n], state.sampling(n, batch.filtered))
 
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
         """Whether the next step may start before this one's tokens reach the host: the same sequences run it
@@ -235,41 +239,23 @@ class LLMEngine:
         return (not self._admitting() and len(seqs) == len(self.scheduler.running) and batch is not None
                 and batch.runs_ahead)
 
-    def decode_inputs(self, seqs: list[Sequence]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, RunningBatch]:
-        """What a decode step of these sequences needs: the model's inputs (tokens, positions, KV slots, block
-        tables, int32 context lengths), each sequence's step count (for its sampling noise), and its batch."""
+    def _running(self, seqs: list[Sequence]) -> RunningBatch:
+        """The running set of these sequences, its state uploaded to the decode step if the set changed."""
         names = [(seq.request_id, seq.index) for seq in seqs]
         if self._batch is None or names != self._batch.names:
-            self._batch = self._running_batch(names, seqs)
-        batch = self._batch
-        positions = batch.lens.long() - 1
-        blocks = batch.tables.gather(1, (positions // self.block_size)[:, None]).squeeze(1).long()
-        slots = blocks * self.block_size + positions % self.block_size
-        return (batch.tokens, positions, slots, batch.tables, batch.lens), batch.steps, batch
+            self._steps.load(seqs)
+            params = [seq.params for seq in seqs]
+            self._batch = RunningBatch(names, any(p.filtered for p in params), any(p.penalized for p in params),
+                                       max(p.top_logprobs for p in params))
+        return self._batch
 
-    def _running_batch(self, names: list[tuple[int, int]], seqs: list[Sequence]) -> RunningBatch:
-        width = max(len(seq.block_table) for seq in seqs)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
-        host = torch.tensor([[seq.last_token for seq in seqs], [seq.length for seq in seqs],
-                             [len(seq.output_ids) for seq in seqs]], device=self.device)
-        sampling, keys = self._sampling(seqs)
-        runs_ahead = not sampling.penalized and not any(seq.params.top_logprobs for seq in seqs)
-        return RunningBatch(names, torch.tensor(tables, dtype=torch.int32, device=self.device), sampling, keys,
-                            host[0], host[1].int(), host[2], runs_ahead)
-
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, sampling: SamplingBatch, keys: torch.Tensor,
-                steps: torch.Tensor, batch: RunningBatch | None = None) -> Sampled:
-        """Sample a token for each sequence and start copying them to the host; a decode step's batch
-        advances on the device too (the sampled tokens are the next step's inputs)."""
-        history = self._history(seqs) if sampling.penalized else None
-        tokens, logprobs = sample(logits, sampling, keys, steps, history)
-        if batch is not None:
-            batch.tokens, batch.lens, batch.steps = tokens, batch.lens + 1, batch.steps + 1
+    def _to_host(self, seqs: list[Sequence], pair: torch.Tensor, logits: torch.Tensor, sampling: SamplingBatch
+                 ) -> Sampled:
+        """Start copying a step's (B, 2) tokens and logprobs to the host (with the top logprobs, where asked)."""
         top_n = max(s.params.top_logprobs for s in seqs)
         tops = top_logprobs(logits, sampling, top_n) if top_n else None
-        pair = torch.stack([tokens.double(), logprobs.double()])  # one device-to-host copy a step
         if not pair.is_cuda:
-            return Sampled(seqs, pair, None, tops)
+            return Sampled(seqs, pair.clone(), None, tops)  # the step's buffer is overwritten by the next step
         host = torch.empty(pair.shape, dtype=pair.dtype, pin_memory=True).copy_(pair, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
@@ -279,13 +265,12 @@ class LLMEngine:
         """Append each sequence's token once it is on the host and end the sequences that are done."""
         if sampled.copied is not None:
             sampled.copied.synchronize()
-        host_tokens, host_logprobs = sampled.host.tolist()
         advanced = []
-        for i, seq in enumerate(sampled.seqs):
+        for i, (seq, (token, logprob)) in enumerate(zip(sampled.seqs, sampled.host.tolist(), strict=True)):
             if seq.finished:  # ended (or aborted) before this step, which ran ahead: its token is dropped
                 continue
-            seq.output_ids.append(int(host_tokens[i]))
-            seq.logprobs.append(host_logprobs[i])
+            seq.output_ids.append(int(token))
+            seq.logprobs.append(logprob)
             if seq.params.top_logprobs:
                 seq.top_logprobs.append(dict(list(sampled.tops[i].items())[: seq.params.top_logprobs]))
             self._check_finished(seq)

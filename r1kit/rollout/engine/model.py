@@ -157,9 +157,10 @@ class PagedDecoder:
         self.eps = config.rms_norm_eps
         self.layer_weights = [layer_weights(self.w, self.fused, f"model.layers.{i}.") for i in range(self.layers)]
         self.decode_layer, self.prefill_layer, self.head = self._decode_layer, self._prefill_layer, self._head
-        # one slot past the blocks: where padded rows of a captured decode step write their KV
+        # one block past the others, whose first slot is where padded rows of a captured decode step write
+        # their KV (a whole block, so that a table row of it addresses only slots that exist)
         self.block_size, self.scratch_slot = block_size, num_slots
-        shape = (self.layers, num_slots + 1, self.kv_heads, self.head_dim)
+        shape = (self.layers, num_slots + block_size, self.kv_heads, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cache_key = register_cache(self)
@@ -231,7 +232,10 @@ class PagedDecoder:
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer after attention: output projection, residual, post norm, SwiGLU MLP; (the MLP's output,
         the stream it is to be added to)."""
-        stream = stream + F.linear(attention.reshape(stream.shape[0], -1), lw.o)
+        # added in fp32, as a 16-bit add is computed anyway: written `stream + matmul`, torch.compile hands the
+        # add to cuBLAS (addmm), which copies the stream into its output first, a kernel a layer more than the
+        # norm's, which does the add for free
+        stream = (stream.float() + F.linear(attention.reshape(stream.shape[0], -1), lw.o).float()).to(stream.dtype)
         h = rms_norm(stream, lw.post_norm, self.eps)
         if lw.gate_up is not None:
             gate, up = F.linear(h, lw.gate_up).chunk(2, -1)

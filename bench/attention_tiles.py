@@ -1,0 +1,87 @@
+"""The decode attention kernel's context tile and warps, timed as the engine runs it: 30 launches (one a
+layer) captured in a CUDA graph, SmolLM2-135M's shapes (9 query heads, 3 KV heads, head_dim 64), a paged
+cache of 16-token blocks, at small and large batches and short and long contexts. Which tile to use for
+which batch: a small batch is 3 programs a sequence, each walking its context tile by tile alone.
+
+GPU:   python bench/attention_tiles.py --out $OUT/attention_tiles.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+from bench_io import save_json
+
+from r1kit.rollout.engine.attention import _paged_decode_kernel
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 9, 3, 64, 16, 30
+
+
+def case(batch: int, context: int, device: torch.device) -> dict:
+    """Random q/k/v, rotary tables and a cache whose blocks are shuffled, for `batch` sequences of `context`."""
+    blocks_each = -(-context // BLOCK)
+    order = torch.randperm(batch * blocks_each, device=device, dtype=torch.int32)
+    cache = (batch * blocks_each + 1) * BLOCK
+    t = {"q": torch.randn(batch, HEADS, HEAD_DIM), "k": torch.randn(batch, KV_HEADS, HEAD_DIM),
+         "v": torch.randn(batch, KV_HEADS, HEAD_DIM), "cos": torch.randn(batch, HEAD_DIM),
+         "sin": torch.randn(batch, HEAD_DIM), "k_cache": torch.randn(cache, KV_HEADS, HEAD_DIM),
+         "v_cache": torch.randn(cache, KV_HEADS, HEAD_DIM)}
+    t = {name: x.to(device, torch.bfloat16) for name, x in t.items()}
+    t["tables"] = order.view(batch, blocks_each)
+    t["lens"] = torch.full((batch,), context, dtype=torch.int32, device=device)
+    t["slots"] = t["tables"][:, -1].long() * BLOCK + (context - 1) % BLOCK
+    t["out"] = torch.empty_like(t["q"])
+    return t
+
+
+def launch(t: dict, tile: int, warps: int) -> None:
+    q, k, v, k_cache, out = t["q"], t["k"], t["v"], t["k_cache"], t["out"]
+    _paged_decode_kernel[(q.shape[0], KV_HEADS)](
+        q, k, v, t["cos"], t["sin"], t["slots"], k_cache, t["v_cache"], t["tables"], t["lens"], out,
+        HEAD_DIM**-0.5, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        t["cos"].stride(0), k_cache.stride(0), k_cache.stride(1), t["tables"].stride(0), out.stride(0),
+        out.stride(1), GROUP=HEADS // KV_HEADS, GROUP_PAD=16, HEAD_DIM=HEAD_DIM, BLOCK_SIZE=BLOCK, TILE=tile,
+        num_warps=warps)
+
+
+def us_per_launch(t: dict, tile: int, warps: int, replays: int = 50) -> float:
+    """Microseconds per launch, from a graph of LAYERS launches replayed `replays` times."""
+    launch(t, tile, warps)  # compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(LAYERS):
+            launch(t, tile, warps)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return round(1000 * start.elapsed_time(end) / (replays * LAYERS), 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    results = {"device": torch.cuda.get_device_name(), "us_per_launch": []}
+    for batch, context in itertools.product((1, 2, 8, 64, 512), (48, 160, 300)):
+        t = case(batch, context, device)
+        for tile, warps in itertools.product((32, 64, 128, 256), (2, 4, 8)):
+            row = {"batch": batch, "context": context, "tile": tile, "warps": warps}
+            try:
+                row["us"] = us_per_launch(t, tile, warps)
+            except Exception as error:  # a configuration that does not fit (registers, shared memory)
+                row["error"] = repr(error)[:200]
+            results["us_per_launch"].append(row)
+            print(row, flush=True)
+        save_json(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
