@@ -105,3 +105,15 @@ def hf_greedy(model, prompt_ids: list[int], new_tokens: int, pad_id: int, **opti
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
                          pad_token_id=pad_id, **options)
     return out[0, len(prompt_ids) :].tolist()
+
+
+def triton_interpreted(script: str) -> list[list[str]]:
+    """The words of each line a Python script prints, run by Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return [line.split() for line in out.stdout.splitlines()]

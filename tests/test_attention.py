@@ -1,12 +1,10 @@
 """The Triton decode kernel against the PyTorch reference, run on the CPU by Triton's interpreter."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import triton_interpreted
 
 from r1kit.rollout.engine.attention import paged_decode_reference
 
@@ -15,11 +13,11 @@ import torch
 from r1kit.rollout.engine.attention import paged_decode_reference, paged_decode_triton
 torch.manual_seed(0)
 for heads, kv_heads, head_dim in ((9, 3, 64), (4, 4, 32), (8, 2, 128)):
-    block_size, blocks = 16, 40
+    block_size, blocks = 16, 60
     k_cache = torch.randn(blocks * block_size, kv_heads, head_dim).half()
     v_cache = torch.randn(blocks * block_size, kv_heads, head_dim).half()
-    lens = torch.tensor([1, 17, 100, 70], dtype=torch.int32)  # one token, a block and one, many tiles
-    tables = torch.randperm(blocks).view(4, 10).to(torch.int32)  # no block in two rows, as in the engine
+    lens = torch.tensor([1, 17, 200, 70], dtype=torch.int32)  # one token, a block and one, several tiles
+    tables = torch.randperm(blocks).view(4, 15).to(torch.int32)  # no block in two rows, as in the engine
     slots = torch.stack([tables[b, (n - 1) // block_size] * block_size + (n - 1) % block_size
                          for b, n in enumerate(lens.tolist())]).long()
     # q, k and v as the engine passes them: views of one projection's output, rows wider than a head set
@@ -41,10 +39,7 @@ for heads, kv_heads, head_dim in ((9, 3, 64), (4, 4, 32), (8, 2, 128)):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernel_matches_reference_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    lines = [line.split() for line in out.stdout.splitlines()]
+    lines = triton_interpreted(CHECK)
     assert len(lines) == 3 and all(line[3] == "True" for line in lines)  # the new k and v stored in their slots
     assert max(float(line[-1]) for line in lines) < 2e-3  # fp16 inputs, fp32 accumulation
 

@@ -11,7 +11,8 @@ in place.
 Prefill runs layer by layer through `prefill_layer` (one padded SDPA call for all prompts), decode
 through `decode_layer`, which attends through the paged-attention op, so a whole step can be captured
 in a CUDA graph. A layer returns its output apart from the residual stream, which the next layer adds in
-its input norm: one kernel where an add and a norm were two. `compile_layers()` replaces each by one
+its input norm (`norm.add_rms_norm`: one kernel where an add and a norm were two, as the post-attention
+norm adds the attention's output). `compile_layers()` replaces each by one
 compiled layer that serves every layer (the prefill one only when asked: a server's), and compiles the
 output head.
 """
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from r1kit.rollout.compiled import compiled
 from r1kit.rollout.engine.attention import register_cache, rotate
+from r1kit.rollout.engine.norm import add_rms_norm, rms_norm
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 # every parameter the forward reads; a model with others (an o_proj or MLP bias) would be run wrong
@@ -55,12 +57,6 @@ def unsupported(model) -> str | None:
     if left:
         return f"the rollout engine has no place for {len(left)} of this model's parameters ({', '.join(left[:3])})"
     return None
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32, as HF's Llama does."""
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def attention_window(config) -> int | None:
@@ -216,8 +212,7 @@ class PagedDecoder:
     def _pre_attention(self, x: torch.Tensor, residual: torch.Tensor, lw: LayerWeights):
         """A layer up to attention: the previous layer's output x added to the residual stream, input norm,
         q/k/v projections, q/k norms (Qwen3); (q, k, v, stream), q and k not yet rotated."""
-        stream = residual + x
-        h = rms_norm(stream, lw.input_norm, self.eps)
+        stream, h = add_rms_norm(x, residual, lw.input_norm, self.eps)
         if lw.qkv is not None:
             q, k, v = F.linear(h, lw.qkv, lw.qkv_bias).split([lw.q.shape[0], lw.k.shape[0], lw.v.shape[0]], -1)
         else:
@@ -232,11 +227,8 @@ class PagedDecoder:
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer after attention: output projection, residual, post norm, SwiGLU MLP; (the MLP's output,
         the stream it is to be added to)."""
-        # added in fp32, as a 16-bit add is computed anyway: written `stream + matmul`, torch.compile hands the
-        # add to cuBLAS (addmm), which copies the stream into its output first, a kernel a layer more than the
-        # norm's, which does the add for free
-        stream = (stream.float() + F.linear(attention.reshape(stream.shape[0], -1), lw.o).float()).to(stream.dtype)
-        h = rms_norm(stream, lw.post_norm, self.eps)
+        stream, h = add_rms_norm(F.linear(attention.reshape(stream.shape[0], -1), lw.o), stream, lw.post_norm,
+                                 self.eps)
         if lw.gate_up is not None:
             gate, up = F.linear(h, lw.gate_up).chunk(2, -1)
         else:
@@ -271,7 +263,7 @@ class PagedDecoder:
     def _head(self, x: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor,
               out: torch.Tensor) -> None:
         """fp32 next-token logits of the last layer's output x added to its stream, written into out."""
-        out.copy_(F.linear(rms_norm(residual + x, norm, self.eps), lm_head))
+        out.copy_(F.linear(add_rms_norm(x, residual, norm, self.eps)[1], lm_head))
 
     def _logits(self, x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         lm_head = self.w["lm_head.weight"]
