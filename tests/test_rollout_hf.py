@@ -144,3 +144,23 @@ def test_chunked_argmax_is_argmax_with_its_ties():
     assert chunked_argmax(x, chunk=1024).tolist()[:4] == [x[0].argmax().item(), 10, 2999, 5]
     many = torch.randn(70, 3000)  # enough rows for the one-pass argmax
     assert torch.equal(chunked_argmax(many, chunk=1024), many.argmax(-1))
+
+
+def test_the_sampler_compiles_once_for_slices_of_buffers_and_fresh_tensors():
+    # the decode step samples from slices of its buffers, the prefill from fresh tensors: one compilation
+    from r1kit.rollout.sampler import as_views, column_codes, draw
+
+    compilations = []
+
+    def backend(graph, example_inputs):
+        compilations.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(draw, dynamic=True, backend=backend)
+    codes, buffers = column_codes(50, torch.device("cpu")), [torch.randn(16, 50), torch.ones(16)]
+    for rows, sliced in ((2, True), (3, False), (5, True), (4, False)):
+        logits, temperature = (b[:rows] for b in buffers) if sliced else (torch.randn(rows, 50), torch.ones(rows))
+        keys = steps = torch.zeros(rows, dtype=torch.long)
+        compiled(*as_views([logits, temperature, keys, steps.clone(), codes]))
+    assert len(compilations) == 1

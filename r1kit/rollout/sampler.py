@@ -175,6 +175,15 @@ _codes: dict[tuple[int, torch.device], torch.Tensor] = {}
 _compiled_draw = None
 
 
+def as_views(args) -> list:
+    """The tensors among args as views of themselves (the rest as they are).
+
+    torch.compile guards on whether an input is a view: the decode step's slices of its buffers and the
+    prefill's fresh tensors would each need their own compilations of the sampler, and the two kinds
+    together pass torch's limit of 8 (after which it runs eagerly). As views, they share them."""
+    return [a.view(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
+
+
 def _draw(*args) -> tuple[torch.Tensor, torch.Tensor]:
     # on a GPU the hash, noise, argmax and log softmax are ~30 passes over (batch, vocab); compiled, two
     global _compiled_draw
@@ -182,7 +191,7 @@ def _draw(*args) -> tuple[torch.Tensor, torch.Tensor]:
         return draw(*args)
     if _compiled_draw is None:
         _compiled_draw = compiled(draw, "the sampler")
-    return _compiled_draw(*args)
+    return _compiled_draw(*as_views(args))
 
 
 def top_logprobs(logits: torch.Tensor, batch: SamplingBatch, n: int) -> list[dict[int, float]]:
