@@ -208,7 +208,7 @@ def decode_breakdown(engine: EngineGenerator, texts: list[str], repeats: int = 2
 
     llm = decoding(engine, texts, 3 * repeats + 8, steps=3)
     per_call = partial(ms_per_call, device=llm.device, repeats=repeats)
-    state, n = llm._steps, len(llm.scheduler.running)
+    state, n = llm.decode_step, len(llm.scheduler.running)
     state.forward(n)  # captured on first use
     forward = per_call(lambda: state.forward(n))
     sampler = per_call(lambda: sample(state.logits[:n], state.sampling(n, False), state.keys[:n], state.steps[:n]))
@@ -230,7 +230,7 @@ def kernel_profile(engine: EngineGenerator, texts: list[str], top: int = 15) -> 
     from r1kit.rollout.sampler import sample
 
     llm = decoding(engine, texts, 64, steps=32)  # a context of prompt + 32 tokens
-    state, n = llm._steps, len(llm.scheduler.running)
+    state, n = llm.decode_step, len(llm.scheduler.running)
     rows = state.rows(n)
 
     def one_step() -> None:  # as the step's graph runs it, but for the state's advance (a few tiny kernels)

@@ -248,7 +248,7 @@ def test_compiled_layers_equal_eager_and_compile_once(tokenizer, dtype):
         llm.add_request(encode_prompt(tokenizer, prompt), SamplingParams(max_tokens=4, ignore_eos=True, seed=i))
     llm.step()
     llm._running(llm.scheduler.running)
-    args = llm._steps.inputs(len(llm.scheduler.running))
+    args = llm.decode_step.inputs(len(llm.scheduler.running))
     eager = llm.decoder.decode(*args)
     prompts = [encode_prompt(tokenizer, p) for p in PROMPTS]
     slots = [[llm._slot(seq, p) for p in range(len(seq.prompt_ids))] for seq in llm.scheduler.running]
@@ -280,18 +280,18 @@ def test_padded_graph_buckets_change_no_sequence(tiny, monkeypatch):
     plain = engine(model, tokenizer).generate(PROMPTS, params)
     graphed = engine(model, tokenizer)
     llm = graphed.engine
-    llm._steps = DecodeStep(llm.decoder, 12, width=64, graphs=True)
+    llm.decode_step = DecodeStep(llm.decoder, 12, width=64, graphs=True)
     assert [c.token_ids for c in graphed.generate(PROMPTS, params)] == [c.token_ids for c in plain]
-    assert (16, "draw") in llm._steps.graphs  # 12 running sequences, padded to the bucket of 16
+    assert (16, "draw") in llm.decode_step.graphs  # 12 running sequences, padded to the bucket of 16
     llm.warmup()  # between requests, as a server may: every bucket captured, on padding rows only
-    assert sorted(llm._steps.graphs) == [(b, mode) for b in (2, 4, 8, 16) for mode in ("draw", "filter")]
+    assert sorted(llm.decode_step.graphs) == [(b, mode) for b in (2, 4, 8, 16) for mode in ("draw", "filter")]
     assert [c.token_ids for c in graphed.generate(PROMPTS, params)] == [c.token_ids for c in plain]
     # the other two variants: a filter sampled inside the step, a penalty sampled apart from the logits
     for other in (dataclasses.replace(params, top_p=0.8, top_k=20),
                   dataclasses.replace(params, repetition_penalty=1.5)):
         expected = [c.token_ids for c in engine(model, tokenizer).generate(PROMPTS, other)]
         assert [c.token_ids for c in graphed.generate(PROMPTS, other)] == expected
-    assert (16, "logits") in llm._steps.graphs
+    assert (16, "logits") in llm.decode_step.graphs
 
 
 def test_running_ahead_changes_no_token_and_leaks_no_block(tiny, monkeypatch):

@@ -74,9 +74,10 @@ class LLMEngine:
         # it is prefilled, so that arrivals are prefilled together: a prefill of one short prompt costs
         # about as much as of several, and as much as ~10 decode steps of the running batch.
         self.prefill_delay, self.clock, self._prefill_s = prefill_delay, time.perf_counter, 0.0
-        self._steps = self._decode_step(max_num_seqs, cuda_graphs, compile, compile_prefill)
+        self.decode_step = self._new_decode_step(max_num_seqs, cuda_graphs, compile, compile_prefill)
 
-    def _decode_step(self, max_num_seqs: int, cuda_graphs: bool, compile: bool, compile_prefill: bool) -> DecodeStep:
+    def _new_decode_step(self, max_num_seqs: int, cuda_graphs: bool, compile: bool, compile_prefill: bool
+                         ) -> DecodeStep:
         """The decode step, its layers compiled and captured in CUDA graphs where the Triton attention kernel
         runs."""
         decoder = self.decoder
@@ -93,7 +94,7 @@ class LLMEngine:
         """Compile and capture now what a first use would (every batch size's decode graph, the prefill
         layer, the sampler), so that no later step stalls for seconds: a server's batch changes with every
         request."""
-        self._steps.capture_all()
+        self.decode_step.capture_all()
         self._batch = None  # the captures overwrote the running set's state on the device
         # prefills of one prompt and of several, writing only to the scratch slot; lengths that equal no
         # dimension of a model, or torch.compile ties them to it and compiles again for any other
@@ -220,7 +221,7 @@ class LLMEngine:
         return advanced
 
     def _launch(self, seqs: list[Sequence]) -> Sampled:
-        batch, state, n = self._running(seqs), self._steps, len(seqs)
+        batch, state, n = self._running(seqs), self.decode_step, len(seqs)
         if batch.penalized:
             sampling = state.sampling(n, batch.filtered, penalized=True)
             drawn = sample(state.forward(n), sampling, state.keys[:n], state.steps[:n], self._history(seqs))
@@ -243,7 +244,7 @@ class LLMEngine:
         """The running set of these sequences, its state uploaded to the decode step if the set changed."""
         names = [(seq.request_id, seq.index) for seq in seqs]
         if self._batch is None or names != self._batch.names:
-            self._steps.load(seqs)
+            self.decode_step.load(seqs)
             params = [seq.params for seq in seqs]
             self._batch = RunningBatch(names, any(p.filtered for p in params), any(p.penalized for p in params),
                                        max(p.top_logprobs for p in params))
