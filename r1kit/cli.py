@@ -50,8 +50,9 @@ CONFIG_COMMANDS = [
      "OpenAI-compatible API with the reasoning trace, and a web chat page",
      "Serve a model: POST /v1/chat/completions (reasoning in reasoning_content), /v1/completions, GET /v1/models "
      "(with weight sha256), /health, and a chat page at /. Several models, a router and a gate: --config serve.yaml. "
-     "On a GPU each model's engine runs in a process of its own and warms up (CUDA graphs, compiles: 30-50 s on a "
-     "fresh machine) before the server listens; every 10 s the log says the engine's tokens/s and step times."),
+     "On a GPU each model's engine runs in a process of its own and warms up (CUDA graphs, compiles: about a "
+     "minute on a fresh machine) before the server listens; every 10 s the log says the engine's tokens/s and step "
+     "times."),
     ("chat", ChatConfig, "r1kit.serve.chat:run_chat", "terminal chat with a model (--model) or a server (--url)",
      "Chat in the terminal: replies stream in, the reasoning dimmed."),
     ("demo", DemoConfig, "r1kit.demo:run_demo", "the main job: GRPO on addition, held-out accuracy before and after",

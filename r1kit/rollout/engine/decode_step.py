@@ -132,8 +132,12 @@ class DecodeStep:
         elif (rows, mode) in self.graphs:
             self.graphs[rows, mode]()
         else:
-            self._step(rows, mode)  # the step itself, and the warm-up capture needs (kernels compile)
-            self.graphs[rows, mode] = self.capture(partial(self._step, rows, mode))
+            self._step_and_capture(rows, mode)
+
+    def _step_and_capture(self, rows: int, mode: str) -> None:
+        """Run the step once (its kernels compile, which a capture cannot do), then capture its graph."""
+        self._step(rows, mode)
+        self.graphs[rows, mode] = self.capture(partial(self._step, rows, mode))
 
     def capture_all(self) -> None:
         """Capture every bucket's sampling steps not captured yet, on padding rows only (they touch no real
@@ -144,8 +148,7 @@ class DecodeStep:
         for rows in self.buckets:
             for mode in MODES[:2]:
                 if (rows, mode) not in self.graphs:
-                    self._step(rows, mode)
-                    self.graphs[rows, mode] = self.capture(partial(self._step, rows, mode))
+                    self._step_and_capture(rows, mode)
 
     def capture(self, run: Callable[[], None]) -> Callable[[], None]:
         """A CUDA graph of run() (recorded, not run: its kernels were compiled by a call before), as a function

@@ -195,7 +195,8 @@ class LLMEngine:
         steps = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
         history = self._history(seqs) if sampling.penalized else None
         tokens, logprobs = sample(logits, sampling, keys, steps, history)
-        return self._to_host(seqs, torch.stack([tokens.double(), logprobs.double()], 1), logits, sampling)
+        return self._to_host(seqs, torch.stack([tokens.double(), logprobs.double()], 1), logits, sampling,
+                             max(s.params.top_logprobs for s in seqs))
 
     def _copy_partial_block(self, request: Request) -> None:
         """Give each group member its own copy of the prompt's last, partly filled block."""
@@ -225,8 +226,9 @@ class LLMEngine:
         if batch.penalized:
             sampling = state.sampling(n, batch.filtered, penalized=True)
             drawn = sample(state.forward(n), sampling, state.keys[:n], state.steps[:n], self._history(seqs))
-            return self._to_host(seqs, state.advance(n, *drawn), state.logits[:n], sampling)
-        return self._to_host(seqs, state.step(n, batch.filtered), state.logits[:n], state.sampling(n, batch.filtered))
+            return self._to_host(seqs, state.advance(n, *drawn), state.logits[:n], sampling, batch.top_n)
+        return self._to_host(seqs, state.step(n, batch.filtered), state.logits[:n], state.sampling(n, batch.filtered),
+                             batch.top_n)
 
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
         """Whether the next step may start before this one's tokens reach the host: the same sequences run it
@@ -250,10 +252,10 @@ class LLMEngine:
                                        max(p.top_logprobs for p in params))
         return self._batch
 
-    def _to_host(self, seqs: list[Sequence], pair: torch.Tensor, logits: torch.Tensor, sampling: SamplingBatch
-                 ) -> Sampled:
-        """Start copying a step's (B, 2) tokens and logprobs to the host (with the top logprobs, where asked)."""
-        top_n = max(s.params.top_logprobs for s in seqs)
+    def _to_host(self, seqs: list[Sequence], pair: torch.Tensor, logits: torch.Tensor, sampling: SamplingBatch,
+                 top_n: int) -> Sampled:
+        """Start copying a step's (B, 2) tokens and logprobs to the host (with the top_n logprobs of each row,
+        where asked)."""
         tops = top_logprobs(logits, sampling, top_n) if top_n else None
         if not pair.is_cuda:
             return Sampled(seqs, pair.clone(), None, tops)  # the step's buffer is overwritten by the next step
