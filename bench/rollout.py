@@ -30,6 +30,7 @@ from r1kit.models import load_model
 from r1kit.prompts import build_prompt
 from r1kit.rollout import SamplingParams
 from r1kit.rollout.engine import EngineGenerator
+from r1kit.rollout.types import encode_prompt, encode_prompts
 
 
 def prompts(tokenizer, n: int) -> list[str]:
@@ -84,17 +85,39 @@ def row(name: str, seconds: float, sequences: int, new: int) -> dict:
             "ms_per_step": round(1000 * seconds / new, 3)}
 
 
-def greedy_pairs(model, tokenizer, engine: EngineGenerator, texts: list[str], new: int):
-    """(prompt ids, engine tokens, HF generate output) of each prompt, greedy, both stopping at EOS.
+def engine_greedy(engine: EngineGenerator, texts: list[str], new: int) -> list[list[int]]:
+    """The engine's greedy tokens of each prompt, one batch, stopping at EOS."""
+    return [c.token_ids for c in engine.generate(texts, SamplingParams(temperature=0, max_tokens=new))]
+
+
+def hf_greedy(model, tokenizer, texts: list[str], new: int, static: bool = False) -> list[list[int]]:
+    """HF generate's greedy tokens, all prompts in one left-padded batch, each cut after its first EOS."""
+    prompts = encode_prompts(tokenizer, texts)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    extra = {"cache_implementation": "static"} if static else {}
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, **extra)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    cut = []
+    for tokens in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
+        cut.append(tokens[:end])
+    return cut
+
+
+def hf_references(model, tokenizer, texts: list[str], new: int):
+    """(prompt ids, HF generate output) of each prompt, greedy, one prompt at a time, stopping at EOS.
 
     Not ignore_eos / min_new_tokens: HF's min_new_tokens sets EOS logits to -inf, so wherever the model
     would end its answer HF takes the runner-up and the sequences part for a reason that is not numerics."""
-    ours = engine.generate(texts, SamplingParams(temperature=0, max_tokens=new))
-    for text, completion in zip(texts, ours, strict=True):
-        ids = torch.tensor([engine.encode(text)], device=model.device)
+    for text in texts:
+        ids = torch.tensor([encode_prompt(tokenizer, text)], device=model.device)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
                              output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
-        yield ids, completion.token_ids, out
+        yield ids, out
 
 
 def first_difference(ours: list[int], ref: list[int]) -> int | None:
@@ -103,12 +126,13 @@ def first_difference(ours: list[int], ref: list[int]) -> int | None:
     return next((i for i, (a, b) in enumerate(zip(ours, ref, strict=False)) if a != b), None)
 
 
-def greedy_check(model, tokenizer, engine: EngineGenerator, texts: list[str], new: int) -> dict:
-    """Engine greedy tokens against HF greedy (one prompt at a time); where they part, the top-2 logit gap
-    of HF at that step, and of an fp32 forward of the same prefix (is it a near-tie of the model itself?)."""
+def greedy_check(model, tokenizer, candidates: list[list[int]], texts: list[str], new: int) -> dict:
+    """Greedy tokens (the engine's, or another HF path's) against HF greedy one prompt at a time; where they
+    part, the top-2 logit gap of HF at that step, and of an fp32 forward of the same prefix (is it a
+    near-tie of the model itself?)."""
     fp32 = copy.deepcopy(model).float()
     differing, tied, gaps, fp32_gaps, compared = 0, 0, [], [], 0
-    for ids, ours, out in greedy_pairs(model, tokenizer, engine, texts, new):
+    for ours, (ids, out) in zip(candidates, hf_references(model, tokenizer, texts, new), strict=True):
         ref = out.sequences[0, ids.shape[1]:].tolist()
         compared += min(len(ours), len(ref))
         step = first_difference(ours, ref)
@@ -131,7 +155,8 @@ def fp32_greedy_check(model, tokenizer, texts: list[str], new: int) -> dict:
     fp32 = copy.deepcopy(model).float()
     engine = EngineGenerator(fp32, tokenizer, kv_cache_tokens=len(texts) * (new + 128), max_num_seqs=len(texts))
     same, compared = 0, 0
-    for ids, ours, out in greedy_pairs(fp32, tokenizer, engine, texts, new):
+    ours_all = engine_greedy(engine, texts, new)
+    for ours, (ids, out) in zip(ours_all, hf_references(fp32, tokenizer, texts, new), strict=True):
         ref = out.sequences[0, ids.shape[1]:].tolist()
         compared += min(len(ours), len(ref))
         same += first_difference(ours, ref) is None
@@ -317,7 +342,8 @@ def main() -> None:
     rollouts = engine.generate(texts[:4], group)
     results["logprob_gap"] = logprob_gap(model, rollouts, [engine.encode(t) for t in texts[:4]], g)
     results["weight_sync_ms"] = weight_sync_ms(model, tokenizer)
-    results["greedy_check"] = greedy_check(model, tokenizer, engine, texts[:16], min(new, 64))
+    results["greedy_check"] = greedy_check(model, tokenizer, engine_greedy(engine, texts[:16], min(new, 64)),
+                                           texts[:16], min(new, 64))
     print(f"[{time.perf_counter() - started:.0f} s]", results["logprob_gap"], results["greedy_check"], flush=True)
     results["fp32_greedy_check"] = fp32_greedy_check(model, tokenizer, texts[:16], min(new, 64))
     results["decode_breakdown"] = [decode_breakdown(engine, texts[:n]) for n in sorted({1, min(64, big), big})]

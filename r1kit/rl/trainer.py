@@ -20,6 +20,7 @@ from r1kit.config import TrainConfig
 from r1kit.prompts import build_prompt
 from r1kit.rewards import RewardFn, reward_columns, score_completions
 from r1kit.rl.advantages import group_advantages, informative_groups
+from r1kit.rl.logprobs import target_logprobs
 from r1kit.rl.loss import policy_loss
 from r1kit.rollout import Completion, Generator, SamplingParams
 from r1kit.tasks import Row, Task
@@ -92,13 +93,7 @@ def token_logprobs(model, batch: dict[str, torch.Tensor], rows: slice, temperatu
     targets = batch["targets"][rows]
     out = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
                 position_ids=batch["position_ids"][rows], logits_to_keep=targets.shape[1] + 1, use_cache=False)
-    logprobs = (out.logits[:, :-1].float() / temperature).log_softmax(-1)
-    picked = logprobs.gather(-1, targets[..., None]).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return picked, entropy
+    return target_logprobs(out.logits[:, :-1], targets, temperature, with_entropy)
 
 
 class GRPOTrainer:
