@@ -1,5 +1,5 @@
 """Where a GRPO step's update goes: `r1kit train`'s trainer built as the train command builds it, a few steps
-to warm up, then torch.profiler over the next steps' updates (kernels by GPU time, operators by CPU time).
+to warm up, then torch.profiler over the next steps' updates (operators and kernels by GPU time and by CPU time).
 
 GPU:   python bench/update_profile.py --config examples/train_addition.yaml group_size=8 prompts_per_step=8 \
          max_completion_tokens=256 beta=0.04 dynamic_sampling=false --out $OUT/update_profile.json
@@ -48,6 +48,8 @@ def main() -> None:
     trainer = GRPOTrainer(cfg, model, tokenizer, task, build_rewards(cfg.rewards, accuracy=task.reward), generator, ref)
     for _ in range(args.warmup):
         trainer.step()
+    # rolled out before profiling so that the profile holds updates only; the later updates train on rollouts
+    # of a policy one or two updates old, which changes no timing
     batches, walls = [trainer.collect() for _ in range(args.steps)], []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for batch in batches:
