@@ -9,11 +9,12 @@ GPU:   python bench/greedy_numerics.py --out $OUT/greedy_numerics.json
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 import torch._inductor.config as inductor_config
 from bench_io import save_json
-from rollout import engine_greedy, greedy_check, hf_greedy, prompts
+from rollout import engine_greedy, greedy_check, hf_greedy, hf_references, prompts
 
 from r1kit.models import load_model
 from r1kit.rollout.engine import EngineGenerator
@@ -30,9 +31,11 @@ def main() -> None:
     texts = prompts(tokenizer, args.sequences)
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "dtype": str(model.dtype)}
+    # one set of references and one fp32 copy for every check: they depend on the prompts only
+    references, fp32 = hf_references(model, tokenizer, texts, args.tokens), copy.deepcopy(model).float()
 
     def check(name: str, candidates: list[list[int]]) -> None:
-        results[name] = greedy_check(model, tokenizer, candidates, texts, args.tokens)
+        results[name] = greedy_check(fp32, candidates, references, args.tokens)
         print(name, results[name], flush=True)
         save_json(results, args.out)
 

@@ -108,16 +108,18 @@ def hf_greedy(model, tokenizer, texts: list[str], new: int, static: bool = False
     return cut
 
 
-def hf_references(model, tokenizer, texts: list[str], new: int):
+def hf_references(model, tokenizer, texts: list[str], new: int) -> list[tuple]:
     """(prompt ids, HF generate output) of each prompt, greedy, one prompt at a time, stopping at EOS.
 
     Not ignore_eos / min_new_tokens: HF's min_new_tokens sets EOS logits to -inf, so wherever the model
     would end its answer HF takes the runner-up and the sequences part for a reason that is not numerics."""
+    references = []
     for text in texts:
         ids = torch.tensor([encode_prompt(tokenizer, text)], device=model.device)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
                              output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
-        yield ids, out
+        references.append((ids, out))
+    return references
 
 
 def first_difference(ours: list[int], ref: list[int]) -> int | None:
@@ -126,13 +128,12 @@ def first_difference(ours: list[int], ref: list[int]) -> int | None:
     return next((i for i, (a, b) in enumerate(zip(ours, ref, strict=False)) if a != b), None)
 
 
-def greedy_check(model, tokenizer, candidates: list[list[int]], texts: list[str], new: int) -> dict:
-    """Greedy tokens (the engine's, or another HF path's) against HF greedy one prompt at a time; where they
-    part, the top-2 logit gap of HF at that step, and of an fp32 forward of the same prefix (is it a
-    near-tie of the model itself?)."""
-    fp32 = copy.deepcopy(model).float()
+def greedy_check(fp32, candidates: list[list[int]], references: list[tuple], new: int) -> dict:
+    """Greedy tokens (the engine's, or another HF path's) against HF greedy one prompt at a time (`references`,
+    from hf_references); where they part, the top-2 logit gap of HF at that step, and of the model in fp32
+    (`fp32`) on the same prefix (is it a near-tie of the model itself?)."""
     differing, tied, gaps, fp32_gaps, compared = 0, 0, [], [], 0
-    for ours, (ids, out) in zip(candidates, hf_references(model, tokenizer, texts, new), strict=True):
+    for ours, (ids, out) in zip(candidates, references, strict=True):
         ref = out.sequences[0, ids.shape[1]:].tolist()
         compared += min(len(ours), len(ref))
         step = first_difference(ours, ref)
@@ -145,14 +146,13 @@ def greedy_check(model, tokenizer, candidates: list[list[int]], texts: list[str]
         with torch.no_grad():
             top2 = fp32(out.sequences[:, : ids.shape[1] + step]).logits[0, -1].topk(2).values
         fp32_gaps.append(round((top2[0] - top2[1]).item(), 4))
-    return {"sequences": len(texts), "max_tokens": new, "tokens_compared": compared, "differing": differing,
+    return {"sequences": len(references), "max_tokens": new, "tokens_compared": compared, "differing": differing,
             "differing_where_top2_within_1e-3": tied, "hf_top2_gap_where_they_part": gaps,
             "fp32_top2_gap_where_they_part": fp32_gaps}
 
 
-def fp32_greedy_check(model, tokenizer, texts: list[str], new: int) -> dict:
+def fp32_greedy_check(fp32, tokenizer, texts: list[str], new: int) -> dict:
     """The engine in fp32 (its eager path) against HF generate in fp32: the model code, free of bf16 rounding."""
-    fp32 = copy.deepcopy(model).float()
     engine = EngineGenerator(fp32, tokenizer, kv_cache_tokens=len(texts) * (new + 128), max_num_seqs=len(texts))
     same, compared = 0, 0
     ours_all = engine_greedy(engine, texts, new)
@@ -163,10 +163,11 @@ def fp32_greedy_check(model, tokenizer, texts: list[str], new: int) -> dict:
     return {"sequences": len(texts), "max_tokens": new, "tokens_compared": compared, "identical": same}
 
 
-def logprob_gap(model, engine_completions, prompt_ids: list[list[int]], group: int) -> dict:
-    """Engine logprobs against the trainer's forward on the same tokens, in the model's dtype and in fp32."""
+def logprob_gap(model, fp32, engine_completions, prompt_ids: list[list[int]]) -> dict:
+    """Engine logprobs against the trainer's forward on the same tokens: the model (its dtype) and its fp32
+    copy under bf16 autocast, as `r1kit train` runs."""
     gaps = {}
-    for name, policy in (("trainer_model_dtype", model), ("trainer_fp32_bf16_autocast", copy.deepcopy(model).float())):
+    for name, policy in (("trainer_model_dtype", model), ("trainer_fp32_bf16_autocast", fp32)):
         diffs = []
         for c in engine_completions:
             ids = torch.tensor([prompt_ids[c.prompt_index] + c.token_ids], device=model.device)
@@ -340,12 +341,14 @@ def main() -> None:
                 lambda: engine.generate(texts[:groups], group), groups * g)
     engine.engine.share_prompts = True
     rollouts = engine.generate(texts[:4], group)
-    results["logprob_gap"] = logprob_gap(model, rollouts, [engine.encode(t) for t in texts[:4]], g)
+    fp32 = copy.deepcopy(model).float()
+    results["logprob_gap"] = logprob_gap(model, fp32, rollouts, [engine.encode(t) for t in texts[:4]])
     results["weight_sync_ms"] = weight_sync_ms(model, tokenizer)
-    results["greedy_check"] = greedy_check(model, tokenizer, engine_greedy(engine, texts[:16], min(new, 64)),
-                                           texts[:16], min(new, 64))
+    checked, short = texts[:16], min(new, 64)
+    results["greedy_check"] = greedy_check(fp32, engine_greedy(engine, checked, short),
+                                           hf_references(model, tokenizer, checked, short), short)
     print(f"[{time.perf_counter() - started:.0f} s]", results["logprob_gap"], results["greedy_check"], flush=True)
-    results["fp32_greedy_check"] = fp32_greedy_check(model, tokenizer, texts[:16], min(new, 64))
+    results["fp32_greedy_check"] = fp32_greedy_check(fp32, tokenizer, checked, short)
     results["decode_breakdown"] = [decode_breakdown(engine, texts[:n]) for n in sorted({1, min(64, big), big})]
     results["phases"] = phases(engine, texts, sampled)
     print(f"[{time.perf_counter() - started:.0f} s]", results["fp32_greedy_check"], results["decode_breakdown"],
