@@ -17,6 +17,7 @@ from r1kit.config import (
     DemoConfig,
     EvalConfig,
     ServeConfig,
+    SFTConfig,
     TrainConfig,
     add_config_arguments,
     config_from_args,
@@ -28,6 +29,7 @@ EPILOG = """examples:
   r1kit eval --task arithmetic task_args.digits=3 --temperature 0
   r1kit train --config examples/train_addition.yaml steps=50
   r1kit report runs/train
+  r1kit sft --data traces.jsonl --model default --epochs 2 out=runs/sft
   r1kit serve --model runs/train/checkpoints/step-100 --api-key secret
   r1kit chat --url http://127.0.0.1:8000 --api-key secret
   r1kit tasks show countdown
@@ -46,6 +48,13 @@ CONFIG_COMMANDS = [
      "Group Relative Policy Optimization: G completions per prompt, rewards from verifiers, group-relative "
      "advantages, the clipped objective. Ctrl-C or SIGTERM saves a checkpoint; resume=latest continues exactly. Writes "
      "metrics.jsonl, TensorBoard events, checkpoints/."),
+    ("sft", SFTConfig, "r1kit.sft.run:run_sft", "supervised fine-tuning on reasoning traces (cold start, distillation)",
+     "Fine-tune on JSONL traces, either chat `messages` or `prompt` + `reasoning` + `answer` (the prompt built with "
+     "--template, as evaluation builds it; the completion `<think>\\n{reasoning}\\n</think>\\n{answer}`). The loss "
+     "is on assistant tokens only; examples are packed into rows of --micro-batch-tokens without padding (each "
+     "attends only to itself); LoRA with --lora-r. Held-out rows give an eval loss. Ctrl-C or SIGTERM saves a "
+     "checkpoint; resume=latest continues exactly. Writes metrics.jsonl, TensorBoard events, checkpoints/, "
+     "report/ and final/ (the trained model, LoRA merged)."),
     ("serve", ServeConfig, "r1kit.serve.server:run_serve",
      "OpenAI-compatible API with the reasoning trace, and a web chat page",
      "Serve a model: POST /v1/chat/completions (reasoning in reasoning_content), /v1/completions, GET /v1/models "

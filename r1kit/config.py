@@ -108,6 +108,40 @@ class TrainConfig(Config):
     out: str = Field("runs/train", description="run folder")
 
 
+class SFTConfig(Config):
+    """`r1kit sft`: supervised fine-tuning on reasoning traces, loss on the assistant's tokens only."""
+
+    model: str = Field("default", description="'default', a .gguf file or a local HF folder")
+    data: str = Field(description="JSONL traces: `messages` (chat), or `prompt` + `reasoning` + `answer`")
+    eval_data: str | None = Field(None, description="JSONL of held-out traces (default: eval_rows rows of data)")
+    eval_rows: int = Field(64, ge=0, description="rows of data held out for the eval loss when eval_data is unset")
+    template: Literal["auto", "r1zero", "chat", "chat_plain", "raw"] = Field(
+        "auto", description="prompt template of prompt/reasoning/answer rows (use the one you evaluate with)")
+    max_seq_len: int = Field(2048, ge=8, description="longer examples are left out, with a count")
+    packing: bool = Field(True, description="pack examples into one row without padding (off: padded length "
+                          "buckets)")
+    batch_size: int = Field(32, ge=1, description="examples per optimizer step")
+    micro_batch_tokens: int = Field(16384, ge=8, description="tokens per forward/backward (gradient accumulation)")
+    epochs: float = Field(1.0, gt=0, description="passes over the data (steps, when set, wins)")
+    steps: int | None = Field(None, ge=1, description="optimizer steps (default: from epochs)")
+    lr: float = Field(2e-5, gt=0, description="learning rate")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="decay after warmup")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup (optimizer steps)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient norm clip")
+    gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
+    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 trains all weights")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
+    eval_every: int = Field(50, ge=0, description="eval loss every N steps (0: only before and after)")
+    save_every: int = Field(200, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept")
+    resume: str | None = Field(None, description="'latest' or a checkpoint folder to continue from")
+    time_budget_s: float | None = Field(None, gt=0, description="stop after this many seconds of training")
+    seed: int = Field(0, description="seed of the data order")
+    device: str = Field("auto", description="auto, cpu, cuda")
+    out: str = Field("runs/sft", description="run folder")
+
+
 class ServedModelConfig(Config):
     """One model of a multi-model server."""
 
@@ -252,7 +286,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Config]) -> 
             continue
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=True)
-        help_ = field.description if default is None else f"{field.description} (default: {default})"
+        help_ = field.description if default is None or field.is_required() else \
+            f"{field.description} (default: {default})"
         if kind == "bool":
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:

@@ -76,6 +76,18 @@ def import_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.tie_weights()
+    return save_model(model, tokenizer, out_dir)
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """save_pretrained of model and tokenizer into out_dir, atomically (a temp folder, then a rename).
+
+    A LoRA (peft) model is merged into its base first (in place: call it last) so the folder loads as a
+    plain HF checkpoint.
+    """
+    out_dir = Path(out_dir)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)

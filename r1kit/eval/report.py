@@ -60,6 +60,7 @@ def write_summary(results: dict[str, Any], records: list[dict[str, Any]], path: 
 
 
 PANELS: list[tuple[str, list[str]]] = [
+    ("loss", ["loss", "eval/loss"]),
     ("reward", ["reward", "rollout_reward_mean"]),
     ("held-out accuracy", ["eval/greedy_accuracy", "eval/sampled_accuracy"]),
     ("rewards", []),  # filled with every rewards/* key
@@ -68,7 +69,8 @@ PANELS: list[tuple[str, list[str]]] = [
     ("entropy", ["entropy"]),
     ("completion length", ["completion_length_mean", "completion_length_max"]),
     ("truncation / reflection", ["truncation_rate", "reflection_rate"]),
-    ("tokens/s (generation)", ["tokens_per_s"]),
+    ("tokens/s (generated in GRPO, trained on in SFT)", ["tokens_per_s"]),
+    ("learning rate", ["lr"]),
     ("seconds per step", ["generation_s", "scoring_s", "update_s", "step_s"]),
     ("groups with zero reward variance", ["zero_variance_groups"]),
     ("GPU memory (GB)", ["gpu_memory_gb"]),
@@ -116,7 +118,7 @@ def write_training_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     rows = read_jsonl_rows(run_dir / "metrics.jsonl")
     if not rows:
-        raise ValueError(f"{run_dir}: no metrics.jsonl (is it the `out` folder of r1kit train?)")
+        raise ValueError(f"{run_dir}: no metrics.jsonl (is it the `out` folder of r1kit train or sft?)")
     report = run_dir / "report"
     report.mkdir(exist_ok=True)
     plot_training(rows, report / "curves.png")

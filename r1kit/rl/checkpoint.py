@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -61,3 +62,38 @@ def list_checkpoints(folder: Path) -> list[Path]:
 def load_state(checkpoint: Path) -> dict[str, Any]:
     """The trainer state of a checkpoint (optimizer, scheduler, data position, RNG, step)."""
     return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def find_checkpoint(resume: str | None, out: Path) -> Path | None:
+    """The checkpoint `resume` names: `latest` in the run folder `out`, or a checkpoint folder."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(out / "checkpoints")
+        if not found:
+            raise ValueError(f"resume=latest: no checkpoint in {out}/checkpoints")
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"resume: {path} is not a checkpoint (no {STATE_FILE})")
+    return path
+
+
+class StopRequest:
+    """First Ctrl-C (or SIGTERM, as schedulers send before a kill) asks the loop to checkpoint and stop
+    after the current step; a second one aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import signal
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ from r1kit.config import TrainConfig
 from r1kit.eval.harness import evaluate, summarize
 from r1kit.models import load_model, resolve_model, weights_sha256
 from r1kit.rewards import build_rewards
-from r1kit.rl.checkpoint import list_checkpoints, load_state, save_checkpoint, set_rng_state
+from r1kit.rl.checkpoint import StopRequest, find_checkpoint, load_state, save_checkpoint, set_rng_state
 from r1kit.rl.runlog import RunLog
 from r1kit.rl.trainer import GRPOTrainer, Rollouts
 from r1kit.rollout import SamplingParams, make_generator
@@ -50,42 +49,36 @@ def build_tasks(cfg: TrainConfig) -> tuple[Task, Task | None]:
     return train, held
 
 
-def find_checkpoint(cfg: TrainConfig) -> Path | None:
-    """The checkpoint `resume` names: `latest` in this run's folder, or a path."""
-    if not cfg.resume:
-        return None
-    if cfg.resume == "latest":
-        found = list_checkpoints(Path(cfg.out) / "checkpoints")
-        if not found:
-            raise ValueError(f"resume=latest: no checkpoint in {cfg.out}/checkpoints")
-        return found[-1]
-    path = Path(cfg.resume)
-    if not (path / "trainer_state.pt").is_file():
-        raise ValueError(f"resume: {path} is not a checkpoint (no trainer_state.pt)")
-    return path
-
-
-def build_policy(cfg: TrainConfig, checkpoint: Path | None):
-    """(policy, tokenizer, reference or None): fp32 master weights, LoRA when lora_r > 0."""
-    full_resume = checkpoint is not None and cfg.lora_r == 0
-    model, tokenizer = load_model(str(checkpoint) if full_resume else cfg.model, cfg.device, "float32")
-    ref = None
-    if cfg.beta > 0 and cfg.lora_r == 0:
-        ref = load_model(cfg.model, cfg.device, "float32")[0] if full_resume else copy.deepcopy(model)
-        ref.requires_grad_(False).eval()
-    if cfg.lora_r:
+def load_policy(spec: str, device: str, lora_r: int, lora_alpha: int, gradient_checkpointing: bool,
+                checkpoint: Path | None = None):
+    """(model, tokenizer) to train: fp32 master weights, LoRA adapters on every linear layer when lora_r > 0,
+    from `checkpoint` when resuming (its full weights, or its adapters on the base model)."""
+    full_resume = checkpoint is not None and lora_r == 0
+    model, tokenizer = load_model(str(checkpoint) if full_resume else spec, device, "float32")
+    if lora_r:
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if checkpoint is not None:
             model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
         else:
-            model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+            model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha,
                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
-    if cfg.gradient_checkpointing:
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora_r:
+        if lora_r:
             model.enable_input_require_grads()
     model.train()
+    return model, tokenizer
+
+
+def build_policy(cfg: TrainConfig, checkpoint: Path | None):
+    """(policy, tokenizer, reference or None); the reference is a frozen copy of the starting model."""
+    model, tokenizer = load_policy(cfg.model, cfg.device, cfg.lora_r, cfg.lora_alpha, cfg.gradient_checkpointing,
+                                   checkpoint)
+    ref = None
+    if cfg.beta > 0 and cfg.lora_r == 0:
+        ref = load_model(cfg.model, cfg.device, "float32")[0] if checkpoint is not None else copy.deepcopy(model)
+        ref.requires_grad_(False).eval()
     return model, tokenizer, ref
 
 
@@ -120,26 +113,6 @@ def step_samples(batch: Rollouts, group_size: int, groups: int = 1) -> list[dict
     return out
 
 
-class StopRequest:
-    """First Ctrl-C (or SIGTERM, as schedulers send before a kill) asks the loop to checkpoint and stop
-    after the current step; a second one aborts."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 def progress_line(m: dict[str, Any]) -> str:
     """A short live summary of a step's metrics."""
     acc = m.get("rewards/accuracy")
@@ -164,7 +137,7 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
     """The train command; returns the run summary (with `interrupted` when Ctrl-C stopped it)."""
     console = console or Console(stderr=True)
     out = Path(cfg.out)
-    checkpoint = find_checkpoint(cfg)
+    checkpoint = find_checkpoint(cfg.resume, Path(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     torch.manual_seed(cfg.seed)

@@ -65,6 +65,22 @@ class PromptStream:
         self.epoch, self.index = state["epoch"], state["index"]
 
 
+def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int):
+    """Linear warmup over warmup_steps, then constant, linear or cosine decay to 0 at total_steps."""
+
+    def factor(opt_step: int) -> float:
+        if opt_step < warmup_steps:
+            return (opt_step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (opt_step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def pad_sequences(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
                   device: torch.device) -> dict[str, torch.Tensor]:
     """Prompts left-padded and completions right-padded into one (N, P + C) batch, with positions and masks."""
@@ -106,7 +122,8 @@ class GRPOTrainer:
         self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scheduler = lr_scheduler(self.optimizer, cfg.lr_schedule, cfg.warmup_steps,
+                                      cfg.steps * cfg.num_iterations)
         self.prompts = [build_prompt(row["prompt"], tokenizer, cfg.template) for row in task.rows]
         self.prompt_ids = [generator.encode(p) for p in self.prompts]  # the update's inputs, encoded once
         fits = [len(ids) <= cfg.max_prompt_tokens for ids in self.prompt_ids]
@@ -123,18 +140,6 @@ class GRPOTrainer:
         self.step_count = 0
         self._synced_step: int | None = None  # the step whose weights the generator holds
         self.sync_s = 0.0  # this step's weight refresh, seconds
-
-    def _lr_factor(self, opt_step: int) -> float:
-        cfg = self.cfg
-        if opt_step < cfg.warmup_steps:
-            return (opt_step + 1) / (cfg.warmup_steps + 1)
-        total = max(1, cfg.steps * cfg.num_iterations - cfg.warmup_steps)
-        progress = min(1.0, (opt_step - cfg.warmup_steps) / total)
-        if cfg.lr_schedule == "linear":
-            return 1.0 - progress
-        if cfg.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
 
     def autocast(self):
         """bf16 autocast on GPU (fp32 master weights); nothing on CPU."""

@@ -1,0 +1,100 @@
+"""The SFT step: a batch of examples, packed into micro-batches, one optimizer step on their token-mean loss."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any
+
+import torch
+
+from r1kit.config import SFTConfig
+from r1kit.rl.trainer import PromptStream, lr_scheduler
+from r1kit.sft.batch import collate, plan_micro_batches, token_nll
+from r1kit.sft.data import Example
+
+
+def total_steps(cfg: SFTConfig, examples: int) -> int:
+    """Optimizer steps of a run: `steps`, else enough batches for `epochs` passes over the data."""
+    return cfg.steps or max(1, math.ceil(cfg.epochs * examples / cfg.batch_size))
+
+
+class SFTTrainer:
+    """Holds the model, its optimizer and the example stream; `step()` trains on the next batch."""
+
+    def __init__(self, cfg: SFTConfig, model, tokenizer, examples: list[Example]):
+        self.cfg, self.model, self.examples = cfg, model, examples
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.steps = total_steps(cfg, len(examples))
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = lr_scheduler(self.optimizer, cfg.lr_schedule, cfg.warmup_steps, self.steps)
+        self.stream = PromptStream(len(examples), cfg.seed)
+        self.step_count = 0
+
+    def autocast(self):
+        """bf16 autocast on GPU (fp32 master weights); nothing on CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def micro_batches(self, examples: list[Example]) -> list[dict[str, torch.Tensor]]:
+        """The model inputs of a list of examples, micro_batch_tokens at a time."""
+        plan = plan_micro_batches(examples, self.cfg.micro_batch_tokens, self.cfg.packing)
+        return [collate(group, self.cfg.packing, self.pad_id, self.device) for group in plan]
+
+    def step(self) -> dict[str, Any]:
+        """One optimizer step on the next batch_size examples; its metrics."""
+        started = time.perf_counter()
+        batch = [self.examples[i] for i in self.stream.take(self.cfg.batch_size)]
+        targets = sum(ex.target_tokens for ex in batch)
+        loss_sum, fed = 0.0, 0
+        for inputs in self.micro_batches(batch):
+            with self.autocast():
+                nll = token_nll(self.model, inputs)
+            (nll / targets).backward()  # the step's loss is the mean over all its target tokens
+            loss_sum += nll.item()
+            fed += inputs["input_ids"].numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm).item()
+        lr = self.scheduler.get_last_lr()[0]
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        step_s = time.perf_counter() - started
+        tokens = sum(map(len, batch))
+        metrics = {"loss": loss_sum / targets, "grad_norm": grad_norm, "lr": lr, "skipped": float(skipped),
+                   "tokens": tokens, "target_tokens": targets, "padding_share": 1 - tokens / fed,
+                   "tokens_per_s": tokens / step_s, "step_s": step_s, "epoch": self.stream.epoch}
+        if self.device.type == "cuda":
+            metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return metrics
+
+    @torch.no_grad()
+    def eval_loss(self, examples: list[Example]) -> float:
+        """Mean loss per target token over the examples."""
+        was_training = self.model.training
+        self.model.eval()
+        total = 0.0
+        for inputs in self.micro_batches(examples):
+            with self.autocast():
+                total += token_nll(self.model, inputs).item()
+        self.model.train(was_training)
+        return total / max(1, sum(ex.target_tokens for ex in examples))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that a resumed run needs."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "stream": self.stream.state_dict(), "step_count": self.step_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["stream"])
+        self.step_count = state["step_count"]

@@ -1,0 +1,177 @@
+"""SFT: the assistant-only mask, packing against padding, data errors, a run and its exact resume."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from r1kit.config import SFTConfig
+from r1kit.models import weights_sha256
+from r1kit.prompts import REASONING_SYSTEM_PROMPT
+from r1kit.sft.batch import IGNORE, collate, plan_micro_batches, token_nll
+from r1kit.sft.data import Example, chat_segments, encode_segments, load_examples, row_segments
+from r1kit.sft.run import run_sft
+from r1kit.tasks import DataError
+
+CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\n2+2=4\n</think>\n4"}]
+
+
+def test_assistant_only_mask_on_a_hand_made_chat(tokenizer):
+    ids, trainable = encode_segments(chat_segments(CHAT, tokenizer), tokenizer)
+    full = tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert tokenizer.decode(ids) == full
+    # exactly the two assistant turns with their end-of-turn tokens, nothing of the prompts
+    assert tokenizer.decode([t for t, m in zip(ids, trainable, strict=True) if m]) == \
+        "Hello!<|im_end|>\n<think>\n2+2=4\n</think>\n4<|im_end|>\n"
+    user_turn = tokenizer("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n",
+                          add_special_tokens=False)["input_ids"]
+    first_answer = tokenizer("Hello!<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    start = ids.index(first_answer[0])
+    assert trainable[:start] == [False] * start
+    assert trainable[start : start + len(first_answer)] == [True] * len(first_answer)
+    after = start + len(first_answer)
+    assert ids[after : after + len(user_turn)] == user_turn
+    assert trainable[after : after + len(user_turn)] == [False] * len(user_turn)
+
+
+def test_a_prompt_reasoning_answer_row_is_the_eval_prompt_then_the_trace(tokenizer):
+    row = {"prompt": "What is 2+2?", "reasoning": " 2+2=4 ", "answer": "\\boxed{4}"}
+    segments = row_segments(row, "chat", tokenizer)
+    assert segments[0] == (tokenizer.apply_chat_template(
+        [{"role": "system", "content": REASONING_SYSTEM_PROMPT}, {"role": "user", "content": "What is 2+2?"}],
+        tokenize=False, add_generation_prompt=True), False)
+    assert segments[1] == ("<think>\n2+2=4\n</think>\n\\boxed{4}<|im_end|>\n", True)
+    plain = row_segments(row, "r1zero", tokenizer)
+    assert plain[0][0].endswith("User: What is 2+2?. Assistant:")
+    assert plain[1] == ("<think>\n2+2=4\n</think>\n\\boxed{4}" + tokenizer.eos_token, True)
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"prompt": "q", "answer": "a"}', "data.jsonl:2: expected 'messages', or string fields prompt, reasoning "
+     "and answer; missing reasoning (fields: prompt, answer)"),
+    ('{"messages": [{"role": "user", "content": "q"}]}', "data.jsonl:2: 'messages' has no assistant turn"),
+    ('{"messages": [{"role": "robot", "content": "q"}]}', "data.jsonl:2: 'messages' must be a list of"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, tokenizer, line, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "q", "reasoning": "r", "answer": "a"}\n' + line + "\n")
+    with pytest.raises(DataError) as e:
+        load_examples(path, tokenizer, "chat", 512)
+    assert str(e.value).startswith(str(tmp_path / message) if "/" in message else f"{tmp_path}/{message}")
+
+
+def _examples(tokenizer) -> list[Example]:
+    rows = [{"prompt": "What is 12 + 30?", "reasoning": "12 + 30 = 42.", "answer": "\\boxed{42}"},
+            {"prompt": "Name a prime.", "reasoning": "Two is prime, and so is seven.", "answer": "7"},
+            {"prompt": "Say hi", "reasoning": "Easy.", "answer": "hi there"}]
+    return [Example(*encode_segments(row_segments(r, "chat", tokenizer), tokenizer)) for r in rows]
+
+
+def _loss_and_grads(model, batches, targets):
+    model.zero_grad()
+    loss = sum(token_nll(model, b) for b in batches) / targets
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tiny_model_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    examples = _examples(tokenizer)
+    targets = sum(ex.target_tokens for ex in examples)
+    cpu = torch.device("cpu")
+    packed = collate(examples, True, tokenizer.pad_token_id, cpu)
+    assert packed["input_ids"].shape == (1, sum(map(len, examples))) and "attention_mask" not in packed
+    padded = collate(examples, False, tokenizer.pad_token_id, cpu)
+    one_by_one = [collate([ex], False, tokenizer.pad_token_id, cpu) for ex in examples]
+    loss_p, grads_p = _loss_and_grads(model, [packed], targets)
+    for batches in ([padded], one_by_one):
+        loss, grads = _loss_and_grads(model, batches, targets)
+        torch.testing.assert_close(loss, loss_p, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, grads_p, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # by hand: the mean NLL of each sample's own next-token targets
+    nll = 0.0
+    for ex in examples:
+        logits = model(torch.tensor([ex.input_ids])).logits[0].log_softmax(-1)
+        for t in range(1, len(ex)):
+            if ex.trainable[t]:
+                nll -= logits[t - 1, ex.input_ids[t]].item()
+    assert loss_p.item() == pytest.approx(nll / targets, rel=1e-5)
+
+
+def test_a_samples_logits_do_not_change_when_another_is_packed_beside_it(tiny_model_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    a, b = _examples(tokenizer)[:2]
+    packed = collate([b, a], True, tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+        alone_a = model(torch.tensor([a.input_ids])).logits[0]
+        alone_b = model(torch.tensor([b.input_ids])).logits[0]
+    torch.testing.assert_close(together[len(b):], alone_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(together[: len(b)], alone_b, rtol=1e-5, atol=1e-5)
+    # targets never cross the boundary: b's last position predicts nothing
+    assert packed["targets"][0, len(b) - 1].item() == IGNORE
+
+
+def test_micro_batches_stay_within_their_token_budget():
+    examples = [Example([1] * n, [True] * n) for n in (50, 40, 30, 30, 20, 10, 5)]
+    packed = plan_micro_batches(examples, 64, packed=True)
+    assert sorted(len(ex) for group in packed for ex in group) == sorted(map(len, examples))
+    assert all(sum(map(len, group)) <= 64 for group in packed)
+    # first-fit decreasing, by hand: 5 fits none of the three rows of 60
+    assert [[len(ex) for ex in group] for group in packed] == [[50, 10], [40, 20], [30, 30], [5]]
+    padded = plan_micro_batches(examples, 64, packed=False)
+    assert all(len(group) * max(map(len, group)) <= 64 for group in padded)
+
+
+def _traces(path, n=24):
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"What is {i} + {i}?", "reasoning": f"{i} + {i} = {2 * i}.",
+                                "answer": f"\\boxed{{{2 * i}}}"}) + "\n")
+    return path
+
+
+def _losses(run):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").open()) if "loss" in r]
+
+
+def test_a_run_trains_and_resumes_exactly(tiny_model_dir, tmp_path):
+    data = _traces(tmp_path / "traces.jsonl")
+    settings = dict(model=str(tiny_model_dir), data=str(data), eval_rows=4, batch_size=4, micro_batch_tokens=256,
+                    steps=6, lr=1e-3, warmup_steps=1, eval_every=3, device="cpu")
+    whole = run_sft(SFTConfig(**settings, out=str(tmp_path / "whole")))
+    assert whole["eval_loss_after"] < whole["eval_loss_before"]
+    assert whole["examples"] == 20 and whole["held_out"] == 4 and whole["steps"] == 6
+    assert whole["final_sha256"] == weights_sha256(tmp_path / "whole" / "final")
+    assert (tmp_path / "whole" / "report" / "curves.png").is_file()
+
+    cut = tmp_path / "cut"
+    first = run_sft(SFTConfig(**settings, out=str(cut), time_budget_s=1e-6))  # stops after one step
+    assert first["steps"] == 1
+    run_sft(SFTConfig(**settings, out=str(cut), resume="latest"))
+    assert _losses(cut) == _losses(tmp_path / "whole")
+    a, b = (load_file(run / "final" / "model.safetensors") for run in (tmp_path / "whole", cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_sft_writes_a_merged_model(tiny_model_dir, tmp_path):
+    data = _traces(tmp_path / "traces.jsonl", 8)
+    run_sft(SFTConfig(model=str(tiny_model_dir), data=str(data), eval_rows=0, batch_size=4, steps=2, lr=1e-2,
+                      lora_r=4, gradient_checkpointing=True, device="cpu", out=str(tmp_path / "lora")))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "final")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    names = {k for k, _ in merged.named_parameters()}
+    assert names == {k for k, _ in base.named_parameters()}  # a plain checkpoint: no adapter weights left
+    changed = [k for k, p in merged.named_parameters() if not torch.equal(p, base.get_parameter(k))]
+    assert any("q_proj" in k for k in changed)
+
+
+def test_a_missing_model_fails_before_the_run_folder_exists(tmp_path):
+    data = _traces(tmp_path / "traces.jsonl", 4)
+    with pytest.raises(ValueError, match="is not a model"):
+        run_sft(SFTConfig(model=str(tmp_path / "nope"), data=str(data), out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
