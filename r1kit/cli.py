@@ -16,6 +16,7 @@ from r1kit.config import (
     ConfigError,
     DemoConfig,
     EvalConfig,
+    SampleConfig,
     ServeConfig,
     SFTConfig,
     TrainConfig,
@@ -29,6 +30,8 @@ EPILOG = """examples:
   r1kit eval --task arithmetic task_args.digits=3 --temperature 0
   r1kit train --config examples/train_addition.yaml steps=50
   r1kit report runs/train
+  r1kit sample --teacher solutions --task gsm8k --data gsm8k_train.jsonl --out runs/cold_start.jsonl
+  r1kit sample --teacher-url http://127.0.0.1:8000/v1 --teacher-model reasoner --task gsm8k --data gsm8k_train.jsonl
   r1kit sft --data traces.jsonl --model default --epochs 2 out=runs/sft
   r1kit serve --model runs/train/checkpoints/step-100 --api-key secret
   r1kit chat --url http://127.0.0.1:8000 --api-key secret
@@ -55,6 +58,16 @@ CONFIG_COMMANDS = [
      "attends only to itself); LoRA with --lora-r. Held-out rows give an eval loss. Ctrl-C or SIGTERM saves a "
      "checkpoint; resume=latest continues exactly. Writes metrics.jsonl, TensorBoard events, checkpoints/, "
      "report/ and final/ (the trained model, LoRA merged)."),
+    ("sample", SampleConfig, "r1kit.sample.run:run_sample",
+     "rejection sampling: a teacher's verified, filtered traces as SFT data",
+     "For each prompt of a task, N traces from a teacher: a model r1kit loads (--teacher), an OpenAI-compatible "
+     "endpoint (--teacher-url, --teacher-model: a hosted R1, vLLM, Ollama or r1kit serve), or the rows' own worked "
+     "solutions (--teacher solutions: a cold start without a model, e.g. GSM8K's training set). A trace is kept when "
+     "the task's verifier accepts it and it passes the filters (format, language consistency, length, no repetition "
+     "loop, no duplicate: filters.<name>=value). Kept rows (prompt, reasoning, answer, with the teacher's identity, "
+     "the sampling settings and the reward) go to --out, which `r1kit sft --data` reads. A killed run, started "
+     "again with the same settings, continues after its last finished round. Lengths are counted with the teacher's "
+     "tokenizer, or the embedded model's for an endpoint or solutions."),
     ("serve", ServeConfig, "r1kit.serve.server:run_serve",
      "OpenAI-compatible API with the reasoning trace, and a web chat page",
      "Serve a model: POST /v1/chat/completions (reasoning in reasoning_content), /v1/completions, GET /v1/models "

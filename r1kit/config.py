@@ -142,6 +142,54 @@ class SFTConfig(Config):
     out: str = Field("runs/sft", description="run folder")
 
 
+class FilterConfig(Config):
+    """What a verified trace must also pass to be kept (rejection sampling's filters)."""
+
+    require_format: bool = Field(True, description="reasoning inside <think>...</think>, then a non-empty answer")
+    min_language: float = Field(0.95, ge=0, le=1, description="least share of reasoning words in the prompt's "
+                                "script (language consistency)")
+    max_tokens: int | None = Field(None, ge=1, description="longest trace kept, in tokens (default: max_new_tokens); "
+                                   "a trace cut at the length limit is never kept")
+    repeat_ngram: int = Field(8, ge=2, description="a run of this many words ...")
+    repeat_times: int = Field(4, ge=2, description="... occurring this often marks a repetition loop")
+    dedup: bool = Field(True, description="drop a trace equal to one already kept for the same prompt "
+                        "(whitespace and case ignored)")
+    keep_per_prompt: int | None = Field(None, ge=1, description="keep at most this many traces per prompt")
+
+
+class SampleConfig(Config):
+    """`r1kit sample`: rejection sampling: a teacher's traces that the task's verifier and the filters accept."""
+
+    teacher: str = Field("default", description="a model r1kit loads ('default', .gguf, HF folder), or "
+                         "'solutions': traces built from the rows' own worked solutions (cold start, no model)")
+    teacher_url: str | None = Field(None, description="an OpenAI-compatible endpoint instead (hosted R1, vLLM, "
+                                    "Ollama, r1kit serve), e.g. http://127.0.0.1:8000/v1")
+    teacher_model: str | None = Field(None, description="the model name to ask the endpoint for")
+    teacher_api_key_env: str = Field("R1KIT_TEACHER_API_KEY", description="environment variable holding the "
+                                     "endpoint's key")
+    concurrency: int = Field(8, ge=1, description="endpoint requests in flight at once")
+    timeout_s: float = Field(600, gt=0, description="endpoint request timeout")
+    max_retries: int = Field(8, ge=0, description="retries of a request that failed with 429/5xx or timed out")
+    task: str = Field("gsm8k", description="a built-in task: its prompts, and its verifier judges the traces")
+    data: str | None = Field(None, description="JSONL file for data-backed tasks (gsm8k, math500, aime, jsonl)")
+    task_args: dict[str, Any] = Field(default_factory=dict, description="task options, e.g. task_args.n=500")
+    limit: int | None = Field(None, ge=1, description="sample for the first L prompts only")
+    solution_field: str = Field("solution", description="teacher solutions: the row field with the worked solution")
+    template: Literal["auto", "r1zero", "chat", "chat_plain", "raw"] = Field(
+        "auto", description="prompt template of a local teacher")
+    samples: int = Field(4, ge=1, description="N: traces generated per prompt")
+    temperature: float = Field(0.6, ge=0, description="sampling temperature")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass")
+    max_new_tokens: int = Field(1024, ge=1, description="trace length limit in tokens")
+    min_reward: float = Field(1.0, description="least verifier score of a kept trace")
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="filters.<name>=value (see README)")
+    chunk: int = Field(64, ge=1, description="prompts per round; a rerun continues after the last finished round")
+    batch_size: int = Field(256, ge=1, description="sequences a local teacher generates together")
+    seed: int = Field(0, description="sampling seed")
+    device: str = Field("auto", description="auto, cpu, cuda")
+    out: str = Field("runs/traces.jsonl", description="JSONL file of kept traces (progress beside it)")
+
+
 class ServedModelConfig(Config):
     """One model of a multi-model server."""
 
