@@ -15,7 +15,9 @@ from r1kit.config import (
     ChatConfig,
     ConfigError,
     DemoConfig,
+    DistillConfig,
     EvalConfig,
+    PipelineConfig,
     SampleConfig,
     ServeConfig,
     SFTConfig,
@@ -32,6 +34,8 @@ EPILOG = """examples:
   r1kit report runs/train
   r1kit sample --teacher solutions --task gsm8k --data gsm8k_train.jsonl --out runs/cold_start.jsonl
   r1kit sample --teacher-url http://127.0.0.1:8000/v1 --teacher-model reasoner --task gsm8k --data gsm8k_train.jsonl
+  r1kit pipeline --config examples/r1_gsm8k.yaml
+  r1kit distill --teacher runs/teacher/final --student default --task countdown
   r1kit sft --data traces.jsonl --model default --epochs 2 out=runs/sft
   r1kit serve --model runs/train/checkpoints/step-100 --api-key secret
   r1kit chat --url http://127.0.0.1:8000 --api-key secret
@@ -68,6 +72,19 @@ CONFIG_COMMANDS = [
      "the sampling settings and the reward) go to --out, which `r1kit sft --data` reads. A killed run, started "
      "again with the same settings, continues after its last finished round. Lengths are counted with the teacher's "
      "tokenizer, or the embedded model's for an endpoint or solutions."),
+    ("pipeline", PipelineConfig, "r1kit.pipeline.run:run_pipeline",
+     "the R1 recipe as stages: cold start, RL, rejection sampling, SFT, final RL",
+     "Run the stages of --config (YAML) in order, each a sample, sft or train command whose output is the next "
+     "stage's input (settings left out come from the pipeline and earlier stages; @name is a stage's output, @base "
+     "the base model). The base model and every model a stage makes are evaluated with the `eval` settings. A "
+     "finished stage is skipped when the pipeline runs again, unless its resolved config or its inputs' sha256 "
+     "changed; an interrupted one resumes. Writes a folder per stage and report/ (a table and curves of all of "
+     "them). See examples/r1_gsm8k.yaml."),
+    ("distill", DistillConfig, "r1kit.distill:run_distill",
+     "a teacher's verified traces into a student: sample, SFT, evaluate before and after",
+     "Rejection-sample traces from --teacher (a model, an endpoint with --teacher-url, or 'solutions'), fine-tune "
+     "--student on them, and evaluate the student before and after with the `eval` settings: a two-stage pipeline "
+     "(rerunning it skips what is done). sample.*, sft.* and eval.* pass settings to each step."),
     ("serve", ServeConfig, "r1kit.serve.server:run_serve",
      "OpenAI-compatible API with the reasoning trace, and a web chat page",
      "Serve a model: POST /v1/chat/completions (reasoning in reasoning_content), /v1/completions, GET /v1/models "

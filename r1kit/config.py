@@ -190,6 +190,41 @@ class SampleConfig(Config):
     out: str = Field("runs/traces.jsonl", description="JSONL file of kept traces (progress beside it)")
 
 
+class PipelineConfig(Config):
+    """`r1kit pipeline`: the R1 recipe as stages, each stage's output the next one's input."""
+
+    model: str = Field("default", description="the base model ('default', .gguf, HF folder): `@base` in stages")
+    task: str = Field("gsm8k", description="the task sample and train stages use unless they name another")
+    data: str | None = Field(None, description="its JSONL training data")
+    task_args: dict[str, Any] = Field(default_factory=dict, description="its options")
+    stages: dict[str, dict[str, Any]] = Field(
+        description="name -> {kind: sample | sft | train, any setting of that command}, in order (YAML); "
+        "`@name` is a stage's output, `@base` the base model")
+    eval: dict[str, Any] | None = Field(default_factory=dict, description="`r1kit eval` settings for the base "
+                                        "model and every stage that makes a model (null: no evaluation)")
+    device: str = Field("auto", description="auto, cpu, cuda")
+    out: str = Field("runs/pipeline", description="folder: a subfolder per stage, report/")
+
+
+class DistillConfig(Config):
+    """`r1kit distill`: a teacher's verified traces into a student by SFT, the student evaluated before and after."""
+
+    teacher: str = Field("default", description="a model r1kit loads, or 'solutions' (the rows' worked solutions)")
+    teacher_url: str | None = Field(None, description="an OpenAI-compatible endpoint as teacher instead")
+    teacher_model: str | None = Field(None, description="the model name to ask the endpoint for")
+    student: str = Field("default", description="the model to train ('default', .gguf, HF folder)")
+    task: str = Field("gsm8k", description="the task whose prompts the teacher answers and whose verifier judges")
+    data: str | None = Field(None, description="its JSONL training data")
+    task_args: dict[str, Any] = Field(default_factory=dict, description="its options")
+    sample: dict[str, Any] = Field(default_factory=dict, description="more `r1kit sample` settings, e.g. "
+                                   "sample.samples=8")
+    sft: dict[str, Any] = Field(default_factory=dict, description="more `r1kit sft` settings, e.g. sft.epochs=3")
+    eval: dict[str, Any] | None = Field(default_factory=dict, description="`r1kit eval` settings of the student's "
+                                        "evaluation, e.g. eval.data=gsm8k_test.jsonl (null: none)")
+    device: str = Field("auto", description="auto, cpu, cuda")
+    out: str = Field("runs/distill", description="folder: sample/, sft/, evaluations, report/")
+
+
 class ServedModelConfig(Config):
     """One model of a multi-model server."""
 

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from r1kit.config import TrainConfig
 from r1kit.eval.harness import evaluate, summarize
-from r1kit.models import load_model, resolve_model, weights_sha256
+from r1kit.models import load_model, resolve_model, save_model, weights_sha256
 from r1kit.rewards import build_rewards
 from r1kit.rl.checkpoint import StopRequest, find_checkpoint, load_state, save_checkpoint, set_rng_state
 from r1kit.rl.runlog import RunLog
@@ -202,8 +202,10 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
         summary["after"] = held_out_eval(trainer, held, cfg)
         log.metrics(trainer.step_count, summary["after"])
         console.print("held-out after training: " + eval_line(summary["after"]))
-    write_summary(out, summary)
     path = save()
     log.close()
-    console.print(f"saved {path}")
+    final = save_model(trainer.model, tokenizer, out / "final")
+    summary["final"], summary["final_sha256"] = str(final), weights_sha256(final)
+    write_summary(out, summary)
+    console.print(f"saved {path} and {final} (the trained model, LoRA merged)")
     return summary

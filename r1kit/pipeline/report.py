@@ -1,0 +1,86 @@
+"""One report over a pipeline's stages: a table of held-out metrics and time, and the curves of each stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from r1kit.pipeline.stages import read_record
+from r1kit.rl.runlog import read_jsonl_rows
+
+# what each kind of training stage plots along its steps
+TRAINING_CURVES = {"train": ("reward", "eval/sampled_accuracy", "rewards/format", "completion_length_mean"),
+                   "sft": ("loss", "eval/loss")}
+
+
+def stage_rows(out: Path, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, record) of the base evaluation and each stage that has a record, in pipeline order."""
+    rows = []
+    for name in ["base", *names]:
+        record = read_record(out / name)
+        if record is not None:
+            rows.append((name, record))
+    return rows
+
+
+def table(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Markdown table: each stage's held-out pass@1, format rate, mean length, and wall times."""
+    lines = ["| stage | kind | status | pass@1 | format rate | mean tokens | truncated | stage s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        e = r.get("eval")
+        metrics = (f"{e['pass@1']:.3f} | {e['format_rate']:.3f} | {e['response_tokens']['mean']:.0f} | "
+                   f"{e['truncation_rate']:.3f}" if e else "- | - | - | -")
+        stage_s = f"{r['wall_s']:.0f}" if "wall_s" in r else "-"
+        eval_s = f"{e['wall_s']:.0f}" if e else "-"
+        lines.append(f"| {name} | {r['kind']} | {r.get('status', '-')} | {metrics} | {stage_s} | {eval_s} |")
+    return lines
+
+
+def plot(out: Path, rows: list[tuple[str, dict[str, Any]]], path: Path) -> None:
+    """Held-out pass@1, format rate and length by stage, then each training stage's own curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evaluated = [(name, r["eval"]) for name, r in rows if r.get("eval")]
+    trained = [(name, r) for name, r in rows if r["kind"] in TRAINING_CURVES]
+    lines = 1 + (len(trained) + 2) // 3
+    fig, axes = plt.subplots(lines, 3, figsize=(15, 3.5 * lines), squeeze=False)
+    by_stage = [("held-out pass@1", lambda e: e["pass@1"]), ("format rate", lambda e: e["format_rate"]),
+                ("mean response tokens", lambda e: e["response_tokens"]["mean"])]
+    for ax, (title, value) in zip(axes[0], by_stage, strict=True):
+        ax.plot([n for n, _ in evaluated], [value(e) for _, e in evaluated], marker="o")
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(alpha=0.3)
+    for ax, (name, r) in zip(axes[1:].flat, trained, strict=False):
+        metrics = read_jsonl_rows(out / name / "metrics.jsonl")
+        for key in TRAINING_CURVES[r["kind"]]:
+            points = [(m["step"], m[key]) for m in metrics if isinstance(m.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points, strict=True), label=key, marker="o" if len(points) < 30 else None, markersize=3)
+        ax.set_title(f"{name} ({r['kind']})")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes[1:].flat)[len(trained) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_pipeline_report(out: Path, names: list[str]) -> Path:
+    """report/index.md (the stage table) and report/curves.png of a pipeline's folder."""
+    rows = stage_rows(out, names)
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    plot(out, rows, report / "curves.png")
+    lines = [f"# Pipeline report: {out.name}", "", *table(rows), "", "![curves](curves.png)", ""]
+    for name, r in rows:
+        if r["kind"] in TRAINING_CURVES and (out / name / "report" / "curves.png").is_file():
+            lines.append(f"- {name}: [all of its curves](../{name}/report/curves.png)")
+    (report / "index.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return report
