@@ -64,7 +64,8 @@ def plot(out: Path, rows: list[tuple[str, dict[str, Any]]], path: Path) -> None:
         ax.set_title(f"{name} ({r['kind']})")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     for ax in list(axes[1:].flat)[len(trained) :]:
         ax.axis("off")
     fig.tight_layout()

@@ -133,7 +133,7 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> dict[str, A
             bar_view.update(bar, description=f"kept {counts.get('kept', 0)} of {sum(counts.values())}")
     counts = {"generated": sum(progress["counts"].values()), "kept": progress["counts"].get("kept", 0),
               **{f"rejected_{k}": progress["counts"].get(k, 0) for k in REASONS}}
-    console.print(f"kept {counts['kept']} of {counts['generated']} traces -> {out}; rejected: "
-                  + ", ".join(f"{k.removeprefix('rejected_')} {v}" for k, v in counts.items()
-                              if k.startswith("rejected_") and v))
+    rejected = ", ".join(f"{k.removeprefix('rejected_')} {v}" for k, v in counts.items()
+                         if k.startswith("rejected_") and v)
+    console.print(f"kept {counts['kept']} of {counts['generated']} traces -> {out}; rejected: {rejected or 'none'}")
     return counts
