@@ -13,8 +13,11 @@ Rows (--settings):
   r1kit-packed      `r1kit sft` as it runs: a step's --batch-size examples packed without padding into rows of
                     --micro-batch-tokens tokens (position ids restart per example)
   r1kit-padded      `r1kit sft` with packing=False: padded length buckets of at most --micro-batch-tokens tokens
-  trl-padding-free  padding_free=True: per_device_train_batch_size examples flattened into one row, gradient
-                    accumulation up to --batch-size examples per optimizer step
+  trl-padding-free  padding_free=True: per_device_train_batch_size examples (--trl-micro-batch, default
+                    micro_batch_tokens // max_seq_len: at most r1kit's micro-batch tokens whatever the lengths)
+                    flattened into one row, gradient accumulation up to --batch-size examples per optimizer step.
+                    r1kit fills a micro-batch up to micro_batch_tokens instead, so with short rows it runs fewer,
+                    larger micro-batches: --trl-micro-batch 64 gives TRL the same
   trl-packing       packing=True (BFD, dataset packed into rows of max_length=--max-seq-len tokens, padding-free
                     within a micro-batch); a TRL step is a number of packed rows, chosen so that it holds about
                     --batch-size examples (the measured examples per step are reported)
@@ -28,7 +31,8 @@ non-padding input tokens of the step's micro-batches (attention mask sum; for pa
 row's length), the same definition as r1kit's. Medians over the steps after --warmup. `wall` columns are tokens
 over the time from one step's end to the next (data loading, logging and all else included).
 
-GPU (H200):  python bench/sft_speed.py                      # figures to $OUT/sft_speed.json
+GPU (H200), after ../shared/device/stage.sh's two calls (trl, datasets, the model and data staged):
+    source /root/models/env.sh && source bench/device_env.sh && python bench/sft_speed.py   # -> $OUT/sft_speed.json
 CPU smoke:   python bench/sft_speed.py --model tiny --rows 64 --steps 3 --batch-size 8 --micro-batch-tokens 2048 \\
                  --warmup 1 --out-json /tmp/sft_speed.json
 """
@@ -41,7 +45,6 @@ import gc
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import sys
@@ -201,9 +204,10 @@ def run_r1kit(args, model: str, data: str, packing: bool, workdir: Path) -> dict
 
 
 def trl_micro_batch(args) -> tuple[int, int]:
-    """(examples per micro-batch, gradient accumulation) so that a step is --batch-size examples and a
-    micro-batch at most --micro-batch-tokens padded tokens (a divisor of batch_size)."""
-    cap = max(1, min(args.batch_size, args.micro_batch_tokens // args.max_seq_len))
+    """(examples per micro-batch, gradient accumulation) so that a step is --batch-size examples: the largest divisor
+    of batch_size up to --trl-micro-batch, by default micro_batch_tokens // max_seq_len (at most r1kit's
+    micro_batch_tokens padded tokens, whatever the lengths)."""
+    cap = max(1, min(args.batch_size, args.trl_micro_batch or args.micro_batch_tokens // args.max_seq_len))
     micro = next(d for d in range(cap, 0, -1) if args.batch_size % d == 0)
     return micro, args.batch_size // micro
 
@@ -240,7 +244,7 @@ def run_trl(args, model_dir: Path, traces: list[dict], encoded: list, setting: s
     if setting == "trl-packing":
         mean_len = statistics.mean(len(ids) for ids, _ in encoded)
         rows_per_step = max(1, round(args.batch_size * mean_len / args.max_seq_len))
-        micro = max(1, min(rows_per_step, args.micro_batch_tokens // args.max_seq_len))
+        micro = max(1, min(rows_per_step, args.trl_micro_batch or args.micro_batch_tokens // args.max_seq_len))
         accum = math.ceil(rows_per_step / micro)
         notes.append(f"a step is {micro * accum} packed rows of <= {args.max_seq_len} tokens ({micro} per "
                      f"micro-batch x {accum}), sized to hold ~{args.batch_size} examples of mean length "
@@ -314,7 +318,8 @@ def run_trl(args, model_dir: Path, traces: list[dict], encoded: list, setting: s
                   micro_batch=f"{micro} {'packed rows' if setting == 'trl-packing' else 'examples'} x {accum} "
                               "accumulation",
                   attn_implementation=getattr(trainer.model.config, "_attn_implementation", None),
-                  trainer_padding_free=getattr(trainer, "padding_free", None), notes=notes)
+                  trainer_padding_free=getattr(trainer, "padding_free", None),
+                  gradient_checkpointing=getattr(trainer.args, "gradient_checkpointing", None), notes=notes)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     for step, loss in zip(result["per_step"], losses, strict=False):
         step["loss"] = loss
@@ -376,6 +381,13 @@ def table(result: dict) -> str:
         lines.append(f"r1kit/TRL, both padded: {padded['tokens_per_s'] / trl_padded['tokens_per_s']:.2f}")
     lines.append("r1kit/TRL: r1kit-packed tok/s over the TRL row's; tok/s: medians after warm-up, "
                  "synchronized step time; wall: step end to step end")
+    for name, run in runs.items():
+        if "micro_batch" in run:
+            check = run.get("token_check")
+            same = f"; token ids and loss mask = r1kit's in {check['same_ids_and_loss_mask']}/{check['rows']} rows" \
+                if check else ""
+            lines.append(f"  {name}: micro-batch {run['micro_batch']}{same}")
+        lines += [f"  {name}: {note}" for note in run.get("notes", [])]
     return "\n".join(lines)
 
 
@@ -387,8 +399,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64, help="examples per optimizer step")
-    parser.add_argument("--micro-batch-tokens", type=int, default=16384, help="r1kit's; TRL's micro-batch is "
-                        "micro_batch_tokens // max_seq_len examples (or packed rows)")
+    parser.add_argument("--micro-batch-tokens", type=int, default=16384, help="r1kit's tokens per forward/backward")
+    parser.add_argument("--trl-micro-batch", type=int, default=None, help="TRL's per_device_train_batch_size "
+                        "(examples; packed rows with packing); default micro_batch_tokens // max_seq_len")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the medians")
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
@@ -408,7 +421,7 @@ def main() -> None:
     data = workdir / "traces.jsonl"
     data.write_text("".join(json.dumps(t) + "\n" for t in traces))
     lengths = [len(ids) for ids, _ in encoded]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or '?'})"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     result: dict[str, Any] = {
         "device": device, "versions": versions(), "python": sys.version.split()[0],
         "settings": {**{k: v for k, v in vars(args).items() if k != "settings"}, "settings": settings,

@@ -303,6 +303,14 @@ def _set_dotted(target: dict, key: str, value: Any) -> None:
     target[last] = value
 
 
+def _yaml_value(text: str) -> Any:
+    """A value as YAML reads it, or the text itself where it is not YAML (`@stage`, `a: b: c`)."""
+    try:
+        return yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        return text
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`key=value` strings into a nested dict; values are read as YAML (`3` is an int, `[a, b]` a list)."""
     out: dict[str, Any] = {}
@@ -310,7 +318,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
-        _set_dotted(out, key.replace("-", "_"), yaml.safe_load(value) if value else "")
+        _set_dotted(out, key.replace("-", "_"), _yaml_value(value))
     return out
 
 

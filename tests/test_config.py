@@ -41,12 +41,20 @@ def test_unknown_and_invalid_keys_are_named(tmp_path):
 def test_every_example_config_validates():
     from pathlib import Path
 
-    from r1kit.config import TrainConfig, load_config
+    from r1kit.config import PipelineConfig, TrainConfig, load_config
+    from r1kit.pipeline.stages import resolve_stages
     from r1kit.rewards import REWARDS
 
     examples = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
     assert examples
     for path in examples:
-        cfg = load_config(TrainConfig if path.name.startswith("train_") else EvalConfig, path)
-        if isinstance(cfg, TrainConfig):
-            assert set(cfg.rewards) <= set(REWARDS), path
+        kind = {"train": TrainConfig, "r1": PipelineConfig}.get(path.name.split("_")[0], EvalConfig)
+        cfg = load_config(kind, path)
+        trains = [s.config for s in resolve_stages(cfg) if s.kind == "train"] if kind is PipelineConfig else [cfg]
+        for train in trains if kind is not EvalConfig else []:
+            assert set(train.rewards) <= set(REWARDS), path
+
+
+def test_override_values_that_are_not_yaml_stay_text():
+    assert parse_overrides(["stages.sft.model=@cold_start", "n=3", "tags=[a, b]", "empty="]) == {
+        "stages": {"sft": {"model": "@cold_start"}}, "n": 3, "tags": ["a", "b"], "empty": ""}

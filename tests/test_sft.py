@@ -175,3 +175,22 @@ def test_a_missing_model_fails_before_the_run_folder_exists(tmp_path):
     with pytest.raises(ValueError, match="is not a model"):
         run_sft(SFTConfig(model=str(tmp_path / "nope"), data=str(data), out=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_that_finishes_is_not_reported_interrupted(tiny_model_dir, tmp_path, monkeypatch):
+    import r1kit.sft.run as sft_run
+
+    class StopAfterFirstStep:  # as a Ctrl-C during the first step would
+        requested = True
+
+        def restore(self):
+            pass
+
+    data = _traces(tmp_path / "traces.jsonl", 8)
+    cfg = SFTConfig(model=str(tiny_model_dir), data=str(data), eval_rows=0, batch_size=4, steps=3, device="cpu",
+                    out=str(tmp_path / "run"))
+    with monkeypatch.context() as patch:
+        patch.setattr(sft_run, "StopRequest", StopAfterFirstStep)
+        assert run_sft(cfg)["interrupted"] and not (tmp_path / "run" / "final").exists()
+    resumed = run_sft(cfg.model_copy(update={"resume": "latest"}))
+    assert not resumed["interrupted"] and resumed["steps"] == 3

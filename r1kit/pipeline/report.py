@@ -9,8 +9,10 @@ from r1kit.pipeline.stages import read_record
 from r1kit.rl.runlog import read_jsonl_rows
 
 # what each kind of training stage plots along its steps
-TRAINING_CURVES = {"train": ("reward", "eval/sampled_accuracy", "rewards/format", "completion_length_mean"),
+TRAINING_CURVES = {"train": ("reward", "rewards/accuracy", "rewards/format", "eval/greedy_accuracy",
+                             "eval/sampled_accuracy"),
                    "sft": ("loss", "eval/loss")}
+LENGTH = "completion_length_mean"  # tokens, on an axis of its own
 
 
 def stage_rows(out: Path, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -37,6 +39,15 @@ def table(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def _plot_series(ax, metrics: list[dict[str, Any]], key: str, **style: Any) -> None:
+    points = [(m["step"], m[key]) for m in metrics if isinstance(m.get(key), (int, float))]
+    if points:
+        ax.plot(*zip(*points, strict=True), label=key, marker="o" if len(points) < 30 else None, markersize=3,
+                **style)
+        if key == LENGTH:
+            ax.set_ylabel("completion tokens", color="grey")
+
+
 def plot(out: Path, rows: list[tuple[str, dict[str, Any]]], path: Path) -> None:
     """Held-out pass@1, format rate and length by stage, then each training stage's own curves."""
     import matplotlib
@@ -58,9 +69,9 @@ def plot(out: Path, rows: list[tuple[str, dict[str, Any]]], path: Path) -> None:
     for ax, (name, r) in zip(axes[1:].flat, trained, strict=False):
         metrics = read_jsonl_rows(out / name / "metrics.jsonl")
         for key in TRAINING_CURVES[r["kind"]]:
-            points = [(m["step"], m[key]) for m in metrics if isinstance(m.get(key), (int, float))]
-            if points:
-                ax.plot(*zip(*points, strict=True), label=key, marker="o" if len(points) < 30 else None, markersize=3)
+            _plot_series(ax, metrics, key)
+        if r["kind"] == "train":
+            _plot_series(ax.twinx(), metrics, LENGTH, color="grey", alpha=0.5)
         ax.set_title(f"{name} ({r['kind']})")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -102,11 +102,12 @@ def run_pipeline(cfg: PipelineConfig, console: Console | None = None) -> dict[st
             started = time.perf_counter()
             summary = run_command(stage, action == "resume")
             free_memory()
+            record["wall_s"] = record.get("wall_s", 0.0) + time.perf_counter() - started  # over all attempts
             if summary.get("interrupted"):
+                write_record(stage.folder, record)
                 console.print(f"[yellow]{stage.name} interrupted; run the pipeline again to continue")
                 return {"interrupted": True, "stages": records}
-            record.update(status="done", output=str(stage.output), summary=summary,
-                          wall_s=record.get("wall_s", 0.0) + time.perf_counter() - started)
+            record.update(status="done", output=str(stage.output), summary=summary)
             write_record(stage.folder, record)
         if stage.makes_model and cfg.eval is not None:
             evaluate_into(record, stage.output, stage.folder, cfg)

@@ -71,7 +71,7 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
         state = load_state(checkpoint)
         trainer.load_state_dict(state)
         set_rng_state(state["rng"])
-        summary.update(state.get("summary", {}))
+        summary.update(state.get("summary", {}), interrupted=False)  # that run stopped; this one goes on
         console.print(f"resumed from {checkpoint} at step {trainer.step_count}")
     log = RunLog(out, trainer.step_count)
     if held and trainer.step_count == 0:
