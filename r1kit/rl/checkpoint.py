@@ -97,3 +97,33 @@ class StopRequest:
     def restore(self) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+class TrainerState:
+    """What a trainer checkpoints besides the weights: optimizer, scheduler, data stream and step count.
+    Mixed into trainers that have those four attributes."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that a resumed run needs."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "stream": self.stream.state_dict(), "step_count": self.step_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["stream"])
+        self.step_count = state["step_count"]
+
+
+def resume_run(checkpoint: Path, trainer: TrainerState, summary: dict[str, Any]) -> None:
+    """Load a checkpoint's trainer state, RNG states and run summary into a run that continues it."""
+    state = load_state(checkpoint)
+    trainer.load_state_dict(state)
+    set_rng_state(state["rng"])
+    summary.update(state.get("summary", {}), interrupted=False)  # that run stopped; this one goes on
+
+
+def save_run(out: Path, trainer: TrainerState, tokenizer, summary: dict[str, Any], keep: int) -> Path:
+    """Checkpoint a run at its trainer's step: weights, trainer state and the run summary so far."""
+    return save_checkpoint(out / "checkpoints", trainer.step_count, trainer.model, tokenizer,
+                           {**trainer.state_dict(), "summary": summary}, keep)

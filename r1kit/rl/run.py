@@ -18,7 +18,7 @@ from r1kit.config import TrainConfig
 from r1kit.eval.harness import evaluate, summarize
 from r1kit.models import load_model, resolve_model, save_model, weights_sha256
 from r1kit.rewards import build_rewards
-from r1kit.rl.checkpoint import StopRequest, find_checkpoint, load_state, save_checkpoint, set_rng_state
+from r1kit.rl.checkpoint import StopRequest, find_checkpoint, resume_run, save_run
 from r1kit.rl.runlog import RunLog
 from r1kit.rl.trainer import GRPOTrainer, Rollouts
 from r1kit.rollout import SamplingParams, make_generator
@@ -150,20 +150,13 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
     summary: dict[str, Any] = {"model": cfg.model, "model_path": str(folder), "model_sha256": weights_sha256(folder),
                                "interrupted": False}
     if checkpoint is not None:
-        state = load_state(checkpoint)
-        trainer.load_state_dict(state)
-        set_rng_state(state["rng"])
-        summary.update(state.get("summary", {}), interrupted=False)  # that run stopped; this one goes on
+        resume_run(checkpoint, trainer, summary)
         console.print(f"resumed from {checkpoint} at step {trainer.step_count}")
     log = RunLog(out, trainer.step_count)
     if held is not None and trainer.step_count == 0:
         summary["before"] = held_out_eval(trainer, held, cfg)
         log.metrics(0, summary["before"])
         console.print("held-out before training: " + eval_line(summary["before"]))
-
-    def save() -> Path:
-        return save_checkpoint(out / "checkpoints", trainer.step_count, trainer.model, tokenizer,
-                               {**trainer.state_dict(), "summary": summary}, cfg.keep_checkpoints)
 
     stop = StopRequest()
     started, metrics = time.perf_counter(), {}
@@ -186,7 +179,7 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
                 if stop.requested or out_of_time:
                     break
                 if cfg.save_every and step % cfg.save_every == 0:
-                    save()
+                    save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
     finally:
         stop.restore()
     summary["train_s"] = metrics.get("train_s", summary.get("train_s", 0.0))
@@ -194,7 +187,7 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
     if stop.requested:
         summary["interrupted"] = True
         write_summary(out, summary)
-        path = save()
+        path = save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
         console.print(f"[yellow]interrupted: saved {path}; continue with resume=latest")
         log.close()
         return summary
@@ -202,7 +195,7 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
         summary["after"] = held_out_eval(trainer, held, cfg)
         log.metrics(trainer.step_count, summary["after"])
         console.print("held-out after training: " + eval_line(summary["after"]))
-    path = save()
+    path = save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
     log.close()
     final = save_model(trainer.model, tokenizer, out / "final")
     summary["final"], summary["final_sha256"] = str(final), weights_sha256(final)

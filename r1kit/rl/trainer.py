@@ -20,6 +20,7 @@ from r1kit.config import TrainConfig
 from r1kit.prompts import build_prompt
 from r1kit.rewards import RewardFn, reward_columns, score_completions
 from r1kit.rl.advantages import group_advantages, informative_groups
+from r1kit.rl.checkpoint import TrainerState
 from r1kit.rl.logprobs import target_logprobs
 from r1kit.rl.loss import policy_loss
 from r1kit.rollout import Completion, Generator, SamplingParams
@@ -112,7 +113,7 @@ def token_logprobs(model, batch: dict[str, torch.Tensor], rows: slice, temperatu
     return target_logprobs(out.logits[:, :-1], targets, temperature, with_entropy)
 
 
-class GRPOTrainer:
+class GRPOTrainer(TrainerState):
     """Holds the policy, its optimizer and the data stream; `step()` runs rollout, score and update once."""
 
     def __init__(self, cfg: TrainConfig, model, tokenizer, task: Task, rewards: dict[str, tuple[RewardFn, float]],
@@ -354,14 +355,6 @@ class GRPOTrainer:
             m["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return m
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything besides the weights that a resumed run needs."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "stream": self.stream.state_dict(), "step_count": self.step_count}
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.stream.load_state_dict(state["stream"])
-        self.step_count = state["step_count"]
+        super().load_state_dict(state)
         self._synced_step = None  # the weights were loaded after the generator was built

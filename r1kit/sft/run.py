@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from r1kit.config import SFTConfig
 from r1kit.eval.report import write_training_report
 from r1kit.models import file_sha256, load_tokenizer, resolve_model, save_model, weights_sha256
-from r1kit.rl.checkpoint import StopRequest, find_checkpoint, load_state, save_checkpoint, set_rng_state
+from r1kit.rl.checkpoint import StopRequest, find_checkpoint, resume_run, save_run
 from r1kit.rl.run import load_policy
 from r1kit.rl.runlog import RunLog
 from r1kit.sft.data import Example, load_examples
@@ -68,20 +68,13 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
                                "held_out": len(held), "too_long": too_long, "steps_planned": trainer.steps,
                                "interrupted": False}
     if checkpoint is not None:
-        state = load_state(checkpoint)
-        trainer.load_state_dict(state)
-        set_rng_state(state["rng"])
-        summary.update(state.get("summary", {}), interrupted=False)  # that run stopped; this one goes on
+        resume_run(checkpoint, trainer, summary)
         console.print(f"resumed from {checkpoint} at step {trainer.step_count}")
     log = RunLog(out, trainer.step_count)
     if held and trainer.step_count == 0:
         summary["eval_loss_before"] = trainer.eval_loss(held)
         log.metrics(0, {"eval/loss": summary["eval_loss_before"]})
         console.print(f"eval loss before training: {summary['eval_loss_before']:.4f} ({len(held)} held-out rows)")
-
-    def save() -> Path:
-        return save_checkpoint(out / "checkpoints", trainer.step_count, trainer.model, tokenizer,
-                               {**trainer.state_dict(), "summary": summary}, cfg.keep_checkpoints)
 
     stop = StopRequest()
     started, train_s = time.perf_counter(), summary.get("train_s", 0.0)
@@ -103,13 +96,13 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
                 if stop.requested or out_of_time:
                     break
                 if cfg.save_every and step % cfg.save_every == 0:
-                    save()
+                    save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
     finally:
         stop.restore()
     summary["train_s"], summary["steps"] = train_s, trainer.step_count
     if stop.requested:
         summary["interrupted"] = True
-        path = save()
+        path = save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
         log.close()
         console.print(f"[yellow]interrupted: saved {path}; continue with resume=latest")
         return summary
@@ -117,7 +110,7 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
         summary["eval_loss_after"] = trainer.eval_loss(held)
         log.metrics(trainer.step_count, {"eval/loss": summary["eval_loss_after"]})
         console.print(f"eval loss after training: {summary['eval_loss_after']:.4f}")
-    save()
+    save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
     log.close()
     final = save_model(trainer.model, tokenizer, out / FINAL)
     summary["final"], summary["final_sha256"] = str(final), weights_sha256(final)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from r1kit.config import SFTConfig
+from r1kit.rl.checkpoint import TrainerState
 from r1kit.rl.trainer import PromptStream, lr_scheduler
 from r1kit.sft.batch import collate, plan_micro_batches, token_nll
 from r1kit.sft.data import Example
@@ -20,7 +21,7 @@ def total_steps(cfg: SFTConfig, examples: int) -> int:
     return cfg.steps or max(1, math.ceil(cfg.epochs * examples / cfg.batch_size))
 
 
-class SFTTrainer:
+class SFTTrainer(TrainerState):
     """Holds the model, its optimizer and the example stream; `step()` trains on the next batch."""
 
     def __init__(self, cfg: SFTConfig, model, tokenizer, examples: list[Example]):
@@ -87,14 +88,3 @@ class SFTTrainer:
                 total += token_nll(self.model, inputs).item()
         self.model.train(was_training)
         return total / max(1, sum(ex.target_tokens for ex in examples))
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything besides the weights that a resumed run needs."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "stream": self.stream.state_dict(), "step_count": self.step_count}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.stream.load_state_dict(state["stream"])
-        self.step_count = state["step_count"]
