@@ -112,7 +112,8 @@ class SFTConfig(Config):
     """`r1kit sft`: supervised fine-tuning on reasoning traces, loss on the assistant's tokens only."""
 
     model: str = Field("default", description="'default', a .gguf file or a local HF folder")
-    data: str = Field(description="JSONL traces: `messages` (chat), or `prompt` + `reasoning` + `answer`")
+    data: str | list[str] = Field(description="JSONL traces: `messages` (chat), or `prompt` + `reasoning` + "
+                                  "`answer`; several files as a list (data=[a.jsonl,b.jsonl]) are mixed")
     eval_data: str | None = Field(None, description="JSONL of held-out traces (default: eval_rows rows of data)")
     eval_rows: int = Field(64, ge=0, description="rows of data held out for the eval loss when eval_data is unset")
     template: Literal["auto", "r1zero", "chat", "chat_plain", "raw"] = Field(
@@ -358,7 +359,7 @@ def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
     """(argparse type, choices) for a field annotation; None type for fields without a flag."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        annotation = args[0] if len(args) == 1 else annotation
+        annotation = args[0] if len(args) == 1 else str if str in args else annotation  # a list: key=[a, b]
     if typing.get_origin(annotation) is Literal:
         return str, list(typing.get_args(annotation))
     if annotation is bool:

@@ -26,7 +26,7 @@ class ScriptedGenerator:
 def test_metrics_by_hand():
     task = Task("toy", [{"id": 0, "prompt": "1+1?", "answer": "2"}, {"id": 1, "prompt": "half?", "answer": "0.5"}])
     generator = ScriptedGenerator([
-        ["<think>a</think> \\boxed{2}", "\\boxed{3}", "\\boxed{3}", "<think>b</think> \\boxed{2}"],
+        ["<think>a</think> \\boxed{2}", "\\boxed{3}", "\\boxed{3}", "<think>b 二 二</think> \\boxed{2}"],
         ["\\boxed{\\frac{1}{2}}", "\\boxed{1/2}", "<think>c</think> \\boxed{0.25}", "no answer"],
     ])
     run = evaluate(task, generator, tokenizer=None, params=SamplingParams(n=4), template="raw", chunk=1)
@@ -36,6 +36,8 @@ def test_metrics_by_hand():
     assert m["pass@4"] == 1.0
     assert m["cons@4"] == pytest.approx((0.5 + 1.0) / 2)  # 2 vs 3 tie; 1/2 wins 2 to 1
     assert m["format_rate"] == pytest.approx(3 / 8)
+    # every reasoning is in the prompt's script but one: "b 二 二" has one Latin word of three
+    assert m["language_consistency"] == pytest.approx((7 + 1 / 3) / 8)
     assert m["truncation_rate"] == 0.0
     assert m["tokens_per_s"] == pytest.approx(sum(len(r["completion"]) for r in run.records) / 2.0)
     assert [r["extracted"] for r in run.records[4:]] == ["\\frac{1}{2}", "1/2", "0.25", None]

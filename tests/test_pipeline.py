@@ -8,7 +8,7 @@ import yaml
 from r1kit.config import ConfigError, DistillConfig, PipelineConfig
 from r1kit.distill import distill_pipeline
 from r1kit.pipeline.run import run_pipeline
-from r1kit.pipeline.stages import resolve_stages
+from r1kit.pipeline.stages import fingerprint, resolve_stages
 
 PROBLEMS = [("Tom has 3 apples and buys 4 more. How many apples?", "7", "3 + 4 = <<3+4=7>>7 apples."),
             ("A box holds 5 pens. How many pens are in 2 boxes?", "10", "2 x 5 = 10 pens."),
@@ -41,14 +41,16 @@ def _config(model_dir, tmp_path, **changes) -> PipelineConfig:
 
 def test_stages_take_the_previous_output_as_input(tiny_model_dir, tmp_path):
     cfg = _config(tiny_model_dir, tmp_path)
-    cfg.stages["again"] = {"kind": "sft", "model": "@base", "data": "@cold_data", "steps": 1}
+    cfg.stages["again"] = {"kind": "sft", "model": "@base", "data": ["@cold_data", str(cfg.data)], "steps": 1}
     cold_data, cold, rl, again = resolve_stages(cfg)
     run = tmp_path / "run"
     assert cold_data.config.out == str(run / "cold_data" / "traces.jsonl")
     assert cold_data.config.teacher == "solutions" and cold_data.config.task == "gsm8k"
     assert (cold.config.model, cold.config.data) == (str(tiny_model_dir), cold_data.config.out)
     assert rl.config.model == str(run / "cold" / "final") and rl.config.data == cfg.data
-    assert (again.config.model, again.config.data) == (str(tiny_model_dir), cold_data.config.out)
+    assert (again.config.model, again.config.data) == (str(tiny_model_dir), [cold_data.config.out, cfg.data])
+    # inputs that exist are fingerprinted, each file of a list on its own (cold_data's output is not written yet)
+    assert set(fingerprint(again)["inputs"]) == {"model", "data[1]"}
 
 
 @pytest.mark.parametrize(("stages", "message"), [
@@ -77,7 +79,8 @@ def test_finished_stages_are_skipped_and_changed_ones_rerun(tiny_model_dir, tmp_
     for name in ("base", "cold", "rl"):
         assert 0 <= first["stages"][name]["eval"]["pass@1"] <= 1
     report = (run / "report" / "index.md").read_text()
-    assert "| cold | sft | done |" in report and (run / "report" / "curves.png").is_file()
+    assert "| cold | sft | done |" in report and "language consistency" in report
+    assert (run / "report" / "curves.png").is_file()
     before = _mtimes(run)
 
     again = run_pipeline(_config(tiny_model_dir, tmp_path))

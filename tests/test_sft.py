@@ -194,3 +194,15 @@ def test_a_resumed_run_that_finishes_is_not_reported_interrupted(tiny_model_dir,
         assert run_sft(cfg)["interrupted"] and not (tmp_path / "run" / "final").exists()
     resumed = run_sft(cfg.model_copy(update={"resume": "latest"}))
     assert not resumed["interrupted"] and resumed["steps"] == 3
+
+
+def test_several_trace_files_are_mixed_and_each_has_held_out_rows(tiny_model_dir, tmp_path, tokenizer):
+    from r1kit.sft.run import split_examples
+
+    a, b = _traces(tmp_path / "a.jsonl", 12), _traces(tmp_path / "b.jsonl", 4)
+    cfg = SFTConfig(model=str(tiny_model_dir), data=[str(a), str(b)], eval_rows=4, device="cpu")
+    train, held, too_long = split_examples(cfg, tokenizer)
+    assert (len(train), len(held), too_long) == (12, 4, 0)
+    assert [ex.line for ex in held] == [1, 5, 9, 1]  # rows 0, 4, 8 of a.jsonl and row 0 of b.jsonl
+    summary = run_sft(cfg.model_copy(update={"steps": 1, "batch_size": 4, "out": str(tmp_path / "run")}))
+    assert summary["examples"] == 12 and len(summary["data_sha256"]) == 2

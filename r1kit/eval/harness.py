@@ -99,6 +99,7 @@ def summarize(records: list[dict[str, Any]], k: int, same_answer, generation_s: 
         cons_at_k([s["extracted"] for s in p], [a >= CORRECT for a in acc], same_answer)
         for p, acc in zip(problems, accuracy, strict=True)) / max(len(problems), 1)
     metrics["format_rate"] = sum(s["rewards"]["format"] for s in records) / max(len(records), 1)
+    metrics["language_consistency"] = sum(s["rewards"]["language"] for s in records) / max(len(records), 1)
     metrics["truncation_rate"] = sum(s["finish_reason"] == "length" for s in records) / max(len(records), 1)
     metrics["response_tokens"] = length_stats(tokens)
     metrics["generation_s"] = generation_s

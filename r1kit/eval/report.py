@@ -15,6 +15,7 @@ def metric_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     lengths = m["response_tokens"]
     rows += [
         ("format rate", f"{m['format_rate']:.3f}"),
+        ("language consistency", f"{m['language_consistency']:.3f}"),
         ("truncation rate", f"{m['truncation_rate']:.3f}"),
         ("response tokens mean / p50 / p90", f"{lengths['mean']:.0f} / {lengths['p50']:.0f} / {lengths['p90']:.0f}"),
         ("problems x samples", f"{m['problems']} x {m['samples_per_problem']}"),

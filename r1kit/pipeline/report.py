@@ -26,13 +26,14 @@ def stage_rows(out: Path, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def table(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    """Markdown table: each stage's held-out pass@1, format rate, mean length, and wall times."""
-    lines = ["| stage | kind | status | pass@1 | format rate | mean tokens | truncated | stage s | eval s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """Markdown table: each stage's held-out pass@1, format rate, language consistency, length, wall times."""
+    lines = ["| stage | kind | status | pass@1 | format rate | language consistency | mean tokens | truncated | "
+             "stage s | eval s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
         e = r.get("eval")
-        metrics = (f"{e['pass@1']:.3f} | {e['format_rate']:.3f} | {e['response_tokens']['mean']:.0f} | "
-                   f"{e['truncation_rate']:.3f}" if e else "- | - | - | -")
+        language = f"{e['language_consistency']:.3f}" if e and "language_consistency" in e else "-"
+        metrics = (f"{e['pass@1']:.3f} | {e['format_rate']:.3f} | {language} | {e['response_tokens']['mean']:.0f} | "
+                   f"{e['truncation_rate']:.3f}" if e else "- | - | - | - | -")
         stage_s = f"{r['wall_s']:.0f}" if "wall_s" in r else "-"
         eval_s = f"{e['wall_s']:.0f}" if e else "-"
         lines.append(f"| {name} | {r['kind']} | {r.get('status', '-')} | {metrics} | {stage_s} | {eval_s} |")

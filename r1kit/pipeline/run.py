@@ -24,7 +24,8 @@ from r1kit.pipeline.stages import (
 )
 from r1kit.rl.checkpoint import list_checkpoints
 
-EVAL_KEYS = ("pass@1", "format_rate", "truncation_rate", "response_tokens", "problems", "samples_per_problem")
+EVAL_KEYS = ("pass@1", "format_rate", "language_consistency", "truncation_rate", "response_tokens", "problems",
+             "samples_per_problem")
 
 
 def free_memory() -> None:

@@ -89,6 +89,8 @@ def resolve_stages(cfg: PipelineConfig) -> list[Stage]:
 
 
 def _reference(value: Any, stage: str, base: str, outputs: dict[str, Path]) -> Any:
+    if isinstance(value, list):  # e.g. an sft stage's data: [@rejection_sampling, @cold_start_data]
+        return [_reference(v, stage, base, outputs) for v in value]
     if not (isinstance(value, str) and value.startswith("@")):
         return value
     if value == "@base":
@@ -120,8 +122,13 @@ def config_sha256(config: Config) -> str:
 def fingerprint(stage: Stage) -> dict[str, Any]:
     """The stage's config and inputs as sha256s: what must match for a finished stage to be skipped."""
     values = stage.config.model_dump()
-    stage.inputs = {k: sha for k in INPUT_FIELDS if isinstance(values.get(k), str)
-                    and (sha := input_sha256(values[k])) is not None}
+    stage.inputs = {}
+    for key in INPUT_FIELDS:
+        named = values.get(key)
+        for i, value in enumerate(named if isinstance(named, list) else [named]):
+            sha = input_sha256(value) if isinstance(value, str) else None
+            if sha is not None:
+                stage.inputs[key if not isinstance(named, list) else f"{key}[{i}]"] = sha
     return {"config_sha256": config_sha256(stage.config), "inputs": stage.inputs}
 
 

@@ -25,18 +25,36 @@ from r1kit.tasks import DataError
 FINAL = "final"  # the run folder's trained model (LoRA merged), the input of whatever comes next
 
 
+def data_files(data: str | list[str]) -> list[str]:
+    """The trace files of a `data` setting: one path or a list of them."""
+    return [data] if isinstance(data, str) else list(data)
+
+
+def load_all(files: list[str], tokenizer, cfg: SFTConfig) -> tuple[list[Example], int]:
+    """The examples of several trace files, in order, and how many rows were too long."""
+    examples, too_long = [], 0
+    for path in files:
+        loaded, long_ = load_examples(path, tokenizer, cfg.template, cfg.max_seq_len)
+        examples += loaded
+        too_long += long_
+    return examples, too_long
+
+
 def split_examples(cfg: SFTConfig, tokenizer) -> tuple[list[Example], list[Example], int]:
-    """(training examples, held-out examples, rows left out as too long)."""
-    examples, too_long = load_examples(cfg.data, tokenizer, cfg.template, cfg.max_seq_len)
+    """(training examples, held-out examples, rows left out as too long). Without eval_data, eval_rows examples
+    spread evenly over the data (every file of a mix has its share) are held out."""
+    examples, too_long = load_all(data_files(cfg.data), tokenizer, cfg)
     if cfg.eval_data:
         held, held_long = load_examples(cfg.eval_data, tokenizer, cfg.template, cfg.max_seq_len)
         return examples, held, too_long + held_long
     if cfg.eval_rows == 0:
         return examples, [], too_long
     if cfg.eval_rows >= len(examples):
-        raise DataError(f"{cfg.data}: {len(examples)} usable rows, not more than eval_rows={cfg.eval_rows}; "
-                        "lower eval_rows or give eval_data")
-    return examples[: -cfg.eval_rows], examples[-cfg.eval_rows :], too_long
+        raise DataError(f"{', '.join(data_files(cfg.data))}: {len(examples)} usable rows, not more than "
+                        f"eval_rows={cfg.eval_rows}; lower eval_rows or give eval_data")
+    held_at = {i * len(examples) // cfg.eval_rows for i in range(cfg.eval_rows)}
+    return ([ex for i, ex in enumerate(examples) if i not in held_at],
+            [ex for i, ex in enumerate(examples) if i in held_at], too_long)
 
 
 def sft_line(m: dict[str, Any]) -> str:
@@ -64,7 +82,7 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
                                    checkpoint)
     trainer = SFTTrainer(cfg, model, tokenizer, train)
     summary: dict[str, Any] = {"model": cfg.model, "model_sha256": weights_sha256(folder), "data": cfg.data,
-                               "data_sha256": file_sha256(cfg.data), "examples": len(train),
+                               "data_sha256": [file_sha256(f) for f in data_files(cfg.data)], "examples": len(train),
                                "held_out": len(held), "too_long": too_long, "steps_planned": trainer.steps,
                                "interrupted": False}
     if checkpoint is not None:
