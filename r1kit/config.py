@@ -133,7 +133,15 @@ class SFTConfig(Config):
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
     lora_r: int = Field(0, ge=0, description="LoRA rank; 0 trains all weights")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
-    eval_every: int = Field(50, ge=0, description="eval loss every N steps (0: only before and after)")
+    eval_task: str | None = Field(None, description="also measure held-out accuracy (greedy and sampled) on this "
+                                  "task's rows, never trained on, with the evaluations (e.g. to compare with GRPO)")
+    eval_task_data: str | None = Field(None, description="JSONL of those rows, for data-backed tasks")
+    eval_task_args: dict[str, Any] = Field(default_factory=dict, description="its options (a generated task's "
+                                           "seed: 10000 unless set)")
+    eval_problems: int = Field(256, ge=1, description="held-out problems of eval_task")
+    eval_max_new_tokens: int = Field(256, ge=1, description="completion length limit of that evaluation")
+    eval_temperature: float = Field(1.0, ge=0, description="temperature of its sampled evaluation")
+    eval_every: int = Field(50, ge=0, description="evaluate every N steps (0: only before and after)")
     save_every: int = Field(200, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept")
     resume: str | None = Field(None, description="'latest' or a checkpoint folder to continue from")

@@ -44,6 +44,8 @@ def test_a_prompt_reasoning_answer_row_is_the_eval_prompt_then_the_trace(tokeniz
         [{"role": "system", "content": REASONING_SYSTEM_PROMPT}, {"role": "user", "content": "What is 2+2?"}],
         tokenize=False, add_generation_prompt=True), False)
     assert segments[1] == ("<think>\n2+2=4\n</think>\n\\boxed{4}<|im_end|>\n", True)
+    no_reasoning = row_segments({**row, "reasoning": ""}, "chat_plain", tokenizer)
+    assert no_reasoning[-1] == ("\\boxed{4}<|im_end|>\n", True)  # no empty <think> block made up
     plain = row_segments(row, "r1zero", tokenizer)
     assert plain[0][0].endswith("User: What is 2+2?. Assistant:")
     assert plain[1] == ("<think>\n2+2=4\n</think>\n\\boxed{4}" + tokenizer.eos_token, True)
@@ -144,7 +146,7 @@ def test_a_run_trains_and_resumes_exactly(tiny_model_dir, tmp_path):
     settings = dict(model=str(tiny_model_dir), data=str(data), eval_rows=4, batch_size=4, micro_batch_tokens=256,
                     steps=6, lr=1e-3, warmup_steps=1, eval_every=3, device="cpu")
     whole = run_sft(SFTConfig(**settings, out=str(tmp_path / "whole")))
-    assert whole["eval_loss_after"] < whole["eval_loss_before"]
+    assert whole["after"]["eval/loss"] < whole["before"]["eval/loss"]
     assert whole["examples"] == 20 and whole["held_out"] == 4 and whole["steps"] == 6
     assert whole["final_sha256"] == weights_sha256(tmp_path / "whole" / "final")
     assert (tmp_path / "whole" / "report" / "curves.png").is_file()
@@ -206,3 +208,21 @@ def test_several_trace_files_are_mixed_and_each_has_held_out_rows(tiny_model_dir
     assert [ex.line for ex in held] == [1, 5, 9, 1]  # rows 0, 4, 8 of a.jsonl and row 0 of b.jsonl
     summary = run_sft(cfg.model_copy(update={"steps": 1, "batch_size": 4, "out": str(tmp_path / "run")}))
     assert summary["examples"] == 12 and len(summary["data_sha256"]) == 2
+
+
+def test_held_out_accuracy_on_a_task_during_sft(tiny_model_dir, tmp_path):
+    from r1kit.eval.held_out import generated_rows
+
+    data = _traces(tmp_path / "traces.jsonl", 8)
+    held = generated_rows("addition", None, {}, {}, 3)
+    with data.open("a") as f:  # a trace of a held-out question: never trained on
+        f.write(json.dumps({"prompt": held.rows[1]["prompt"], "reasoning": "r", "answer": "a"}) + "\n")
+    with pytest.warns(RuntimeWarning, match="1 training rows ask a held-out question of eval_task"):
+        summary = run_sft(SFTConfig(model=str(tiny_model_dir), data=str(data), eval_rows=0, batch_size=4, steps=2,
+                                    eval_every=1, eval_task="addition", eval_problems=3, eval_max_new_tokens=4,
+                                    device="cpu", out=str(tmp_path / "run")))
+    assert summary["examples"] == 8
+    keys = {"eval/greedy_accuracy", "eval/sampled_accuracy", "eval/greedy_format_rate", "eval/sampled_length_mean"}
+    assert keys <= set(summary["before"]) and keys <= set(summary["after"]) and "eval/loss" not in summary["after"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/greedy_accuracy" in r] == [0, 1, 2]

@@ -11,7 +11,7 @@ from r1kit.rl.runlog import read_jsonl_rows
 # what each kind of training stage plots along its steps
 TRAINING_CURVES = {"train": ("reward", "rewards/accuracy", "rewards/format", "eval/greedy_accuracy",
                              "eval/sampled_accuracy"),
-                   "sft": ("loss", "eval/loss")}
+                   "sft": ("loss", "eval/loss", "eval/greedy_accuracy", "eval/sampled_accuracy")}
 LENGTH = "completion_length_mean"  # tokens, on an axis of its own
 
 
@@ -49,8 +49,20 @@ def _plot_series(ax, metrics: list[dict[str, Any]], key: str, **style: Any) -> N
             ax.set_ylabel("completion tokens", color="grey")
 
 
+def by_time(metrics: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    """(training seconds, value) of a metric; a row without train_s (the evaluation after training) takes the
+    time of the row before it, the one before training 0."""
+    points, seconds = [], 0.0
+    for m in metrics:
+        seconds = m.get("train_s", seconds)
+        if isinstance(m.get(key), (int, float)):
+            points.append((seconds, m[key]))
+    return points
+
+
 def plot(out: Path, rows: list[tuple[str, dict[str, Any]]], path: Path) -> None:
-    """Held-out pass@1, format rate and length by stage, then each training stage's own curves."""
+    """Held-out metrics by stage; held-out accuracy of every training stage against its training seconds
+    (GRPO and SFT on one time axis); then each training stage's own curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,16 +70,28 @@ def plot(out: Path, rows: list[tuple[str, dict[str, Any]]], path: Path) -> None:
 
     evaluated = [(name, r["eval"]) for name, r in rows if r.get("eval")]
     trained = [(name, r) for name, r in rows if r["kind"] in TRAINING_CURVES]
-    lines = 1 + (len(trained) + 2) // 3
-    fig, axes = plt.subplots(lines, 3, figsize=(15, 3.5 * lines), squeeze=False)
+    lines = 1 + (len(trained) + 1 + 3) // 4
+    fig, axes = plt.subplots(lines, 4, figsize=(20, 3.6 * lines), squeeze=False)
     by_stage = [("held-out pass@1", lambda e: e["pass@1"]), ("format rate", lambda e: e["format_rate"]),
+                ("language consistency", lambda e: e.get("language_consistency", float("nan"))),
                 ("mean response tokens", lambda e: e["response_tokens"]["mean"])]
     for ax, (title, value) in zip(axes[0], by_stage, strict=True):
         ax.plot([n for n, _ in evaluated], [value(e) for _, e in evaluated], marker="o")
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
         ax.grid(alpha=0.3)
-    for ax, (name, r) in zip(axes[1:].flat, trained, strict=False):
+    panels = list(axes[1:].flat)
+    timed = panels[0]
+    for name, _ in trained:
+        points = by_time(read_jsonl_rows(out / name / "metrics.jsonl"), "eval/sampled_accuracy")
+        if points:
+            timed.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
+    timed.set_title("held-out sampled accuracy by training time")
+    timed.set_xlabel("training seconds")
+    timed.grid(alpha=0.3)
+    if timed.lines:
+        timed.legend(fontsize=7)
+    for ax, (name, r) in zip(panels[1:], trained, strict=False):
         metrics = read_jsonl_rows(out / name / "metrics.jsonl")
         for key in TRAINING_CURVES[r["kind"]]:
             _plot_series(ax, metrics, key)
@@ -78,7 +102,7 @@ def plot(out: Path, rows: list[tuple[str, dict[str, Any]]], path: Path) -> None:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
-    for ax in list(axes[1:].flat)[len(trained) :]:
+    for ax in panels[1 + len(trained) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -15,16 +15,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from r1kit.config import TrainConfig
-from r1kit.eval.harness import evaluate, summarize
+from r1kit.eval.held_out import HeldOut, generated_rows, held_out_accuracy
 from r1kit.models import load_model, resolve_model, save_model, weights_sha256
 from r1kit.rewards import build_rewards
 from r1kit.rl.checkpoint import StopRequest, find_checkpoint, resume_run, save_run
 from r1kit.rl.runlog import RunLog
 from r1kit.rl.trainer import GRPOTrainer, Rollouts
-from r1kit.rollout import SamplingParams, make_generator
+from r1kit.rollout import make_generator
 from r1kit.tasks import Task, load_task, task_options
-
-HELD_OUT_SEED = 10_000
 
 
 def build_tasks(cfg: TrainConfig) -> tuple[Task, Task | None]:
@@ -36,12 +34,7 @@ def build_tasks(cfg: TrainConfig) -> tuple[Task, Task | None]:
     if "data" in options and cfg.eval_data is None:
         held = train.with_rows(train.rows[-cfg.eval_problems :])
     else:
-        args = {**cfg.task_args, **cfg.eval_task_args}
-        if "seed" in options and "seed" not in cfg.eval_task_args:
-            args["seed"] = HELD_OUT_SEED
-        if "n" in options and "n" not in cfg.eval_task_args:
-            args["n"] = cfg.eval_problems
-        held = load_task(cfg.task, cfg.eval_data, **args).head(cfg.eval_problems)
+        held = generated_rows(cfg.task, cfg.eval_data, cfg.task_args, cfg.eval_task_args, cfg.eval_problems)
     held_prompts = {row["prompt"] for row in held.rows}
     train.rows = [row for row in train.rows if row["prompt"] not in held_prompts]
     if not train.rows:
@@ -84,22 +77,9 @@ def build_policy(cfg: TrainConfig, checkpoint: Path | None):
 
 def held_out_eval(trainer: GRPOTrainer, task: Task, cfg: TrainConfig) -> dict[str, float]:
     """Greedy and sampled (eval_temperature) accuracy on the held-out rows."""
-    model = trainer.model
-    model.eval()
     trainer.sync_generator()  # the last update came after the last rollout
-    results = {}
-    settings = {"greedy": SamplingParams(n=1, temperature=0.0, max_tokens=cfg.max_completion_tokens),
-                "sampled": SamplingParams(n=cfg.eval_samples, temperature=cfg.eval_temperature,
-                                          max_tokens=cfg.max_completion_tokens, seed=cfg.seed + HELD_OUT_SEED)}
-    with torch.no_grad(), trainer.autocast():
-        for name, params in settings.items():
-            run = evaluate(task, trainer.generator, trainer.tokenizer, params, cfg.template, chunk=len(task))
-            m = summarize(run.records, params.n, task.same_answer, run.generation_s)
-            results[f"eval/{name}_accuracy"] = m["pass@1"]
-            results[f"eval/{name}_format_rate"] = m["format_rate"]
-            results[f"eval/{name}_length_mean"] = m["response_tokens"]["mean"]
-    model.train()
-    return results
+    held = HeldOut(task, cfg.template, cfg.max_completion_tokens, cfg.eval_samples, cfg.eval_temperature, cfg.seed)
+    return held_out_accuracy(trainer.model, trainer.generator, trainer.tokenizer, held, trainer.autocast())
 
 
 def step_samples(batch: Rollouts, group_size: int, groups: int = 1) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ class Example:
     input_ids: list[int]
     trainable: list[bool]
     line: int = 0  # the JSONL line it came from
+    prompt: str = ""  # the question (the row's prompt, or its first user turn)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -38,7 +39,10 @@ class Example:
 
 
 def trace_completion(reasoning: str, answer: str) -> str:
-    """The assistant's text for a reasoning trace and its final answer, in the format r1kit rewards."""
+    """The assistant's text for a reasoning trace and its final answer, in the format r1kit rewards; a trace
+    without reasoning (a teacher that answered without <think> tags) is its answer alone."""
+    if not reasoning.strip():
+        return answer.strip()
     return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n{answer.strip()}"
 
 
@@ -122,7 +126,8 @@ def load_examples(path: str | Path, tokenizer, template: str, max_seq_len: int) 
         if len(ids) > max_seq_len:
             too_long += 1
             continue
-        examples.append(Example(ids, trainable, row["_line"]))
+        question = row.get("prompt") or next(m["content"] for m in row.get("messages", []) if m["role"] == "user")
+        examples.append(Example(ids, trainable, row["_line"], question))
     if not examples:
         raise DataError(f"{path}: no row fits max_seq_len={max_seq_len}")
     return examples, too_long
