@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import sys
@@ -147,10 +148,17 @@ def cmd_tasks_show(args: argparse.Namespace) -> None:
     from r1kit.config import parse_overrides
     from r1kit.tasks import TASKS, load_task, task_options
 
-    task = load_task(args.name, args.data, **parse_overrides(args.overrides))
+    options = parse_overrides(args.overrides)
+    nested = options.pop("task_args", {})  # task_args.key=value, as train and eval take them, works here too
+    if not isinstance(nested, dict):
+        raise ConfigError("task_args takes task_args.<option>=value")
+    options.update(nested)
+    data = options.pop("data", args.data)  # data=PATH as well as --data
+    task = load_task(args.name, data, **options)
+    given = {**options, **({"data": data} if data is not None else {})}
     console = Console()
     console.print(f"[bold]{args.name}[/bold]: {(TASKS[args.name].__doc__ or '').strip()}")
-    console.print("options: " + ", ".join(f"{k}={v}" for k, v in task_options(args.name).items()))
+    console.print("options: " + ", ".join(f"{k}={given.get(k, v)}" for k, v in task_options(args.name).items()))
     console.print(f"rows: {len(task)}")
     for row in task.rows[: args.rows]:
         shown = {k: v for k, v in row.items() if not k.startswith("_")}
@@ -168,34 +176,44 @@ def build_parser() -> argparse.ArgumentParser:
     for name, config_cls, target, help_, description in CONFIG_COMMANDS:
         p = sub.add_parser(name, help=help_, description=description)
         add_config_arguments(p, config_cls)
-        p.set_defaults(func=cmd_config, config_cls=config_cls, target=target)
+        p.set_defaults(func=cmd_config, config_cls=config_cls, target=target, command_parser=p)
 
     p = sub.add_parser("report", help="plots and sample pages of a training run")
     p.add_argument("run_dir", help="the run folder (the `out` of r1kit train)")
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=cmd_report, command_parser=p)
 
     models = sub.add_parser("models", help="import GGUF files, show model identity").add_subparsers(
         dest="models_command", required=True, metavar="ACTION")
     p = models.add_parser("info", help="architecture, parameters, dtype and weight sha256 of a model")
     p.add_argument("spec", help="'default', a .gguf file or a local HF folder")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_models_info)
+    p.set_defaults(func=cmd_models_info, command_parser=p)
     p = models.add_parser("import", help="dequantize a GGUF file into a trainable HF checkpoint")
     p.add_argument("gguf", help="the .gguf file")
     p.add_argument("out_dir", help="folder to write the HF checkpoint to")
-    p.set_defaults(func=cmd_models_import)
+    p.set_defaults(func=cmd_models_import, command_parser=p)
 
     tasks = sub.add_parser("tasks", help="list the built-in tasks, show one").add_subparsers(
         dest="tasks_command", required=True, metavar="ACTION")
     p = tasks.add_parser("list", help="every built-in task with its options")
-    p.set_defaults(func=cmd_tasks_list)
+    p.set_defaults(func=cmd_tasks_list, command_parser=p)
     p = tasks.add_parser("show", help="a task's description, options and first rows")
     p.add_argument("name", help="task name")
     p.add_argument("--data", help="JSONL file for data-backed tasks")
     p.add_argument("--rows", type=int, default=3, help="rows to print (default: 3)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="task options, e.g. digits=3")
-    p.set_defaults(func=cmd_tasks_show)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="task options, e.g. digits=3 (or task_args.digits=3, as train and eval take them)")
+    p.set_defaults(func=cmd_tasks_show, command_parser=p)
     return parser
+
+
+def unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """The message for arguments a command does not take, with the closest flag for a mistyped one."""
+    flags = [f for action in parser._actions for f in action.option_strings]
+    hints = [f"{a} (did you mean {close[0]}?)"
+             if a.startswith("-") and (close := difflib.get_close_matches(a.split("=")[0], flags, n=1)) else a
+             for a in extra]
+    return f"unrecognized arguments: {' '.join(hints)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come after flags too, which argparse alone does not allow
     stray = [a for a in extra if "=" not in a or a.startswith("-")]
     if stray or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        args.command_parser.error(unrecognized(args.command_parser, stray or extra))  # with the command's usage
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:

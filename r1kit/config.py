@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -341,16 +343,58 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def _read_yaml(path: str | Path) -> Any:
+    """A YAML file's content; its errors name the file and line."""
+    try:
+        with open(path, "rb") as f:  # a stream, so that yaml's messages name the file, not "<unicode string>"
+            return yaml.safe_load(f)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({': '.join(p for p in (e.context, e.problem) if p)})") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read config ({e})") from None
+
+
+def _config_in(annotation: Any) -> type[BaseModel] | None:
+    """The config class inside an annotation (FilterConfig, list[ServedModelConfig], RouteConfig | None)."""
+    if typing.get_origin(annotation) is None and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((found for arg in typing.get_args(annotation) if (found := _config_in(arg))), None)
+
+
+def _config_at(cls: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
+    """The config class that holds the key at `loc` (a nested config's key, a list item's), or None."""
+    for part in loc[:-1]:
+        if cls is None or isinstance(part, int):  # an int is a list index: the list's item class holds the key
+            continue
+        field = cls.model_fields.get(part)
+        cls = _config_in(field.annotation) if field else None
+    return cls
+
+
+def _unknown_key(cls: type[Config], loc: tuple, values: dict[str, Any]) -> str:
+    """Why a key is not allowed: a task option given outside task_args, or a near miss of a field."""
+    key, dotted = str(loc[-1]), ".".join(map(str, loc))
+    if len(loc) == 1 and "task" in cls.model_fields and "task_args" in cls.model_fields:
+        from r1kit.tasks import TASKS, task_options
+
+        task = values.get("task") or cls.model_fields["task"].default
+        if isinstance(task, str) and task in TASKS and key in task_options(task):
+            value = values[key] if isinstance(values[key], str) else json.dumps(values[key])
+            return f"{key}: unknown option; task options go under task_args (task_args.{key}={value})"
+    owner = _config_at(cls, loc)
+    close = difflib.get_close_matches(key, list(owner.model_fields), n=1) if owner else []
+    return f"{dotted}: unknown option" + (f"; did you mean {dotted[: -len(key)]}{close[0]}?" if close else "")
+
+
 def load_config(cls: type[Config], path: str | Path | None = None, *layers: dict[str, Any]) -> Config:
     """Build cls from a YAML file and then each layer of values in turn, later layers winning."""
     values: dict[str, Any] = {}
     source = "defaults"
     if path:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot read config ({e})") from None
+        loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config is a mapping of keys to values")
         values = loaded
@@ -359,7 +403,8 @@ def load_config(cls: type[Config], path: str | Path | None = None, *layers: dict
     try:
         return cls(**values)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(_unknown_key(cls, err["loc"], values) if err["type"] == "extra_forbidden"
+                             else f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"config ({source} and overrides): {problems}") from None
 
 

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from r1kit.cli import main
 
 
@@ -22,3 +24,33 @@ def test_errors_exit_2_with_the_reason(tmp_path, capsys):
     assert "no such GGUF file" in capsys.readouterr().err
     assert main(["tasks", "show", "arithmetic", "foo=1"]) == 2
     assert "task 'arithmetic' has no option foo" in capsys.readouterr().err
+
+
+def test_tasks_show_takes_task_args_and_prints_the_options_in_effect(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.jsonl").write_text(json.dumps({"question": "Say yes", "answer": "yes"}) + "\n")
+    for option in ("prompt_field=question", "task_args.prompt_field=question"):
+        assert main(["tasks", "show", "jsonl", "--data", "mine.jsonl", option]) == 0
+        out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+        assert "options: data=mine.jsonl, prompt_field=question, answer_field=answer, verifier=None" in out
+        assert '"prompt": "Say yes"' in out
+    assert main(["tasks", "show", "countdown", "--rows", "1", "task_args.numbers=4", "seed=3"]) == 0
+    assert "options: n=100, numbers=4, max_number=50, seed=3\n" in capsys.readouterr().out  # not the defaults
+
+
+def test_unknown_flag_prints_the_commands_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--group-sise", "4"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: r1kit train [-h]")
+    assert err.endswith("r1kit train: error: unrecognized arguments: --group-sise (did you mean --group-size?)\n")
+    with pytest.raises(SystemExit):
+        main(["tasks", "list", "extra"])
+    assert capsys.readouterr().err.endswith("r1kit tasks list: error: unrecognized arguments: extra\n")
+
+
+def test_unknown_key_names_the_close_one(capsys):
+    assert main(["train", "group_sise=4"]) == 2
+    assert capsys.readouterr().err == ("error: config (defaults and overrides): group_sise: unknown option; "
+                                       "did you mean group_size?\n")

@@ -27,7 +27,8 @@ def test_yaml_then_flags_then_overrides(tmp_path):
 def test_unknown_and_invalid_keys_are_named(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("samples: 4\ntemprature: 0.6\n")
-    with pytest.raises(ConfigError, match=f"config \\({path} and overrides\\): temprature: Extra inputs"):
+    with pytest.raises(ConfigError, match=f"^config \\({path} and overrides\\): temprature: unknown option; "
+                       "did you mean temperature\\?$"):
         parse(["--config", str(path)])
     with pytest.raises(ConfigError, match="top_p: Input should be less than or equal to 1"):
         parse(["top_p=2"])
@@ -58,3 +59,32 @@ def test_every_example_config_validates():
 def test_override_values_that_are_not_yaml_stay_text():
     assert parse_overrides(["stages.sft.model=@cold_start", "n=3", "tags=[a, b]", "empty="]) == {
         "stages": {"sft": {"model": "@cold_start"}}, "n": 3, "tags": ["a", "b"], "empty": ""}
+
+
+def test_unknown_keys_suggest_the_close_field_or_task_args():
+    from r1kit.config import SampleConfig, TrainConfig, load_config
+
+    with pytest.raises(ConfigError, match="^config \\(defaults and overrides\\): group_sise: unknown option; "
+                       "did you mean group_size\\?$"):
+        load_config(TrainConfig, None, parse_overrides(["group_sise=4"]))
+    with pytest.raises(ConfigError, match="^config \\(defaults and overrides\\): filters.dedupe: unknown option; "
+                       "did you mean filters.dedup\\?$"):
+        load_config(SampleConfig, None, parse_overrides(["filters.dedupe=false"]))
+    with pytest.raises(ConfigError, match="^config \\(defaults and overrides\\): zzz: unknown option$"):
+        load_config(TrainConfig, None, {"zzz": 1})
+    with pytest.raises(ConfigError, match="^config \\(defaults and overrides\\): prompt_field: unknown option; "
+                       "task options go under task_args \\(task_args.prompt_field=question\\)$"):
+        load_config(TrainConfig, None, parse_overrides(["task=jsonl", "prompt_field=question"]))
+    with pytest.raises(ConfigError, match="digits: unknown option; task options go under task_args "
+                       "\\(task_args.digits=3\\)$"):
+        parse(["--task", "arithmetic", "digits=3"])
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("samples: 4\ntask_args: [a\nfoo: 1\n")
+    with pytest.raises(ConfigError, match=f"^{path}:3:4: not valid YAML \\(while parsing a flow sequence: "
+                       "expected ',' or '\\]', but got ':'\\)$"):
+        parse(["--config", str(path)])
+    with pytest.raises(ConfigError, match=f"^{tmp_path / 'missing.yaml'}: cannot read config \\(\\[Errno 2\\]"):
+        parse(["--config", str(tmp_path / "missing.yaml")])

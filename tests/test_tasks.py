@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 
@@ -98,3 +99,24 @@ def test_benchmark_without_data_says_how(monkeypatch):
     with pytest.raises(ValueError, match="takes no data file"):
         load_task("arithmetic", data="x.jsonl")
     assert task_options("countdown") == {"n": 100, "numbers": 3, "max_number": 50, "seed": 0}
+
+
+def test_verifier_module_is_found_in_the_working_directory(tmp_path, monkeypatch):
+    # the console script's sys.path has no working directory; `python -m` would find the module there
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r1kit_cwd_verifier.py").write_text("def check(completion, row):\n    return 1\n")
+    monkeypatch.delitem(sys.modules, "r1kit_cwd_verifier", raising=False)
+    from r1kit.tasks.datasets import import_function
+
+    assert import_function("r1kit_cwd_verifier:check")("x", {}) == 1
+    assert str(tmp_path) not in sys.path  # looked there for this import only
+    monkeypatch.delitem(sys.modules, "r1kit_cwd_verifier")
+    with pytest.raises(ValueError, match="^verifier 'no_such_module:check': cannot import 'no_such_module' "
+                       "\\(No module named 'no_such_module'\\); not in the working directory either; "
+                       "a file works too: path/to/file.py:check$"):
+        import_function("no_such_module:check")
+    (tmp_path / "broken_import.py").write_text("import no_such_dependency\n")
+    with pytest.raises(ValueError, match="^verifier 'broken_import:check': cannot import 'broken_import' "
+                       "\\(No module named 'no_such_dependency'\\)$"):  # found, so no hint about the file
+        import_function("broken_import:check")

@@ -250,3 +250,16 @@ def test_weights_refresh_once_per_update_and_are_timed(tiny_model_dir, tmp_path,
     second, _ = trainer.step()
     assert first["groups_generated"] == 3 * cfg.prompts_per_step and refreshes == [0, 1]
     assert 0 < first["sync_s"] <= first["generation_s"] and second["sync_s"] > 0
+
+
+def test_bad_model_or_data_fails_before_the_run_folder_exists(tiny_model_dir, tmp_path, reward_file):
+    from r1kit.models import ModelError
+    from r1kit.tasks import DataError
+
+    out = tmp_path / "run"
+    with pytest.raises(ModelError, match=f"^'{tmp_path / 'nope'}' is not a model: give 'default', a .gguf file"):
+        run_train(config(tiny_model_dir, out, reward_file, model=str(tmp_path / "nope")))
+    assert not out.exists()
+    with pytest.raises(DataError, match=f"^{tmp_path / 'missing.jsonl'}: no such file$"):
+        run_train(config(tiny_model_dir, out, reward_file, task="jsonl", data=str(tmp_path / "missing.jsonl")))
+    assert not out.exists()

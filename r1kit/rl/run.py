@@ -117,16 +117,16 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
     """The train command; returns the run summary (with `interrupted` when Ctrl-C stopped it)."""
     console = console or Console(stderr=True)
     out = Path(cfg.out)
-    checkpoint = find_checkpoint(cfg.resume, Path(cfg.out))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    folder = resolve_model(cfg.model)  # a bad model, data path or reward fails before the run folder exists
+    checkpoint = find_checkpoint(cfg.resume, out)
     torch.manual_seed(cfg.seed)
     train_task, held = build_tasks(cfg)
+    rewards = build_rewards(cfg.rewards, accuracy=train_task.reward)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     model, tokenizer, ref = build_policy(cfg, checkpoint)
     generator = make_generator(model, tokenizer, cfg.backend, cfg.batch_size)
-    rewards = build_rewards(cfg.rewards, accuracy=train_task.reward)
     trainer = GRPOTrainer(cfg, model, tokenizer, train_task, rewards, generator, ref)
-    folder = resolve_model(cfg.model)
     summary: dict[str, Any] = {"model": cfg.model, "model_path": str(folder), "model_sha256": weights_sha256(folder),
                                "interrupted": False}
     if checkpoint is not None:

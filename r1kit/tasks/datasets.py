@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from r1kit.tasks.base import DataError, Row, Task, map_fields, read_jsonl
 
@@ -39,8 +41,30 @@ def _benchmark(name: str) -> Callable[..., Task]:
 gsm8k, math500, aime = (_benchmark(n) for n in ("gsm8k", "math500", "aime"))
 
 
+def _missing(module_name: str, e: Exception) -> bool:
+    """Whether `e` says that the module itself (or its package) is not found, not one of its own imports."""
+    name = getattr(e, "name", None)
+    return isinstance(e, ModuleNotFoundError) and bool(name) and f"{module_name}.".startswith(f"{name}.")
+
+
+def _import_module(module_name: str) -> ModuleType:
+    """Import a module, also from the working directory, as `python -m` would (the console script does not)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if not _missing(module_name, e):
+            raise
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    importlib.invalidate_caches()  # a finder cached before the file was written would not see it
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(cwd)
+
+
 def import_function(spec: str, what: str = "verifier") -> Callable:
-    """The function `module:function` (or `path/to/file.py:function`)."""
+    """The function `module:function` (also from the working directory) or `path/to/file.py:function`."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"{what} must be 'module:function', got {spec!r}")
@@ -52,9 +76,12 @@ def import_function(spec: str, what: str = "verifier") -> Callable:
             module = importlib.util.module_from_spec(spec_)
             spec_.loader.exec_module(module)
         else:
-            module = importlib.import_module(module_name)
+            module = _import_module(module_name)
     except (ImportError, FileNotFoundError) as e:
-        raise ValueError(f"{what} {spec!r}: cannot import {module_name!r} ({e})") from None
+        hint = ""
+        if not module_name.endswith(".py") and _missing(module_name, e):
+            hint = f"; not in the working directory either; a file works too: path/to/file.py:{attr}"
+        raise ValueError(f"{what} {spec!r}: cannot import {module_name!r} ({e}){hint}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"{what} {spec!r}: {module_name!r} has no function {attr!r}")
