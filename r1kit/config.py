@@ -8,10 +8,10 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -22,6 +22,12 @@ class Config(BaseModel):
     """Base of every command's config: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # settings that change how or where a command runs, not what it produces
+    run_settings: ClassVar[frozenset[str]] = frozenset({"out", "device"})
+
+    def work(self) -> dict[str, Any]:
+        """The settings that decide what the command produces: two configs equal here do the same work."""
+        return self.model_dump(exclude=set(self.run_settings))
 
 
 class EvalConfig(Config):
@@ -54,6 +60,10 @@ class EvalConfig(Config):
 
 class TrainConfig(Config):
     """`r1kit train`: GRPO with rule-based rewards (R1-Zero when started from a base model)."""
+
+    # batch_size: sequences generated together; batching never changes what a sequence samples
+    run_settings: ClassVar[frozenset[str]] = frozenset({"out", "device", "resume", "save_every", "keep_checkpoints",
+                                                        "batch_size"})
 
     model: str = Field("default", description="'default', a .gguf file or a local HF folder")
     task: str = Field("addition", description="a built-in task (see `r1kit tasks list`)")
@@ -113,6 +123,8 @@ class TrainConfig(Config):
 class SFTConfig(Config):
     """`r1kit sft`: supervised fine-tuning on reasoning traces, loss on the assistant's tokens only."""
 
+    run_settings: ClassVar[frozenset[str]] = frozenset({"out", "device", "resume", "save_every", "keep_checkpoints"})
+
     model: str = Field("default", description="'default', a .gguf file or a local HF folder")
     data: str | list[str] = Field(description="JSONL traces: `messages` (chat), or `prompt` + `reasoning` + "
                                   "`answer`; several files as a list (data=[a.jsonl,b.jsonl]) are mixed")
@@ -171,6 +183,9 @@ class FilterConfig(Config):
 class SampleConfig(Config):
     """`r1kit sample`: rejection sampling: a teacher's traces that the task's verifier and the filters accept."""
 
+    run_settings: ClassVar[frozenset[str]] = frozenset({"out", "device", "concurrency", "timeout_s", "max_retries",
+                                                        "batch_size", "teacher_api_key_env"})
+
     teacher: str = Field("default", description="a model r1kit loads ('default', .gguf, HF folder), or "
                          "'solutions': traces built from the rows' own worked solutions (cold start, no model)")
     teacher_url: str | None = Field(None, description="an OpenAI-compatible endpoint instead (hosted R1, vLLM, "
@@ -199,6 +214,12 @@ class SampleConfig(Config):
     seed: int = Field(0, description="sampling seed")
     device: str = Field("auto", description="auto, cpu, cuda")
     out: str = Field("runs/traces.jsonl", description="JSONL file of kept traces (progress beside it)")
+
+    @model_validator(mode="after")
+    def _endpoint_names_its_model(self) -> SampleConfig:
+        if self.teacher_url and not self.teacher_model:
+            raise ValueError("teacher_url needs teacher_model: the model name the endpoint serves")
+        return self
 
 
 class PipelineConfig(Config):
@@ -388,6 +409,12 @@ def _unknown_key(cls: type[Config], loc: tuple, values: dict[str, Any]) -> str:
     return f"{dotted}: unknown option" + (f"; did you mean {dotted[: -len(key)]}{close[0]}?" if close else "")
 
 
+def _problem(err: dict[str, Any]) -> str:
+    """One validation error as `key: what is wrong` (a check across keys has no key of its own)."""
+    where, message = ".".join(map(str, err["loc"])), err["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
 def load_config(cls: type[Config], path: str | Path | None = None, *layers: dict[str, Any]) -> Config:
     """Build cls from a YAML file and then each layer of values in turn, later layers winning."""
     values: dict[str, Any] = {}
@@ -404,7 +431,7 @@ def load_config(cls: type[Config], path: str | Path | None = None, *layers: dict
         return cls(**values)
     except ValidationError as e:
         problems = "; ".join(_unknown_key(cls, err["loc"], values) if err["type"] == "extra_forbidden"
-                             else f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+                             else _problem(err) for err in e.errors())
         raise ConfigError(f"config ({source} and overrides): {problems}") from None
 
 

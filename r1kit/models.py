@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -28,7 +29,13 @@ def cache_dir() -> Path:
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
+    """sha256 of a file's bytes (computed once per process for an unchanged file: a 32B model is 64 GB)."""
+    stat = os.stat(path)
+    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -48,6 +55,17 @@ def weights_sha256(folder: str | Path) -> str:
         return file_sha256(files[0])
     lines = "".join(f"{file_sha256(f)}  {f.name}\n" for f in files)
     return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def input_sha256(value: str) -> str | None:
+    """The identity of a setting that names a model or a file: weights sha256 for a model ('default', a .gguf,
+    an HF folder), bytes sha256 for a file; None when it names neither (or nothing that exists yet)."""
+    path = Path(value)
+    if path.is_file() and path.suffix != ".gguf":
+        return file_sha256(path)
+    if value == "default" or path.suffix == ".gguf" or (path / "config.json").is_file():
+        return weights_sha256(resolve_model(value))
+    return None
 
 
 def default_gguf_path() -> Path:
@@ -79,15 +97,17 @@ def import_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
     return save_model(model, tokenizer, out_dir)
 
 
-def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+def save_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """save_pretrained of model and tokenizer into out_dir, atomically (a temp folder, then a rename).
 
-    A LoRA (peft) model is merged into its base first (in place: call it last) so the folder loads as a
-    plain HF checkpoint.
+    A LoRA (peft) model is merged into its base first, and cast to `dtype` when given (both in place: call
+    it last), so the folder loads as a plain HF checkpoint of the base model's precision.
     """
     out_dir = Path(out_dir)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    if dtype is not None:
+        model.to(dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)
@@ -154,6 +174,14 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
     dev = pick_device(device)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=pick_dtype(dtype, dev)).to(dev).eval()
     return model, load_tokenizer(str(folder))
+
+
+def checkpoint_dtype(folder: str | Path) -> torch.dtype:
+    """The precision a checkpoint is stored in (config.json's dtype; float32 when it says none)."""
+    import json
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)
 
 
 def load_tokenizer(spec: str):

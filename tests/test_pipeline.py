@@ -48,16 +48,24 @@ def test_stages_take_the_previous_output_as_input(tiny_model_dir, tmp_path):
     assert cold_data.config.teacher == "solutions" and cold_data.config.task == "gsm8k"
     assert (cold.config.model, cold.config.data) == (str(tiny_model_dir), cold_data.config.out)
     assert rl.config.model == str(run / "cold" / "final") and rl.config.data == cfg.data
+    assert rl.config.eval_data == cfg.eval["data"]  # held out: the evaluation's rows, not training rows
     assert (again.config.model, again.config.data) == (str(tiny_model_dir), [cold_data.config.out, cfg.data])
     # inputs that exist are fingerprinted, each file of a list on its own (cold_data's output is not written yet)
     assert set(fingerprint(again)["inputs"]) == {"model", "data[1]"}
+    # an endpoint teacher takes no model of the pipeline's, and its stage depends on none
+    cfg.stages["remote"] = {"kind": "sample", "teacher_url": "http://127.0.0.1:9/v1", "teacher_model": "r1"}
+    remote = resolve_stages(cfg)[-1]
+    assert remote.config.teacher == "default" and set(fingerprint(remote)["inputs"]) == {"data"}
 
 
 @pytest.mark.parametrize(("stages", "message"), [
     ({"a": {"kind": "eval"}}, "stage 'a': kind must be one of sample, sft, train, got 'eval'"),
+    ({"report": {"kind": "sft"}}, "stage 'report': choose another name"),
     ({"a": {"kind": "sft", "model": "@later", "data": "x.jsonl"}}, "stage 'a': @later names no earlier stage"),
     ({"a": {"kind": "sft"}}, "stage 'a' (sft): config (defaults and overrides): data: Field required"),
     ({"a": {"kind": "train", "grup_size": 4}}, "stage 'a' (train): config (defaults and overrides): grup_size"),
+    ({"a": {"kind": "sample", "teacher_url": "http://127.0.0.1:9/v1"}},
+     "stage 'a' (sample): config (defaults and overrides): teacher_url needs teacher_model"),
 ])
 def test_bad_stages_are_refused_before_anything_runs(tmp_path, stages, message):
     cfg = PipelineConfig(stages=stages, out=str(tmp_path / "run"))
@@ -95,6 +103,17 @@ def test_finished_stages_are_skipped_and_changed_ones_rerun(tiny_model_dir, tmp_
     run_pipeline(_config(tiny_model_dir, tmp_path, **{"cold.steps": 3, "rl.lr": 1e-5}))
     last = _mtimes(run)
     assert sorted(n for n in after if last[n] != after[n]) == ["cold", "rl"]  # rl's input changed
+
+    # settings of where and how a stage runs do not make it run again
+    run_pipeline(_config(tiny_model_dir, tmp_path, **{"cold.steps": 3, "rl.lr": 1e-5, "rl.save_every": 7,
+                                                      "cold_data.concurrency": 2, "cold.keep_checkpoints": 5}))
+    assert _mtimes(run) == last
+    # a finished stage whose output is gone runs again, and so does what it feeds
+    (run / "cold_data" / "traces.jsonl").unlink()
+    run_pipeline(_config(tiny_model_dir, tmp_path, **{"cold.steps": 3, "rl.lr": 1e-5}))
+    again = _mtimes(run)
+    assert sorted(n for n in last if again[n] != last[n]) == ["cold_data"]  # the same traces: cold, rl unchanged
+    assert (run / "cold_data" / "traces.jsonl").is_file()
 
 
 def test_distill_is_sample_then_sft_of_the_student():

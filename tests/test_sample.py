@@ -179,3 +179,17 @@ def test_sigkill_then_rerun_gives_the_rows_of_an_uninterrupted_run(babbler_dir, 
     assert out.read_text() == expected
     kept = [(r["id"], r["sample"]) for r in _rows(out)]
     assert 5 <= len(kept) <= 43 and len(set(kept)) == len(kept)
+
+
+def test_an_output_cut_or_deleted_after_its_progress_is_not_padded(tmp_path):
+    source = _task_file(tmp_path / "task.jsonl", ["4", "5"])
+    for row in (rows := [json.loads(line) for line in source.read_text().splitlines()]):
+        row["solution"] = "2 + 2 = 4"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = SampleConfig(teacher="solutions", task="jsonl", data=str(source), out=str(tmp_path / "o.jsonl"),
+                       task_args={"prompt_field": "question", "answer_field": "gold"})
+    run_sample(cfg)
+    (tmp_path / "o.jsonl").unlink()
+    with pytest.raises(ValueError, match="o.jsonl is shorter than o.jsonl.progress.json records"):
+        run_sample(cfg)
+    assert not (tmp_path / "o.jsonl").exists()

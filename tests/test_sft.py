@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from r1kit.config import SFTConfig
 from r1kit.models import weights_sha256
@@ -226,3 +226,53 @@ def test_held_out_accuracy_on_a_task_during_sft(tiny_model_dir, tmp_path):
     assert keys <= set(summary["before"]) and keys <= set(summary["after"]) and "eval/loss" not in summary["after"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/greedy_accuracy" in r] == [0, 1, 2]
+
+
+# as DeepSeek-R1's distilled models' templates: past and present assistant turns lose their reasoning, and the
+# generation prompt opens the <think> block itself
+R1_DISTILL_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|User|>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<|Assistant|>{{ m['content'].split('</think>')[-1] }}<|end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}")
+
+
+def test_templates_that_drop_the_reasoning_still_train_on_it(tokenizer, tmp_path):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = R1_DISTILL_TEMPLATE
+    row = {"prompt": "What is 2+2?", "reasoning": "2+2=4", "answer": "\\boxed{4}"}
+    assert row_segments(row, "chat_plain", tok) == [("<|User|>What is 2+2?<|Assistant|><think>\n", False),
+                                                    ("2+2=4\n</think>\n\\boxed{4}<|end|>", True)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                             {"role": "assistant", "content": "<think>r</think>a"}]}) + "\n")
+    with pytest.raises(DataError, match=f"{path}:1: the model's chat template rewrites assistant turns"):
+        load_examples(path, tok, "chat_plain", 512)
+
+
+def test_resume_on_other_data_is_refused_and_final_keeps_the_base_precision(tiny_model_dir, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(torch.bfloat16)
+    base.save_pretrained(tmp_path / "bf16")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "bf16")
+    cfg = SFTConfig(model=str(tmp_path / "bf16"), data=str(_traces(tmp_path / "a.jsonl", 8)), eval_rows=0,
+                    batch_size=4, steps=2, device="cpu", out=str(tmp_path / "run"))
+    run_sft(cfg)
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}  # trained in fp32, saved as the base was
+    other = cfg.model_copy(update={"data": str(_traces(tmp_path / "b.jsonl", 6)), "resume": "latest", "steps": 3})
+    with pytest.raises(ValueError, match="was trained from another data than this run's"):
+        run_sft(other)
+
+
+def test_no_training_row_left_is_an_error_not_a_hang(tiny_model_dir, tmp_path):
+    from r1kit.eval.held_out import generated_rows
+
+    held = generated_rows("addition", None, {}, {}, 2)
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "reasoning": "r", "answer": "a"}) + "\n"
+                            for r in held.rows))
+    cfg = SFTConfig(model=str(tiny_model_dir), data=str(data), eval_rows=0, eval_task="addition", eval_problems=2,
+                    device="cpu", out=str(tmp_path / "run"))
+    with pytest.warns(RuntimeWarning), pytest.raises(DataError, match="no training row left"):
+        run_sft(cfg)

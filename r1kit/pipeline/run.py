@@ -12,11 +12,11 @@ from typing import Any
 from rich.console import Console
 
 from r1kit.config import EvalConfig, PipelineConfig, load_config
+from r1kit.models import input_sha256
 from r1kit.pipeline.report import write_pipeline_report
 from r1kit.pipeline.stages import (
     Stage,
     fingerprint,
-    input_sha256,
     prepare,
     read_record,
     resolve_stages,
@@ -66,7 +66,8 @@ def evaluate_into(record: dict[str, Any], model: Path | str, folder: Path, cfg: 
 
     eval_cfg = load_config(EvalConfig, None, {"task": cfg.task, "device": cfg.device, **cfg.eval,
                                               "model": str(model), "out": str(folder / "eval")})
-    key = hashlib.sha256(json.dumps(eval_cfg.model_dump(exclude={"model"}), sort_keys=True).encode()).hexdigest()
+    settings = {**eval_cfg.work(), "model": None, "data": eval_cfg.data and input_sha256(eval_cfg.data)}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     sha = input_sha256(str(model))
     old = record.get("eval")
     if old and old.get("model_sha256") == sha and old.get("settings_sha256") == key:
@@ -94,10 +95,11 @@ def run_pipeline(cfg: PipelineConfig, console: Console | None = None) -> dict[st
     for stage in stages:
         fp = fingerprint(stage)
         action = prepare(stage, fp)
-        record = (read_record(stage.folder) if action != "run" else None) or {
+        record = (read_record(stage.folder) if action in ("skip", "resume") else None) or {
             "kind": stage.kind, **fp, "status": "running", "config": stage.config.model_dump()}
         console.print(f"[bold]{stage.name}[/bold] ({stage.kind}): " + {
-            "skip": "finished with this config and inputs; skipped", "resume": "resuming", "run": "running"}[action])
+            "skip": "finished with this config and inputs; skipped", "resume": "resuming", "run": "running",
+            "rerun": "its config or inputs changed (or its output is gone): cleared, running again"}[action])
         if action != "skip":
             write_record(stage.folder, record)
             started = time.perf_counter()

@@ -2,10 +2,10 @@
 
 A stage is a command (`sample`, `sft`, `train`) with settings. Settings it leaves out come from the
 pipeline and the stages before it: the task and data, the model (the latest model made so far, or the
-base), an SFT stage's data (the latest traces). `@name` stands for a stage's output, `@base` for the
-base model. A stage's record (`stage.json`) holds the sha256 of its resolved config and of its inputs:
-a rerun skips the stage when both are unchanged, resumes it when it was interrupted, and starts it
-afresh when either changed.
+base), an SFT stage's data (the latest traces), a GRPO stage's held-out rows (the evaluation's data).
+`@name` stands for a stage's output, `@base` for the base model. A stage's record (`stage.json`) holds
+the sha256 of the settings that decide its output and of its inputs: a rerun skips the stage when both
+are unchanged, resumes it when it was interrupted, and starts it afresh when either changed.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from r1kit.config import Config, ConfigError, PipelineConfig, SampleConfig, SFTConfig, TrainConfig, load_config
-from r1kit.models import file_sha256, resolve_model, weights_sha256
+from r1kit.models import input_sha256
 
 COMMANDS: dict[str, type[Config]] = {"sample": SampleConfig, "sft": SFTConfig, "train": TrainConfig}
 RECORD = "stage.json"
-INPUT_FIELDS = ("model", "teacher", "data", "eval_data")
+INPUT_FIELDS = ("model", "teacher", "data", "eval_data", "eval_task_data")
 
 
 @dataclass
@@ -47,16 +47,6 @@ def stage_output(kind: str, folder: Path) -> Path:
     return folder / "traces.jsonl" if kind == "sample" else folder / "final"
 
 
-def input_sha256(value: str) -> str | None:
-    """The identity of a config value naming a model or a file (weights or bytes sha256); None for others."""
-    path = Path(value)
-    if path.is_file() and path.suffix != ".gguf":
-        return file_sha256(path)
-    if value == "default" or path.suffix == ".gguf" or (path / "config.json").is_file():
-        return weights_sha256(resolve_model(value))
-    return None
-
-
 def resolve_stages(cfg: PipelineConfig) -> list[Stage]:
     """Every stage's config with the pipeline's defaults and `@` references filled in, in order."""
     if not cfg.stages:
@@ -70,10 +60,14 @@ def resolve_stages(cfg: PipelineConfig) -> list[Stage]:
         kind = spec.pop("kind", None)
         if kind not in COMMANDS:
             raise ConfigError(f"stage {name!r}: kind must be one of {', '.join(COMMANDS)}, got {kind!r}")
-        if name == "base" or "/" in name:
-            raise ConfigError(f"stage {name!r}: choose another name ('base' and names with '/' are taken)")
+        if name in ("base", "report") or "/" in name:
+            raise ConfigError(f"stage {name!r}: choose another name ('base', 'report' and names with '/' are taken)")
         values = {key: _reference(value, name, cfg.model, outputs) for key, value in spec.items()}
         for key, value in _defaults(kind, cfg, latest).items():
+            if key == "teacher" and values.get("teacher_url"):  # an endpoint needs no model of ours
+                continue
+            if key == "eval_data" and values.get("task", cfg.task) != cfg.task:  # held-out rows of another task
+                continue
             values.setdefault(key, value)
         folder = out / name
         values["out"] = str(stage_output(kind, folder) if kind == "sample" else folder)
@@ -111,12 +105,15 @@ def _defaults(kind: str, cfg: PipelineConfig, latest: dict[str, str | None]) -> 
     task = {"task": cfg.task, "data": cfg.data, "task_args": cfg.task_args}
     if kind == "sample":
         return {**common, **task, "teacher": latest["model"]}
-    return {**common, **task, "model": latest["model"]}
+    # GRPO's held-out rows: the evaluation's data (else the last training rows, which an SFT stage before it
+    # may have trained on)
+    held_out = {"eval_data": cfg.eval["data"]} if cfg.eval and cfg.eval.get("data") else {}
+    return {**common, **task, **held_out, "model": latest["model"]}
 
 
 def config_sha256(config: Config) -> str:
-    """sha256 of a resolved config, the identity of what a stage was asked to do."""
-    return hashlib.sha256(json.dumps(config.model_dump(), sort_keys=True, default=str).encode()).hexdigest()
+    """sha256 of the settings of a resolved config that decide its output (not where or how fast it runs)."""
+    return hashlib.sha256(json.dumps(config.work(), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def fingerprint(stage: Stage) -> dict[str, Any]:
@@ -124,6 +121,8 @@ def fingerprint(stage: Stage) -> dict[str, Any]:
     values = stage.config.model_dump()
     stage.inputs = {}
     for key in INPUT_FIELDS:
+        if key == "teacher" and values.get("teacher_url"):
+            continue  # an endpoint teacher: the model setting is not used
         named = values.get(key)
         for i, value in enumerate(named if isinstance(named, list) else [named]):
             sha = input_sha256(value) if isinstance(value, str) else None
@@ -147,14 +146,15 @@ def write_record(folder: Path, record: dict[str, Any]) -> None:
 
 
 def prepare(stage: Stage, fp: dict[str, Any]) -> str:
-    """`skip` (finished with this config and inputs), `resume` (interrupted, same), or `run` (from scratch:
-    the folder of a run with another config or other inputs is cleared first)."""
+    """`skip` (finished with this config and inputs), `resume` (interrupted, same), `run` (never run), or
+    `rerun` (its folder, from another config or other inputs, or with its output gone, is cleared first)."""
     record = read_record(stage.folder)
     same = record is not None and all(record.get(k) == v for k, v in fp.items())
     if same and record.get("status") == "done" and stage.output.exists():
         return "skip"
-    if same:
+    if same and record.get("status") != "done":  # a finished stage whose output is gone runs again
         return "resume"
-    if stage.folder.exists():
-        shutil.rmtree(stage.folder)
-    return "run"
+    if not stage.folder.exists():
+        return "run"
+    shutil.rmtree(stage.folder)
+    return "rerun"

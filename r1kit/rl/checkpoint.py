@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import shutil
@@ -100,8 +101,15 @@ class StopRequest:
 
 
 class TrainerState:
-    """What a trainer checkpoints besides the weights: optimizer, scheduler, data stream and step count.
-    Mixed into trainers that have those four attributes."""
+    """What the GRPO and SFT trainers share: their checkpointed state besides the weights (optimizer,
+    scheduler, data stream, step count) and their mixed precision. Mixed into trainers with those attributes
+    and a `device`."""
+
+    def autocast(self):
+        """bf16 autocast on GPU (fp32 master weights); nothing on CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything besides the weights that a resumed run needs."""
@@ -115,12 +123,23 @@ class TrainerState:
         self.step_count = state["step_count"]
 
 
+IDENTITY = ("model_sha256", "data_sha256")  # what a resumed run must start from as the checkpointed one did
+CARRIED = ("train_s", "before")  # what a resumed run takes over from the checkpointed one
+
+
 def resume_run(checkpoint: Path, trainer: TrainerState, summary: dict[str, Any]) -> None:
-    """Load a checkpoint's trainer state, RNG states and run summary into a run that continues it."""
+    """Load a checkpoint's trainer state and RNG states into a run that continues it, with the time trained
+    and the evaluation before training; refused when the run starts from another model or other data."""
     state = load_state(checkpoint)
+    before = state.get("summary", {})
+    changed = [k for k in IDENTITY if k in before and k in summary and before[k] != summary[k]]
+    if changed:
+        what = " and ".join(k.split("_")[0] for k in changed)
+        raise ValueError(f"resume: {checkpoint} was trained from another {what} than this run's; start a new run "
+                         "(another out) or give it the same again")
     trainer.load_state_dict(state)
     set_rng_state(state["rng"])
-    summary.update(state.get("summary", {}), interrupted=False)  # that run stopped; this one goes on
+    summary.update({k: before[k] for k in CARRIED if k in before})
 
 
 def save_run(out: Path, trainer: TrainerState, tokenizer, summary: dict[str, Any], keep: int) -> Path:

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from r1kit.config import TrainConfig
 from r1kit.eval.held_out import HeldOut, generated_rows, held_out_accuracy
-from r1kit.models import load_model, resolve_model, save_model, weights_sha256
+from r1kit.models import checkpoint_dtype, load_model, resolve_model, save_model, weights_sha256
 from r1kit.rewards import build_rewards
 from r1kit.rl.checkpoint import StopRequest, find_checkpoint, resume_run, save_run
 from r1kit.rl.runlog import RunLog
@@ -158,7 +158,7 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
                 out_of_time = cfg.time_budget_s is not None and metrics["train_s"] >= cfg.time_budget_s
                 if stop.requested or out_of_time:
                     break
-                if cfg.save_every and step % cfg.save_every == 0:
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:  # the last one follows
                     save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
     finally:
         stop.restore()
@@ -177,7 +177,7 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
         console.print("held-out after training: " + eval_line(summary["after"]))
     path = save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
     log.close()
-    final = save_model(trainer.model, tokenizer, out / "final")
+    final = save_model(trainer.model, tokenizer, out / "final", checkpoint_dtype(folder))
     summary["final"], summary["final_sha256"] = str(final), weights_sha256(final)
     write_summary(out, summary)
     console.print(f"saved {path} and {final} (the trained model, LoRA merged)")

@@ -6,7 +6,6 @@ score their share of prompts and meet only in the gradient all-reduce of `update
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import time
@@ -45,6 +44,8 @@ class PromptStream:
     """Indices of training rows in a seeded order, reshuffled each epoch; its position is checkpointed."""
 
     def __init__(self, size: int, seed: int):
+        if size < 1:
+            raise ValueError("no training rows to draw from")
         self.size, self.seed, self.epoch, self.index = size, seed, 0, 0
 
     def take(self, k: int) -> list[int]:
@@ -141,12 +142,6 @@ class GRPOTrainer(TrainerState):
         self.step_count = 0
         self._synced_step: int | None = None  # the step whose weights the generator holds
         self.sync_s = 0.0  # this step's weight refresh, seconds
-
-    def autocast(self):
-        """bf16 autocast on GPU (fp32 master weights); nothing on CPU."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def sampling(self, round_: int) -> SamplingParams:
         """Rollout sampling; the seed depends only on (seed, step, round), so a resumed run samples the same."""

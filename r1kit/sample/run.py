@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from r1kit.config import SampleConfig
-from r1kit.models import load_tokenizer
+from r1kit.models import input_sha256, load_tokenizer
 from r1kit.prompts import split_trace
 from r1kit.rollout import Completion, SamplingParams
 from r1kit.sample.filters import REASONS, Candidate, judge
@@ -33,10 +33,11 @@ def progress_path(out: Path) -> Path:
 
 
 def config_key(cfg: SampleConfig) -> str:
-    """sha256 of the settings that decide which rows are written (not where, nor how fast)."""
-    fixed = cfg.model_dump(exclude={"out", "concurrency", "timeout_s", "max_retries", "batch_size", "device",
-                                    "teacher_api_key_env"})
-    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
+    """sha256 of what decides which rows are written: the settings (not where, nor how fast), the data file's
+    bytes and the teacher's weights."""
+    inputs = {"data": cfg.data and input_sha256(cfg.data),
+              "teacher": None if cfg.teacher_url or cfg.teacher == "solutions" else input_sha256(cfg.teacher)}
+    return hashlib.sha256(json.dumps({**cfg.work(), **inputs}, sort_keys=True).encode()).hexdigest()
 
 
 def load_progress(cfg: SampleConfig, out: Path) -> dict[str, Any]:
@@ -106,6 +107,10 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> dict[str, A
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    size = out.stat().st_size if out.exists() else 0
+    if size < progress["bytes"]:  # truncate would pad it with zero bytes
+        raise ValueError(f"{out} is shorter than {progress_path(out).name} records ({size} < {progress['bytes']} "
+                         "bytes): it was cut or replaced; delete both to start over")
     with out.open("a+b") as f:
         f.truncate(progress["bytes"])  # a half-written row, or an unfinished round's rows
     rounds = range(0, len(task), cfg.chunk)

@@ -86,8 +86,6 @@ def make_teacher(cfg: SampleConfig, rows: list[Row]) -> Teacher:
     import os
 
     if cfg.teacher_url:
-        if not cfg.teacher_model:
-            raise ValueError("teacher_url needs teacher_model: the model name the endpoint serves")
         return EndpointTeacher(cfg.teacher_url, cfg.teacher_model, os.environ.get(cfg.teacher_api_key_env),
                                cfg.concurrency, cfg.timeout_s, cfg.max_retries)
     if cfg.teacher == "solutions":

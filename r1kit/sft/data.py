@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from r1kit.prompts import REASONING_SYSTEM_PROMPT, THINK_CLOSE, THINK_OPEN, build_prompt, resolve_template
+from r1kit.prompts import THINK_CLOSE, THINK_OPEN, build_prompt, resolve_template
 from r1kit.rollout.types import encode_prompt
 from r1kit.tasks.base import DataError, Row, read_jsonl
 
@@ -46,16 +46,14 @@ def trace_completion(reasoning: str, answer: str) -> str:
     return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n{answer.strip()}"
 
 
-def row_messages(row: Row, template: str, tokenizer) -> list[dict[str, str]] | None:
-    """The chat of a prompt/reasoning/answer row under a chat template; None for plain-text templates."""
-    template = resolve_template(template, tokenizer)
-    if template not in ("chat", "chat_plain"):
-        return None
-    messages = [{"role": "user", "content": row["prompt"]},
-                {"role": "assistant", "content": trace_completion(row["reasoning"], row["answer"])}]
-    if template == "chat":
-        messages.insert(0, {"role": "system", "content": REASONING_SYSTEM_PROMPT})
-    return messages
+def end_of_turn(tokenizer, template: str) -> str:
+    """What the template writes after an assistant turn's text (`<|im_end|>\\n`; EOS for plain templates)."""
+    if resolve_template(template, tokenizer) not in ("chat", "chat_plain"):
+        return tokenizer.eos_token
+    marker = "\x00turn\x00"  # text no template rewrites, to find where the turn's own text ends
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
+    rendered = tokenizer.apply_chat_template(turns, tokenize=False)
+    return rendered[rendered.rindex(marker) + len(marker):]
 
 
 def chat_segments(messages: list[dict[str, str]], tokenizer) -> list[tuple[str, bool]]:
@@ -67,9 +65,10 @@ def chat_segments(messages: list[dict[str, str]], tokenizer) -> list[tuple[str, 
             continue
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not before.startswith(done) or not through.startswith(before):
-            raise DataError("the model's chat template rewrites earlier turns (as templates that drop past "
-                            "reasoning do); give rows as prompt + reasoning + answer, one turn each")
+        if not before.startswith(done) or not through.startswith(before) or \
+                message["content"].strip() not in through[len(before):]:
+            raise DataError("the model's chat template rewrites assistant turns (as templates that drop the "
+                            "reasoning do): give this row as prompt + reasoning + answer")
         segments += [(before[len(done):], False), (through[len(before):], True)]
         done = through
     rest = tokenizer.apply_chat_template(messages, tokenize=False)[len(done):]
@@ -79,12 +78,20 @@ def chat_segments(messages: list[dict[str, str]], tokenizer) -> list[tuple[str, 
 
 
 def row_segments(row: Row, template: str, tokenizer) -> list[tuple[str, bool]]:
-    """(text, trainable) pieces of one row, in order."""
-    messages = row.get("messages") or row_messages(row, template, tokenizer)
-    if messages is not None:
-        return chat_segments(messages, tokenizer)
+    """(text, trainable) pieces of one row, in order.
+
+    A prompt/reasoning/answer row is the prompt evaluation and rollouts build, then the trace and the
+    template's end of turn: never the template's rendering of the assistant turn, which some templates
+    rewrite (DeepSeek-R1's distilled models' drop everything up to `</think>`).
+    """
+    if "messages" in row:
+        return chat_segments(row["messages"], tokenizer)
     prompt = build_prompt(row["prompt"], tokenizer, template)
-    return [(prompt, False), (trace_completion(row["reasoning"], row["answer"]) + tokenizer.eos_token, True)]
+    completion = trace_completion(row["reasoning"], row["answer"])
+    opened = THINK_OPEN + "\n"
+    if prompt.endswith(opened) and completion.startswith(opened):  # a template that opens the reasoning itself
+        completion = completion[len(opened):]
+    return [(prompt, False), (completion + end_of_turn(tokenizer, template), True)]
 
 
 def encode_segments(segments: list[tuple[str, bool]], tokenizer) -> tuple[list[int], list[bool]]:
@@ -122,11 +129,14 @@ def load_examples(path: str | Path, tokenizer, template: str, max_seq_len: int) 
     examples, too_long = [], 0
     for row in read_jsonl(path):
         check_row(row, path)
-        ids, trainable = encode_segments(row_segments(row, template, tokenizer), tokenizer)
+        try:
+            ids, trainable = encode_segments(row_segments(row, template, tokenizer), tokenizer)
+        except DataError as e:
+            raise DataError(f"{path}:{row['_line']}: {e}") from None
         if len(ids) > max_seq_len:
             too_long += 1
             continue
-        question = row.get("prompt") or next(m["content"] for m in row.get("messages", []) if m["role"] == "user")
+        question = row.get("prompt") or next((m["content"] for m in row["messages"] if m["role"] == "user"), "")
         examples.append(Example(ids, trainable, row["_line"], question))
     if not examples:
         raise DataError(f"{path}: no row fits max_seq_len={max_seq_len}")

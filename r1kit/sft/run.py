@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from r1kit.config import SFTConfig
 from r1kit.eval.held_out import HeldOut, generated_rows, held_out_accuracy
 from r1kit.eval.report import write_training_report
-from r1kit.models import file_sha256, load_tokenizer, resolve_model, save_model, weights_sha256
+from r1kit.models import checkpoint_dtype, file_sha256, load_tokenizer, resolve_model, save_model, weights_sha256
 from r1kit.rl.checkpoint import StopRequest, find_checkpoint, resume_run, save_run
 from r1kit.rl.run import load_policy
 from r1kit.rl.runlog import RunLog
@@ -116,6 +116,8 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
             warnings.warn(f"{len(train) - len(kept)} training rows ask a held-out question of eval_task and are "
                           "left out", RuntimeWarning, stacklevel=2)
         train = kept
+    if not train:
+        raise DataError(f"{', '.join(data_files(cfg.data))}: no training row left (every one is held out or too long)")
     if too_long:
         warnings.warn(f"{too_long} rows are longer than max_seq_len={cfg.max_seq_len} tokens and are left out",
                       RuntimeWarning, stacklevel=2)
@@ -157,7 +159,7 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
                 out_of_time = cfg.time_budget_s is not None and train_s >= cfg.time_budget_s
                 if stop.requested or out_of_time:
                     break
-                if cfg.save_every and step % cfg.save_every == 0:
+                if cfg.save_every and step % cfg.save_every == 0 and step < trainer.steps:  # the last one follows
                     save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
     finally:
         stop.restore()
@@ -174,7 +176,7 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
         console.print(f"after training: {eval_line(summary['after'])}")
     save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
     log.close()
-    final = save_model(trainer.model, tokenizer, out / FINAL)
+    final = save_model(trainer.model, tokenizer, out / FINAL, checkpoint_dtype(folder))
     summary["final"], summary["final_sha256"] = str(final), weights_sha256(final)
     (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_training_report(out)

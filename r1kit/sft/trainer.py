@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Any
@@ -34,12 +33,6 @@ class SFTTrainer(TrainerState):
         self.scheduler = lr_scheduler(self.optimizer, cfg.lr_schedule, cfg.warmup_steps, self.steps)
         self.stream = PromptStream(len(examples), cfg.seed)
         self.step_count = 0
-
-    def autocast(self):
-        """bf16 autocast on GPU (fp32 master weights); nothing on CPU."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def micro_batches(self, examples: list[Example]) -> list[dict[str, torch.Tensor]]:
         """The model inputs of a list of examples, micro_batch_tokens at a time."""
