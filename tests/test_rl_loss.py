@@ -75,6 +75,22 @@ def test_gradient_at_ratio_one_is_the_advantage():
     assert torch.allclose(logp.grad, -ADV[:, None] * MASK / 5)
 
 
+def test_a_huge_ratio_on_a_clipped_token_keeps_the_gradient_finite():
+    # logp - old = 100: exp overflows in float32. With A > 0 the clipped term is chosen (loss -1.28 A, finite),
+    # yet an unbounded exp sent 0 * inf = NaN back through the other branch: the "non-finite gradient,
+    # update skipped" of GRPO runs. Bounded, the token is clipped as it should be: no gradient from it.
+    old = torch.tensor([[-101.0, -1.0]])
+    logp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    value, _ = policy_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 2), clip_high=0.28, loss_type="bnpo")
+    value.backward()
+    assert value.item() == pytest.approx((-1.28 - 1.0) / 2)
+    assert logp.grad.tolist() == [[0.0, -0.5]]
+    unbounded = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    ratio = torch.exp(unbounded - old)  # what the loss did before
+    (-torch.min(ratio * 1.0, ratio.clamp(0.8, 1.28) * 1.0)).mean().backward()
+    assert torch.isnan(unbounded.grad[0, 0])
+
+
 def test_entropy_metric_is_masked_mean():
     entropy = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 100.0]])
     assert loss(entropy=entropy)[1]["entropy"] == pytest.approx(15 / 5)

@@ -83,7 +83,7 @@ def test_nan_loss_skips_the_update(tiny_model_dir, tmp_path, reward_file, monkey
     trainer = make_trainer(config(tiny_model_dir, tmp_path, reward_file))
     before = [p.detach().clone() for p in trainer.params]
     monkeypatch.setattr(trainer_module, "policy_loss", lambda *a, **k: (torch.tensor(float("nan")), {}))
-    with pytest.warns(RuntimeWarning, match="step 0: non-finite loss, update skipped"):
+    with pytest.warns(RuntimeWarning, match="step 1: non-finite loss, update skipped"):
         metrics, _ = trainer.step()
     assert metrics["skipped"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
@@ -173,7 +173,7 @@ def test_nan_gradient_skips_the_update(tiny_model_dir, tmp_path, reward_file, mo
         return loss + 0.0 * torch.sqrt(logp.sum() * 0.0), metrics
 
     monkeypatch.setattr(trainer_module, "policy_loss", poisoned)
-    with pytest.warns(RuntimeWarning, match="step 0: non-finite gradient, update skipped"):
+    with pytest.warns(RuntimeWarning, match="step 1: non-finite gradient, update skipped"):
         metrics, _ = trainer.step()
     assert metrics["skipped"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))

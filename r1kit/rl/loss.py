@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 
 LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
+MAX_LOG_RATIO = 20.0  # importance ratios are kept within e^-20 .. e^20
 
 
 def policy_loss(
@@ -33,7 +34,11 @@ def policy_loss(
     the loss of the whole batch. `entropy` (per token), if given, is only averaged into the metrics.
     """
     mask = mask.to(logp.dtype)
-    ratio = torch.exp(logp - old_logp)
+    # exp overflows to inf past a log-ratio of ~88; then the branch torch.min does not pick still sends
+    # 0 * inf = NaN into the gradient, even where the clipped term is chosen and the loss stays finite.
+    # Far past the clip range every ratio is clipped (or, for a negative advantage, an outlier token), so
+    # bounding the log-ratio changes nothing else.
+    ratio = torch.exp((logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     adv = advantages[:, None]
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv

@@ -259,7 +259,8 @@ class GRPOTrainer(TrainerState):
                 self.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 what = "loss" if not ok else "gradient"
-                warnings.warn(f"step {self.step_count}: non-finite {what}, update skipped", RuntimeWarning,
+                # numbered as the metrics row of this step is (step_count grows when the step ends)
+                warnings.warn(f"step {self.step_count + 1}: non-finite {what}, update skipped", RuntimeWarning,
                               stacklevel=2)
                 continue
             self.optimizer.step()
