@@ -180,5 +180,5 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
     final = save_model(trainer.model, tokenizer, out / "final", checkpoint_dtype(folder))
     summary["final"], summary["final_sha256"] = str(final), weights_sha256(final)
     write_summary(out, summary)
-    console.print(f"saved {path} and {final} (the trained model, LoRA merged)")
+    console.print(f"saved {path} and {final} (the trained model{', LoRA merged' if cfg.lora_r else ''})")
     return summary
