@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,7 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> dict[str, A
             rows = task.rows[start : start + cfg.chunk]
             keys = [row["_index"] for row in rows]
             completions = teacher.generate([row["prompt"] for row in rows],
-                                           SamplingParams(**{**params.to_dict(), "seed": cfg.seed * 1_000_003 + r}),
+                                           replace(params, seed=cfg.seed * 1_000_003 + r),  # a seed per round
                                            keys, progress=lambda k: bar_view.advance(bar, k))
             counts = progress["counts"]
             kept = kept_rows(task, rows, completions, n, cfg, count_tokens, provenance, counts)
