@@ -41,6 +41,18 @@ def test_metrics_by_hand():
     assert m["truncation_rate"] == 0.0
     assert m["tokens_per_s"] == pytest.approx(sum(len(r["completion"]) for r in run.records) / 2.0)
     assert [r["extracted"] for r in run.records[4:]] == ["\\frac{1}{2}", "1/2", "0.25", None]
+    assert m["cons_grouping"] == "extracted answers"
+
+
+def test_cons_at_k_votes_on_the_final_text_when_the_task_extracts_nothing():
+    # a verifier of the user's own: yes/no answers, nothing math-verify would extract
+    task = Task("yesno", [{"id": 0, "prompt": "Is 7 prime?", "answer": "yes"}],
+                verify=lambda c, row: float(c.strip().lower().endswith("yes")), extract=lambda c, row: None)
+    generator = ScriptedGenerator([["<think>a</think> Yes", "<think>b</think>  yes ", "No", "<think>c</think> yes"]])
+    run = evaluate(task, generator, tokenizer=None, params=SamplingParams(n=4), template="raw", chunk=1)
+    m = summarize(run.records, 4, task.same_answer, generation_s=1.0)
+    assert m["pass@1"] == 0.75 and m["cons_grouping"] == "final text"
+    assert m["cons@4"] == 1.0  # "yes" wins three to one (with nothing extracted, it scored 0 before)
 
 
 def test_eval_command_writes_results_samples_and_summary(tiny_model_dir, tmp_path, capsys):

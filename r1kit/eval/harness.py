@@ -83,6 +83,16 @@ def evaluate(task: Task, generator: Generator, tokenizer, params: SamplingParams
     return run
 
 
+def vote_keys(records: list[dict[str, Any]], same_answer) -> tuple[list[str | None], Any, str]:
+    """What cons@k votes on, how two votes are compared, and which it is: the task's extracted answers when it
+    extracts any, else the final text after the reasoning, whitespace and case ignored (a task with its own
+    verifier may extract nothing, and its majority vote must still see the answers)."""
+    if any(r["extracted"] is not None for r in records):
+        return [r["extracted"] for r in records], same_answer, "extracted answers"
+    keys = [" ".join((r["answer"] or r["completion"]).split()).lower() or None for r in records]
+    return keys, str.__eq__, "final text"
+
+
 def summarize(records: list[dict[str, Any]], k: int, same_answer, generation_s: float) -> dict[str, Any]:
     """pass@1 (mean over k samples), pass@k, cons@k, format and truncation rates, lengths, throughput."""
     problems = [records[i : i + k] for i in range(0, len(records), k)]
@@ -95,9 +105,10 @@ def summarize(records: list[dict[str, Any]], k: int, same_answer, generation_s: 
     }
     for kk in pass_ks(k)[1:]:
         metrics[f"pass@{kk}"] = sum(pass_at_k(k, c, kk) for c in correct) / max(len(problems), 1)
+    keys, same, metrics["cons_grouping"] = vote_keys(records, same_answer)
     metrics[f"cons@{k}"] = sum(
-        cons_at_k([s["extracted"] for s in p], [a >= CORRECT for a in acc], same_answer)
-        for p, acc in zip(problems, accuracy, strict=True)) / max(len(problems), 1)
+        cons_at_k(keys[i : i + k], [a >= CORRECT for a in acc], same)
+        for i, acc in zip(range(0, len(records), k), accuracy, strict=True)) / max(len(problems), 1)
     metrics["format_rate"] = sum(s["rewards"]["format"] for s in records) / max(len(records), 1)
     metrics["language_consistency"] = sum(s["rewards"]["language"] for s in records) / max(len(records), 1)
     metrics["truncation_rate"] = sum(s["finish_reason"] == "length" for s in records) / max(len(records), 1)

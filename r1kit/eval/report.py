@@ -12,6 +12,7 @@ def metric_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     """(name, formatted value) for each headline metric."""
     m = results["metrics"]
     rows = [(k, f"{v:.3f}") for k, v in m.items() if k.startswith(("pass@", "cons@"))]
+    rows.append(("cons@k votes on", m.get("cons_grouping", "extracted answers")))
     lengths = m["response_tokens"]
     rows += [
         ("format rate", f"{m['format_rate']:.3f}"),
