@@ -263,3 +263,9 @@ def test_bad_model_or_data_fails_before_the_run_folder_exists(tiny_model_dir, tm
     with pytest.raises(DataError, match=f"^{tmp_path / 'missing.jsonl'}: no such file$"):
         run_train(config(tiny_model_dir, out, reward_file, task="jsonl", data=str(tmp_path / "missing.jsonl")))
     assert not out.exists()
+
+
+def test_a_time_budget_that_allows_too_few_steps_is_reported(tiny_model_dir, tmp_path, reward_file, capsys):
+    run_train(config(tiny_model_dir, tmp_path / "run", reward_file, steps=5, eval_problems=0, time_budget_s=1e-6))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "time_budget_s=1e-06 allowed 1 step (" in err and "too few to learn much" in err

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from rich.progress import Progress
 
 from r1kit.eval.harness import evaluate, summarize
 from r1kit.rollout import Generator, SamplingParams
@@ -39,9 +40,10 @@ def generated_rows(name: str, data: str | None, task_args: dict[str, Any], eval_
     return load_task(name, data, **args).head(problems)
 
 
-def held_out_accuracy(model, generator: Generator, tokenizer, held: HeldOut, autocast) -> dict[str, float]:
-    """Greedy and sampled accuracy, format rate and length on the held-out rows, the model in eval mode;
-    the generator must already hold the model's current weights."""
+def held_out_accuracy(model, generator: Generator, tokenizer, held: HeldOut, autocast,
+                      progress: Progress | None = None) -> dict[str, float]:
+    """Greedy and sampled accuracy, format rate and length on the held-out rows, the model in eval mode (a bar
+    for each on `progress`, when given); the generator must already hold the model's current weights."""
     settings = {"greedy": SamplingParams(n=1, temperature=0.0, max_tokens=held.max_tokens),
                 "sampled": SamplingParams(n=held.samples, temperature=held.temperature, max_tokens=held.max_tokens,
                                           seed=held.seed + HELD_OUT_SEED)}
@@ -50,7 +52,9 @@ def held_out_accuracy(model, generator: Generator, tokenizer, held: HeldOut, aut
     results = {}
     with torch.no_grad(), autocast:
         for name, params in settings.items():
-            run = evaluate(held.task, generator, tokenizer, params, held.template, chunk=len(held.task))
+            task = held.task.with_rows(held.task.rows)
+            task.name = f"held-out {name}"  # what the bar says
+            run = evaluate(task, generator, tokenizer, params, held.template, chunk=len(task), progress=progress)
             m = summarize(run.records, params.n, held.task.same_answer, run.generation_s)
             results[f"eval/{name}_accuracy"] = m["pass@1"]
             results[f"eval/{name}_format_rate"] = m["format_rate"]

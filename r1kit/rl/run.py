@@ -75,11 +75,21 @@ def build_policy(cfg: TrainConfig, checkpoint: Path | None):
     return model, tokenizer, ref
 
 
-def held_out_eval(trainer: GRPOTrainer, task: Task, cfg: TrainConfig) -> dict[str, float]:
-    """Greedy and sampled (eval_temperature) accuracy on the held-out rows."""
+FEW_STEPS = 10  # fewer GRPO steps than this rarely move held-out accuracy
+
+
+def held_out_eval(trainer: GRPOTrainer, task: Task, cfg: TrainConfig, progress: Progress | None = None
+                  ) -> dict[str, float]:
+    """Greedy and sampled (eval_temperature) accuracy on the held-out rows (with bars on `progress`)."""
     trainer.sync_generator()  # the last update came after the last rollout
     held = HeldOut(task, cfg.template, cfg.max_completion_tokens, cfg.eval_samples, cfg.eval_temperature, cfg.seed)
-    return held_out_accuracy(trainer.model, trainer.generator, trainer.tokenizer, held, trainer.autocast())
+    return held_out_accuracy(trainer.model, trainer.generator, trainer.tokenizer, held, trainer.autocast(), progress)
+
+
+def evaluation_bars(console: Console) -> Progress:
+    """Bars for a held-out evaluation outside the training loop's display (on a slow CPU it takes minutes)."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
 
 
 def step_samples(batch: Rollouts, group_size: int, groups: int = 1) -> list[dict[str, Any]]:
@@ -134,7 +144,8 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
         console.print(f"resumed from {checkpoint} at step {trainer.step_count}")
     log = RunLog(out, trainer.step_count)
     if held is not None and trainer.step_count == 0:
-        summary["before"] = held_out_eval(trainer, held, cfg)
+        with evaluation_bars(console) as bars:
+            summary["before"] = held_out_eval(trainer, held, cfg, bars)
         log.metrics(0, summary["before"])
         console.print("held-out before training: " + eval_line(summary["before"]))
 
@@ -164,6 +175,12 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
         stop.restore()
     summary["train_s"] = metrics.get("train_s", summary.get("train_s", 0.0))
     summary["steps"] = trainer.step_count
+    budget_cut = cfg.time_budget_s is not None and summary["train_s"] >= cfg.time_budget_s
+    if budget_cut and trainer.step_count < FEW_STEPS:  # a busy or slow machine: say so rather than a flat result
+        n = trainer.step_count
+        console.print(f"[yellow]time_budget_s={cfg.time_budget_s:g} allowed {n} step{'s' * (n != 1)} "
+                      f"({summary['train_s'] / max(1, n):.0f} s a step): too few to learn much; give it more time, "
+                      "or run it where the CPU is free or on a GPU")
     if stop.requested:
         summary["interrupted"] = True
         write_summary(out, summary)
@@ -172,7 +189,8 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
         log.close()
         return summary
     if held is not None:
-        summary["after"] = held_out_eval(trainer, held, cfg)
+        with evaluation_bars(console) as bars:
+            summary["after"] = held_out_eval(trainer, held, cfg, bars)
         log.metrics(trainer.step_count, summary["after"])
         console.print("held-out after training: " + eval_line(summary["after"]))
     path = save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
