@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ class Stage:
     config: Config
     folder: Path
     output: Path
-    inputs: dict[str, str] = field(default_factory=dict)  # field -> sha256 of the model or file it names
 
     @property
     def makes_model(self) -> bool:
@@ -119,7 +118,7 @@ def config_sha256(config: Config) -> str:
 def fingerprint(stage: Stage) -> dict[str, Any]:
     """The stage's config and inputs as sha256s: what must match for a finished stage to be skipped."""
     values = stage.config.model_dump()
-    stage.inputs = {}
+    inputs = {}  # setting (data[i] for a list) -> sha256 of the model or file it names
     for key in INPUT_FIELDS:
         if key == "teacher" and values.get("teacher_url"):
             continue  # an endpoint teacher: the model setting is not used
@@ -127,8 +126,8 @@ def fingerprint(stage: Stage) -> dict[str, Any]:
         for i, value in enumerate(named if isinstance(named, list) else [named]):
             sha = input_sha256(value) if isinstance(value, str) else None
             if sha is not None:
-                stage.inputs[key if not isinstance(named, list) else f"{key}[{i}]"] = sha
-    return {"config_sha256": config_sha256(stage.config), "inputs": stage.inputs}
+                inputs[key if not isinstance(named, list) else f"{key}[{i}]"] = sha
+    return {"config_sha256": config_sha256(stage.config), "inputs": inputs}
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:

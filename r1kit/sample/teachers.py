@@ -21,7 +21,9 @@ class Teacher(Protocol):
     """Anything that writes traces for questions."""
 
     def generate(self, questions: list[str], params: SamplingParams, keys: list[int],
-                 progress: Callable[[int], None] | None = None) -> list[Completion]: ...
+                 progress: Callable[[int], None] | None = None) -> list[Completion]:
+        """params.n completions per question, group-major; keys are the questions' row indices in the task."""
+        ...
 
     def identity(self) -> dict[str, str]: ...
 
@@ -60,15 +62,15 @@ class SolutionsTeacher:
         if missing is not None:
             raise DataError(f"{data}:{missing.get('_line', '?')}: teacher 'solutions' needs a {field!r} field "
                             "on every row (set solution_field)")
-        self.by_prompt = {r["prompt"]: r for r in rows}
-        self.field, self.data = field, data
+        self.rows, self.field, self.data = rows, field, data
 
     def generate(self, questions: list[str], params: SamplingParams, keys: list[int],
                  progress: Callable[[int], None] | None = None) -> list[Completion]:
-        """One trace per question (a solution is written once, however many samples are asked for)."""
+        """One trace per question, from the row `keys` names (a solution is written once, however many samples
+        are asked for)."""
         out = []
-        for i, q in enumerate(questions):
-            row = self.by_prompt[q]
+        for i, key in enumerate(keys):
+            row = self.rows[key]
             solution = CALCULATOR.sub("", row[self.field])
             text = trace_completion(solution, f"\\boxed{{{row['answer']}}}")
             out.append(Completion(text=text, token_ids=[], finish_reason="stop", prompt_index=i))

@@ -77,12 +77,12 @@ def chat_segments(messages: list[dict[str, str]], tokenizer) -> list[tuple[str, 
     return segments
 
 
-def row_segments(row: Row, template: str, tokenizer) -> list[tuple[str, bool]]:
+def row_segments(row: Row, template: str, tokenizer, end: str | None = None) -> list[tuple[str, bool]]:
     """(text, trainable) pieces of one row, in order.
 
     A prompt/reasoning/answer row is the prompt evaluation and rollouts build, then the trace and the
-    template's end of turn: never the template's rendering of the assistant turn, which some templates
-    rewrite (DeepSeek-R1's distilled models' drop everything up to `</think>`).
+    template's end of turn (`end`, else end_of_turn's): never the template's rendering of the assistant
+    turn, which some templates rewrite (DeepSeek-R1's distilled models' drop everything up to `</think>`).
     """
     if "messages" in row:
         return chat_segments(row["messages"], tokenizer)
@@ -91,7 +91,7 @@ def row_segments(row: Row, template: str, tokenizer) -> list[tuple[str, bool]]:
     opened = THINK_OPEN + "\n"
     if prompt.endswith(opened) and completion.startswith(opened):  # a template that opens the reasoning itself
         completion = completion[len(opened):]
-    return [(prompt, False), (completion + end_of_turn(tokenizer, template), True)]
+    return [(prompt, False), (completion + (end if end is not None else end_of_turn(tokenizer, template)), True)]
 
 
 def encode_segments(segments: list[tuple[str, bool]], tokenizer) -> tuple[list[int], list[bool]]:
@@ -127,10 +127,11 @@ def check_row(row: Row, path: str | Path) -> None:
 def load_examples(path: str | Path, tokenizer, template: str, max_seq_len: int) -> tuple[list[Example], int]:
     """The examples of a trace file and how many rows were longer than max_seq_len (left out)."""
     examples, too_long = [], 0
+    end = end_of_turn(tokenizer, template)  # the same for every row
     for row in read_jsonl(path):
         check_row(row, path)
         try:
-            ids, trainable = encode_segments(row_segments(row, template, tokenizer), tokenizer)
+            ids, trainable = encode_segments(row_segments(row, template, tokenizer, end), tokenizer)
         except DataError as e:
             raise DataError(f"{path}:{row['_line']}: {e}") from None
         if len(ids) > max_seq_len:
