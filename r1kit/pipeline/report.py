@@ -72,11 +72,15 @@ def plot(out: Path, rows: list[tuple[str, dict[str, Any]]], path: Path) -> None:
     trained = [(name, r) for name, r in rows if r["kind"] in TRAINING_CURVES]
     lines = 1 + (len(trained) + 1 + 3) // 4
     fig, axes = plt.subplots(lines, 4, figsize=(20, 3.6 * lines), squeeze=False)
-    by_stage = [("held-out pass@1", lambda e: e["pass@1"]), ("format rate", lambda e: e["format_rate"]),
-                ("language consistency", lambda e: e.get("language_consistency", float("nan"))),
-                ("mean response tokens", lambda e: e["response_tokens"]["mean"])]
-    for ax, (title, value) in zip(axes[0], by_stage, strict=True):
+    by_stage = [("held-out pass@1", lambda e: e["pass@1"], False),
+                ("format rate", lambda e: e["format_rate"], True),
+                ("language consistency", lambda e: e.get("language_consistency", float("nan")), True),
+                ("mean response tokens", lambda e: e["response_tokens"]["mean"], False)]
+    for ax, (title, value, rate) in zip(axes[0], by_stage, strict=True):
         ax.plot([n for n, _ in evaluated], [value(e) for _, e in evaluated], marker="o")
+        if rate:  # on 0..1, so that 0.99997 against 1.0 does not look like a fall
+            ax.set_ylim(-0.03, 1.03)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
         ax.grid(alpha=0.3)
