@@ -17,6 +17,9 @@ from typing import Any
 
 from r1kit.grading import score_answer
 from r1kit.prompts import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, split_trace
+from r1kit.tasks.base import completion_text
+from r1kit.tasks.countdown import equation_credit
+from r1kit.tasks.datasets import import_function
 
 RewardFn = Callable[..., list[float]]
 
@@ -24,17 +27,8 @@ _FORMAT = re.compile(r"^\s*<think>(?P<reasoning>.*?\S.*?)</think>(?P<answer>.*)$
 _WORD = re.compile(r"\w+")
 
 
-def completion_text(completion: Any) -> str:
-    """The text of a completion given as a string or as TRL's list of messages."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    raise TypeError(f"a completion is a string or a list of messages, not {type(completion).__name__}")
-
-
 def accuracy_reward(completions: Sequence[Any], answer: Sequence[str], **kwargs: Any) -> list[float]:
-    """1.0 when the final answer (last \\boxed{}, else <answer>, else last number) equals `answer`."""
+    """1.0 when the final answer (math-verify's, \\boxed{} first, else the <answer> block) equals `answer`."""
     return [score_answer(completion_text(c), str(gold)) for c, gold in zip(completions, answer, strict=True)]
 
 
@@ -76,8 +70,6 @@ def marker_reward(completions: Sequence[Any], marker: str = "Answer:", **kwargs:
 def equation_reward(completions: Sequence[Any], numbers: Sequence[list[int]], **kwargs: Any) -> list[float]:
     """Countdown's partial credit: 0.5 for an <answer> block, 1.0 when it holds an equation of the row's
     numbers (each at most once), right or wrong."""
-    from r1kit.tasks.countdown import equation_credit
-
     return [equation_credit(completion_text(c), list(n)) for c, n in zip(completions, numbers, strict=True)]
 
 
@@ -162,8 +154,6 @@ def reward_columns(rows: list[dict[str, Any]], prompts: list[Any]) -> dict[str, 
 
 def import_reward(spec: str) -> RewardFn:
     """A TRL-style reward function named `module:function` (or `path/to/file.py:function`)."""
-    from r1kit.tasks.datasets import import_function
-
     return import_function(spec, "reward")
 
 

@@ -40,7 +40,7 @@ def test_metrics_by_hand():
     assert m["language_consistency"] == pytest.approx((7 + 1 / 3) / 8)
     assert m["truncation_rate"] == 0.0
     assert m["tokens_per_s"] == pytest.approx(sum(len(r["completion"]) for r in run.records) / 2.0)
-    assert [r["extracted"] for r in run.records[4:]] == ["\\frac{1}{2}", "1/2", "0.25", None]
+    assert [r["extracted"] for r in run.records[4:]] == ["\\frac{1}{2}", "\\frac{1}{2}", "0.25", None]
     assert m["cons_grouping"] == "extracted answers"
 
 

@@ -120,3 +120,15 @@ def test_verifier_module_is_found_in_the_working_directory(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="^verifier 'broken_import:check': cannot import 'broken_import' "
                        "\\(No module named 'no_such_dependency'\\)$"):  # found, so no hint about the file
         import_function("broken_import:check")
+
+
+def test_addition_grades_by_its_own_rules_not_math_verify():
+    lenient, strict = load_task("addition", n=1, seed=3), load_task("addition", n=1, seed=3, strict=True)
+    row = lenient.rows[0]
+    total = int(row["answer"])
+    assert lenient.verify(f"so it is {total}", row) == 1.0
+    assert lenient.verify(f"\\boxed{{{total}}} and 1", row) == 0.0  # the last integer counts
+    assert strict.verify(f"Answer: {total}", row) == 1.0
+    assert strict.verify(f"Answer: {total} (not {total + 1})", row) == 1.0  # the first integer after the marker
+    assert strict.verify(f"\\boxed{{{total}}}", row) == 0.0  # no marker, no credit
+    assert strict.extract(f"Answer: {total}", row) == str(total)

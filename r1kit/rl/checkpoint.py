@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import pickle
 import random
 import re
 import shutil
@@ -11,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.pt"
@@ -18,30 +20,56 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG a training step may draw from."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Every RNG a training step may draw from (numpy's for libraries that use it), as tensors and numbers."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                       "has_gauss": has_gauss, "gauss": gauss}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what rng_state() saved."""
+    """Restore what rng_state() saved (a checkpoint from before numpy's was saved leaves numpy's as it is)."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# what torch.load(weights_only=True) takes besides containers: no object whose loading could run code
+_PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
+
+
+def plain(value: Any, where: str = "trainer state") -> Any:
+    """value with numpy scalars as Python numbers; a TypeError naming anything else that a weights-only load
+    refuses (it would make the checkpoint unloadable, found only at the resume)."""
+    if isinstance(value, np.generic):  # before _PLAIN: numpy's float64 is a float, yet refused by the load
+        return value.item()
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, dict):
+        return {k: plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if type(value) in (list, tuple, set):  # not their subclasses (a namedtuple is loaded through its class)
+        return type(value)(plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}: a checkpoint holds only "
+                    "tensors, numbers, strings, lists and dicts")
 
 
 def save_checkpoint(folder: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoints/step-N atomically; keep only the newest `keep` checkpoints."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step}"
+    trainer_state = plain({**state, "step": step, "rng": rng_state()})  # before writing anything
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=folder))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
+        torch.save(trainer_state, tmp / STATE_FILE)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -61,8 +89,17 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
-    """The trainer state of a checkpoint (optimizer, scheduler, data position, RNG, step)."""
-    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    """The trainer state of a checkpoint (optimizer, scheduler, data position, RNG, step), loaded weights-only:
+    a file that holds other objects is refused, since unpickling them could run code."""
+    path = checkpoint / STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f"a reference to {found[1]}" if found else "other objects"
+        raise ValueError(f"resume: {path} holds {what}; a trainer state holds only tensors, numbers, strings, "
+                         "lists and dicts, and loading anything else could run code, so it is refused. Resume only "
+                         "from checkpoints that r1kit wrote") from None
 
 
 def find_checkpoint(resume: str | None, out: Path) -> Path | None:

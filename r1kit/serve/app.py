@@ -19,7 +19,7 @@ from r1kit.config import ServeConfig
 from r1kit.prompts import THINK_OPEN
 from r1kit.rollout.types import SamplingParams, encode_prompt
 from r1kit.serve.reasoning import ReasoningSplitter, split_reasoning
-from r1kit.serve.router import Gate, Router
+from r1kit.serve.router import Gate, Router, Verdict
 from r1kit.serve.schemas import ChatRequest, CompletionRequest, SamplingFields, error_body, usage
 from r1kit.serve.worker import Event, Worker
 
@@ -118,6 +118,8 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         if name not in by_name:
             raise ValueError(f"route/gate names model {name!r}, which is not served ({', '.join(by_name)})")
     state = {"in_flight": 0}
+    if gate is not None:
+        app.router.on_shutdown.append(gate.close)  # its judging process
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -241,7 +243,7 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         choices = [ChoiceText(served.tokenizer, params.stop) for _ in range(params.n)]
         await _collect(_counted(state, served.worker.stream([prompt], params)), choices, params.n)
         splits = [split_reasoning(c.sent, in_reasoning) for c in choices]
-        verdict = gate.decide([content for _, content in splits])
+        verdict = await _judged(state, gate, [content for _, content in splits])
         reasoning, content = splits[verdict.chosen] if verdict.confident else ("", gate.refusal(verdict))
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": "gate"}
         message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None,
@@ -303,6 +305,19 @@ async def _collect(events: AsyncIterator, choices: list[ChoiceText], n: int) -> 
     async for p, batch in events:
         for event in batch:
             choices[p * n + event.index].add(event)
+
+
+async def _judged(state: dict, gate: Gate, contents: list[str]) -> Verdict:
+    """The gate's verdict on a request's samples, judged off the event loop, the request still counted as in
+    flight meanwhile; a failure (the user's verifier raising, say) is a 500 in OpenAI's shape."""
+    state["in_flight"] += 1
+    try:
+        return await gate.judge(contents)
+    except Exception as error:
+        raise APIError(500, f"the gate could not judge the samples: {type(error).__name__}: {error}",
+                       "server_error", "gate_failed") from error
+    finally:
+        state["in_flight"] -= 1
 
 
 async def _counted(state: dict, events: AsyncIterator) -> AsyncIterator:

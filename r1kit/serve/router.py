@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from r1kit.config import GateConfig, RouteConfig
@@ -53,7 +57,29 @@ class Gate:
 
     def __init__(self, cfg: GateConfig):
         self.cfg = cfg
-        self.verify = _import(cfg.verifier, "verifier") if cfg.verifier else None
+        self.verify = _import(cfg.verifier, "verifier") if cfg.verifier else None  # here too: a bad spec fails now
+        self._judge: ProcessPoolExecutor | None = None
+
+    async def judge(self, contents: list[str]) -> Verdict:
+        """decide(contents) in a process of the gate's own, awaited without blocking the event loop.
+
+        Its comparisons (sympy, quadratic in the samples) or the user's verifier take seconds, and on the loop
+        they stalled every other stream. Not a thread: it would share the loop's interpreter lock and lose
+        math-verify's timeouts (SIGALRM, main thread only), so a verdict could differ from decide()'s here."""
+        if self._judge is None:  # spawned, not forked: the server has threads, and on a GPU CUDA
+            self._judge = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                              initializer=_start_judge, initargs=(self.cfg,))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._judge, _judged, contents)
+        except BrokenProcessPool:  # the process died (the OOM killer, a verifier that exits): a new one next time
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the judging process, if one was started."""
+        if self._judge is not None:
+            self._judge.shutdown(wait=False, cancel_futures=True)
+            self._judge = None
 
     def decide(self, contents: list[str]) -> Verdict:
         """The verdict over the answers (message contents) of one question's samples."""
@@ -74,3 +100,15 @@ class Gate:
         """What the gate says when its samples do not agree."""
         return (f"I am not confident enough to answer: only {verdict.agreement:.0%} of my {self.cfg.samples} "
                 f"attempts agree (at least {self.cfg.min_agreement:.0%} needed).")
+
+
+_gate: Gate | None = None  # the judging process's own gate
+
+
+def _start_judge(cfg: GateConfig) -> None:
+    global _gate
+    _gate = Gate(cfg)
+
+
+def _judged(contents: list[str]) -> Verdict:
+    return _gate.decide(contents)

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from r1kit.grading import extract_answer, is_equiv, score_answer
-from r1kit.rewards import completion_text
 
 Row = dict[str, Any]
 
@@ -18,14 +17,23 @@ class DataError(ValueError):
     """Bad task data; the message names the file and line."""
 
 
+def completion_text(completion: Any) -> str:
+    """The text of a completion given as a string or as TRL's list of messages."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    raise TypeError(f"a completion is a string or a list of messages, not {type(completion).__name__}")
+
+
 def math_verify_row(completion: str, row: Row) -> float:
     """The default verifier: the final answer is mathematically equal to the row's `answer`."""
     return score_answer(completion, str(row["answer"]))
 
 
 def math_extract(completion: str, row: Row) -> str | None:
-    """The default answer extractor: last \\boxed{}, else <answer>, else last number."""
-    return extract_answer(completion, str(row["answer"]))
+    """The default answer extractor: math-verify's final answer (\\boxed{} first), else the <answer> block."""
+    return extract_answer(completion)
 
 
 @dataclass
