@@ -17,7 +17,9 @@ from typing import Any
 
 from r1kit.grading import score_answer
 from r1kit.prompts import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, split_trace
+from r1kit.sandbox import check_sandbox
 from r1kit.tasks.base import completion_text
+from r1kit.tasks.code import CODE_FIELDS, Scoring, last_code_block, score_programs
 from r1kit.tasks.countdown import equation_credit
 from r1kit.tasks.datasets import import_function
 
@@ -71,6 +73,18 @@ def equation_reward(completions: Sequence[Any], numbers: Sequence[list[int]], **
     """Countdown's partial credit: 0.5 for an <answer> block, 1.0 when it holds an equation of the row's
     numbers (each at most once), right or wrong."""
     return [equation_credit(completion_text(c), list(n)) for c, n in zip(completions, numbers, strict=True)]
+
+
+def code_reward(completions: Sequence[Any], partial: bool = False, timeout_s: float = 5.0,
+                unsafe_no_sandbox: bool = False, **columns: Any) -> list[float]:
+    """1.0 when the last fenced Python block passes the row's tests in the sandbox (`partial`: the share passed).
+
+    Columns: `tests` (assert strings), or `inputs` and `outputs` (stdin/stdout cases), or HumanEval's `test` and
+    `entry_point` (with `code_prompt`, the code the candidate follows). The batch runs in one parallel pool.
+    """
+    rows = [{name: columns[name][i] for name in CODE_FIELDS if name in columns} for i in range(len(completions))]
+    programs = [last_code_block(completion_text(c)) for c in completions]
+    return score_programs(programs, rows, Scoring(partial, timeout_s, unsafe_no_sandbox))
 
 
 def script_of(word: str) -> str:
@@ -132,6 +146,7 @@ REWARDS: dict[str, RewardFn] = {
     "tag_count": tag_count_reward,
     "marker": marker_reward,
     "equation": equation_reward,
+    "code": code_reward,
     "language": language_consistency_reward,
     "length": soft_overlong_penalty,
 }
@@ -142,6 +157,8 @@ def make_reward(name: str, **options: Any) -> RewardFn:
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; built-in rewards: {', '.join(REWARDS)}")
     fn = REWARDS[name]
+    if fn is code_reward and not options.get("unsafe_no_sandbox"):
+        check_sandbox()  # a refused sandbox stops the run here, not as a reward failure on every sample
     return partial(fn, **options) if options else fn
 
 

@@ -28,6 +28,7 @@ from r1kit.rollout import Completion, Generator, SamplingParams, make_generator,
 from r1kit.tasks import Task, load_task
 
 CORRECT = 0.5  # a sample counts as correct for pass@k / cons@k when its accuracy is at least this
+EXTRACTED = "extracted answers"  # what cons@k votes on unless the task's meta names its grouping
 
 
 @dataclass
@@ -83,17 +84,19 @@ def evaluate(task: Task, generator: Generator, tokenizer, params: SamplingParams
     return run
 
 
-def vote_keys(records: list[dict[str, Any]], same_answer) -> tuple[list[str | None], Any, str]:
+def vote_keys(records: list[dict[str, Any]], same_answer, grouping: str = EXTRACTED
+              ) -> tuple[list[str | None], Any, str]:
     """What cons@k votes on, how two votes are compared, and which it is: the task's extracted answers when it
-    extracts any, else the final text after the reasoning, whitespace and case ignored (a task with its own
-    verifier may extract nothing, and its majority vote must still see the answers)."""
+    extracts any (`grouping` names them), else the final text after the reasoning, whitespace and case ignored
+    (a task with its own verifier may extract nothing, and its majority vote must still see the answers)."""
     if any(r["extracted"] is not None for r in records):
-        return [r["extracted"] for r in records], same_answer, "extracted answers"
+        return [r["extracted"] for r in records], same_answer, grouping
     keys = [" ".join((r["answer"] or r["completion"]).split()).lower() or None for r in records]
     return keys, str.__eq__, "final text"
 
 
-def summarize(records: list[dict[str, Any]], k: int, same_answer, generation_s: float) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], k: int, same_answer, generation_s: float,
+              grouping: str = EXTRACTED) -> dict[str, Any]:
     """pass@1 (mean over k samples), pass@k, cons@k, format and truncation rates, lengths, throughput."""
     problems = [records[i : i + k] for i in range(0, len(records), k)]
     accuracy = [[s["rewards"]["accuracy"] for s in p] for p in problems]
@@ -105,7 +108,7 @@ def summarize(records: list[dict[str, Any]], k: int, same_answer, generation_s: 
     }
     for kk in pass_ks(k)[1:]:
         metrics[f"pass@{kk}"] = sum(pass_at_k(k, c, kk) for c in correct) / max(len(problems), 1)
-    keys, same, metrics["cons_grouping"] = vote_keys(records, same_answer)
+    keys, same, metrics["cons_grouping"] = vote_keys(records, same_answer, grouping)
     metrics[f"cons@{k}"] = sum(
         cons_at_k(keys[i : i + k], [a >= CORRECT for a in acc], same)
         for i, acc in zip(range(0, len(records), k), accuracy, strict=True)) / max(len(problems), 1)
@@ -165,7 +168,8 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
         "sampling": {**params.to_dict(), "template": resolve_template(cfg.template, tokenizer),
                      "backend": cfg.backend},
         "config": cfg.model_dump(),
-        "metrics": summarize(run.records, cfg.samples, task.same_answer, run.generation_s),
+        "metrics": summarize(run.records, cfg.samples, task.same_answer, run.generation_s,
+                             task.meta.get("cons_grouping", EXTRACTED)),
         "reward_failures": run.reward_failures,
         "wall_s": time.perf_counter() - started,
         "interrupted": interrupted,

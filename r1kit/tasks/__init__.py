@@ -9,6 +9,7 @@ from typing import Any
 from r1kit.tasks.addition import addition
 from r1kit.tasks.arithmetic import arithmetic
 from r1kit.tasks.base import DataError, Row, Task, read_jsonl
+from r1kit.tasks.code import code_jsonl, functions, humaneval
 from r1kit.tasks.countdown import countdown
 from r1kit.tasks.datasets import aime, gsm8k, jsonl, math500
 
@@ -20,6 +21,9 @@ TASKS: dict[str, Callable[..., Task]] = {
     "math500": math500,
     "aime": aime,
     "jsonl": jsonl,
+    "humaneval": humaneval,
+    "code_jsonl": code_jsonl,
+    "functions": functions,
 }
 
 __all__ = ["TASKS", "DataError", "Row", "Task", "load_task", "read_jsonl", "task_options"]
