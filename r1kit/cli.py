@@ -28,7 +28,7 @@ from r1kit.config import (
 )
 
 EPILOG = """examples:
-  r1kit demo                                    evaluate the embedded model on arithmetic
+  r1kit demo                                    GRPO on addition with the embedded model, held-out before and after
   r1kit eval --task gsm8k --data gsm8k_test.jsonl --samples 4 --limit 200
   r1kit eval --task arithmetic task_args.digits=3 --temperature 0
   r1kit train --config examples/train_addition.yaml steps=50
@@ -55,7 +55,8 @@ CONFIG_COMMANDS = [
     ("train", TrainConfig, "r1kit.rl.run:run_train", "GRPO with rule-based rewards (R1-Zero from a base model)",
      "Group Relative Policy Optimization: G completions per prompt, rewards from verifiers, group-relative "
      "advantages, the clipped objective. Ctrl-C or SIGTERM saves a checkpoint; resume=latest continues exactly. Writes "
-     "metrics.jsonl, TensorBoard events, checkpoints/."),
+     "config.yaml, run.json, metrics.jsonl, samples.jsonl, TensorBoard events, checkpoints/ and final/ to --out; "
+     "without resume, an earlier run there is moved aside to OUT.old-<time> first."),
     ("sft", SFTConfig, "r1kit.sft.run:run_sft", "supervised fine-tuning on reasoning traces (cold start, distillation)",
      "Fine-tune on JSONL traces, either chat `messages` or `prompt` + `reasoning` + `answer` (the prompt built with "
      "--template, as evaluation builds it; the completion `<think>\\n{reasoning}\\n</think>\\n{answer}`). The loss "
@@ -91,13 +92,15 @@ CONFIG_COMMANDS = [
      "Serve a model: POST /v1/chat/completions (reasoning in reasoning_content), /v1/completions, GET /v1/models "
      "(with weight sha256), /health, and a chat page at /. Several models, a router and a gate: --config serve.yaml. "
      "On a GPU each model's engine runs in a process of its own and warms up (CUDA graphs, compiles: about a "
-     "minute on a fresh machine) before the server listens; every 10 s the log says the engine's tokens/s and step "
-     "times."),
+     "minute on a fresh machine) before the server listens; every 10 s while it generates, the log says the "
+     "engine's tokens/s and step times."),
     ("chat", ChatConfig, "r1kit.serve.chat:run_chat", "terminal chat with a model (--model) or a server (--url)",
      "Chat in the terminal: replies stream in, the reasoning dimmed."),
     ("demo", DemoConfig, "r1kit.demo:run_demo", "the main job: GRPO on addition, held-out accuracy before and after",
-     "Measure the embedded model on held-out addition, train it with GRPO, measure again, write a report. "
-     "About 10 minutes on a GPU; a short run within 10 minutes on a 2-core CPU."),
+     "Measure the embedded model's accuracy on held-out addition problems, train it with GRPO on others for "
+     "--time-budget-s seconds (420 on a GPU, 240 on a CPU; as many steps as fit at the speed of the first), measure "
+     "again, write a report. The evaluations add to that time: minutes on a CPU. An earlier run in --out is moved "
+     "aside to OUT.old-<time>."),
 ]
 
 

@@ -1,4 +1,6 @@
 import json
+import re
+import shlex
 
 import pytest
 
@@ -54,3 +56,24 @@ def test_unknown_key_names_the_close_one(capsys):
     assert main(["train", "group_sise=4"]) == 2
     assert capsys.readouterr().err == ("error: config (defaults and overrides): group_sise: unknown option; "
                                        "did you mean group_size?\n")
+
+
+def test_every_example_in_the_help_parses_into_its_commands_config(monkeypatch):
+    from pathlib import Path
+
+    from r1kit.cli import EPILOG, build_parser
+    from r1kit.config import config_from_args
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the examples name examples/*.yaml
+    parser = build_parser()
+    lines = [line.strip() for line in EPILOG.splitlines()[1:] if line.strip()]
+    for line in lines:
+        command, *what = re.split(r"\s{2,}", line)  # two spaces or more before the description
+        args, extra = parser.parse_known_args(shlex.split(command)[1:])
+        if hasattr(args, "config_cls"):
+            args.overrides = [*args.overrides, *extra]
+            config_from_args(args.config_cls, args)
+        else:
+            assert not extra, line
+    demo_line = next(line for line in lines if line.startswith("r1kit demo "))
+    assert "GRPO on addition" in demo_line and "arithmetic" not in demo_line  # it trains; it does not only evaluate

@@ -1,4 +1,5 @@
-"""The GRPO loop on a tiny random model: mu > 1, NaN skip, failing rewards, exact resume, Ctrl-C."""
+"""The GRPO loop on a tiny random model: mu > 1, NaN skip, failing rewards, exact resume, Ctrl-C, what it warns
+about, time budgets, run folders."""
 
 import json
 import os
@@ -6,18 +7,21 @@ import signal
 import subprocess
 import sys
 import time
+import types
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import r1kit.rl.run as run_module
 import r1kit.rl.trainer as trainer_module
 from r1kit.config import TrainConfig
 from r1kit.models import weights_sha256
 from r1kit.rewards import build_rewards
-from r1kit.rl.run import build_policy, build_tasks, run_train
-from r1kit.rl.trainer import GRPOTrainer
+from r1kit.rl.run import budget_steps, build_policy, build_tasks, run_train
+from r1kit.rl.trainer import GRPOTrainer, step_list
 from r1kit.rollout import make_generator
 
 TIMING = ("_s", "tokens_per_s")
@@ -29,6 +33,12 @@ def vowels(completions, **kw):
 
 def flaky(completions, answer, **kw):
     return [1.0 if int(a) % 2 else 1 / 0 for a in answer]
+
+def broken(completions, **kw):
+    raise KeyError("no such column")
+
+def constant(completions, **kw):
+    return [1.0] * len(completions)
 '''
 
 
@@ -83,7 +93,8 @@ def test_nan_loss_skips_the_update(tiny_model_dir, tmp_path, reward_file, monkey
     trainer = make_trainer(config(tiny_model_dir, tmp_path, reward_file))
     before = [p.detach().clone() for p in trainer.params]
     monkeypatch.setattr(trainer_module, "policy_loss", lambda *a, **k: (torch.tensor(float("nan")), {}))
-    with pytest.warns(RuntimeWarning, match="step 1: non-finite loss, update skipped"):
+    with pytest.warns(RuntimeWarning, match=r"step 1: non-finite loss, update skipped: in micro-batch 1 of 3 "
+                      r"\(sequences 1-3\)"):
         metrics, _ = trainer.step()
     assert metrics["skipped"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
@@ -179,6 +190,66 @@ def test_nan_gradient_skips_the_update(tiny_model_dir, tmp_path, reward_file, mo
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
 
 
+@pytest.mark.parametrize("every_pass", [True, False])
+def test_a_skipped_update_names_its_non_finite_gradients(tiny_model_dir, tmp_path, reward_file, every_pass):
+    trainer = make_trainer(config(tiny_model_dir, tmp_path, reward_file))  # 8 sequences, micro-batches of 3
+    name = "model.layers.1.mlp.down_proj.weight"
+    calls = []
+
+    def poison(grad):  # the second micro-batch's gradient, in every pass over them or in the first only
+        calls.append(grad)
+        return grad * float("nan") if (len(calls) % 3 == 2 if every_pass else len(calls) == 2) else grad
+
+    trainer.model.get_parameter(name).register_hook(poison)
+    with pytest.warns(RuntimeWarning) as caught:
+        metrics, _ = trainer.step()
+    (message,) = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    if every_pass:
+        assert message == (f"step 1: non-finite gradient, update skipped: in 1 of {len(trainer.params)} parameter "
+                           f"tensors ({name}), first after micro-batch 2 of 3 (sequences 4-6)")
+    else:  # a fault that does not come back when the micro-batches run again
+        assert message.endswith("update skipped; not reproduced when its micro-batches ran again (a "
+                                "nondeterministic kernel?)")
+    assert metrics["skipped"] == 1.0 and len(calls) == 6  # the update's pass, and the search's
+    assert all(p.grad is None for p in trainer.params)
+
+
+def test_reward_warnings_show_the_first_of_each_kind(tiny_model_dir, tmp_path, reward_file):
+    broken = f"{reward_file}:broken"
+    trainer = make_trainer(config(tiny_model_dir, tmp_path, reward_file,
+                                  rewards={f"{reward_file}:vowels": 1.0, broken: 1.0}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, _ = trainer.step()
+        second, _ = trainer.step()
+    assert [str(w.message) for w in caught if "raised" in str(w.message)] == [
+        f"step 1: reward '{broken}' raised on 8 of 8 samples; scored 0.0 (the first of its kind; later ones are not "
+        "shown)"]
+    assert first["reward_failures"] == second["reward_failures"] == 8  # every one still counted
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_steps_without_differing_rewards_are_reported(tiny_model_dir, tmp_path, reward_file, dynamic):
+    trainer = make_trainer(config(tiny_model_dir, tmp_path, reward_file, rewards={f"{reward_file}:constant": 1.0},
+                                  dynamic_sampling=dynamic, max_rollout_rounds=1, eval_problems=0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        steps = [trainer.step()[0] for _ in range(4)]
+    shown = [str(w.message) for w in caught if "the same reward" in str(w.message)]
+    assert [m.split(":")[0] for m in shown] == ["step 1", "step 2", "step 4"]  # 1st, 2nd, 4th: not every step
+    assert "(4 such steps so far: 1, 2, 3, 4). For rewards that differ within a group, raise " in shown[-1]
+    assert shown[0].startswith("step 1: all 4 completions of each of the 2 prompts rolled out got the same reward, "
+                               "so every advantage is 0: ")
+    if dynamic:
+        assert "0: update skipped (1 such step so far: 1)" in shown[0]
+        assert "raise group_size, temperature or max_rollout_rounds, or add a reward" in shown[0]
+        assert all(m["skipped"] == 1.0 for m in steps)
+    else:
+        assert "0: nothing to learn from it (1 such step so far: 1)" in shown[0]
+        assert "raise group_size or temperature, or add a reward" in shown[0]
+    assert step_list(list(range(1, 10))) == "1, 2, 3, ..., 7, 8, 9"
+
+
 def test_report_plots_and_sample_pages(tiny_model_dir, tmp_path, reward_file):
     from r1kit.cli import main
 
@@ -190,15 +261,6 @@ def test_report_plots_and_sample_pages(tiny_model_dir, tmp_path, reward_file):
     assert "| 0 |" in page and "| 2 |" in page  # held-out before, and at eval_every
     assert (run / "report" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["report", str(tmp_path)]) == 2  # no metrics.jsonl: a one-line error
-
-
-def test_demo_sizes_itself():
-    from r1kit.config import DemoConfig
-    from r1kit.demo import demo_config
-
-    cpu = demo_config(DemoConfig(device="cpu"))
-    assert cpu.time_budget_s == 240 and cpu.task == "addition" and cpu.eval_problems == 32
-    assert demo_config(DemoConfig(device="cpu", time_budget_s=5)).time_budget_s == 5
 
 
 def test_prompts_over_the_limit_are_skipped(tiny_model_dir, tmp_path, reward_file):
@@ -265,7 +327,61 @@ def test_bad_model_or_data_fails_before_the_run_folder_exists(tiny_model_dir, tm
     assert not out.exists()
 
 
+def test_budget_steps_counts_the_steps_that_fit():
+    cfg = TrainConfig(steps=100, time_budget_s=10)
+    assert budget_steps(cfg, 1, 4.0, 4.0) == 3  # 6 s left: steps that end at 8 s and 12 s (past it: the last)
+    assert budget_steps(cfg, 2, 4.0, 2.0) == 5
+    assert budget_steps(cfg, 5, 11.0, 2.0) == 5
+    assert budget_steps(cfg.model_copy(update={"steps": 3}), 1, 1.0, 1.0) == 3
+
+
+def test_a_time_budget_is_planned_by_the_measured_speed(tiny_model_dir, tmp_path, reward_file, monkeypatch, capsys):
+    clock, real = [0.0], GRPOTrainer.step
+
+    def slow(self):  # a busy machine: 2 s a step on the run's clock
+        clock[0] += 2.0
+        return real(self)
+
+    monkeypatch.setattr(run_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(GRPOTrainer, "step", slow)
+    summary = run_train(config(tiny_model_dir, tmp_path / "run", reward_file, steps=100, eval_problems=0,
+                               save_every=0, time_budget_s=7))
+    err = " ".join(capsys.readouterr().err.split())
+    # 5 s left after the first step: steps ending at 4, 6 and 8 s, the last past the budget
+    assert ("step 1 took 2.0 s: time_budget_s=7 fits about 4 steps; too few to learn much; give it "
+            "time_budget_s=20 or more, or run it where the CPU is free or on a GPU") in err
+    assert summary["steps"] == 4 and "time_budget_s=7 allowed 4 steps (2 s a step)" in err
+
+
 def test_a_time_budget_that_allows_too_few_steps_is_reported(tiny_model_dir, tmp_path, reward_file, capsys):
     run_train(config(tiny_model_dir, tmp_path / "run", reward_file, steps=5, eval_problems=0, time_budget_s=1e-6))
     err = " ".join(capsys.readouterr().err.split())
     assert "time_budget_s=1e-06 allowed 1 step (" in err and "too few to learn much" in err
+
+
+def test_a_new_run_sets_an_earlier_one_aside_and_resume_continues_it(tiny_model_dir, tmp_path, reward_file, capsys,
+                                                                     monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # rich would break the long paths
+    out = tmp_path / "run"
+    run_train(config(tiny_model_dir, out, reward_file, steps=1, eval_problems=0))
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    run_train(config(tiny_model_dir, out, reward_file, steps=1, eval_problems=0))
+    (aside,) = tmp_path.glob("run.old-*")
+    assert f"{out} held an earlier run: moved it to {aside} (resume=latest continues a run instead)" in (
+        capsys.readouterr().err)
+    for run in (out, aside):  # each run its own checkpoint and TensorBoard events
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-1"]
+        assert len(list((run / "tensorboard").iterdir())) == 1 and (run / "run.json").is_file()
+    assert (out / "notes.txt").read_text() == "mine"  # not the run's: it stays
+
+    run_train(config(tiny_model_dir, out, reward_file, steps=2, eval_problems=0, resume="latest"))
+    assert "earlier run" not in capsys.readouterr().err and len(list(tmp_path.glob("run.old-*"))) == 1
+    assert [r["step"] for r in _steps(out)] == [1, 2]
+
+
+def test_a_lone_config_is_no_run_to_set_aside(tmp_path):
+    from r1kit.rl.runlog import set_aside
+
+    (tmp_path / "config.yaml").write_text("steps: 1\n")
+    assert set_aside(tmp_path) is None and (tmp_path / "config.yaml").is_file()

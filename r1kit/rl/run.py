@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ from r1kit.eval.held_out import HeldOut, generated_rows, held_out_accuracy
 from r1kit.models import checkpoint_dtype, load_model, resolve_model, save_model, weights_sha256
 from r1kit.rewards import build_rewards
 from r1kit.rl.checkpoint import StopRequest, find_checkpoint, resume_run, save_run
-from r1kit.rl.runlog import RunLog
+from r1kit.rl.runlog import RunLog, set_aside
 from r1kit.rl.trainer import GRPOTrainer, Rollouts
 from r1kit.rollout import make_generator
 from r1kit.tasks import Task, load_task, task_options
@@ -78,6 +79,25 @@ def build_policy(cfg: TrainConfig, checkpoint: Path | None):
 FEW_STEPS = 10  # fewer GRPO steps than this rarely move held-out accuracy
 
 
+def budget_steps(cfg: TrainConfig, step: int, train_s: float, step_s: float) -> int:
+    """The steps a run under time_budget_s will have taken at step_s seconds a step: those done, and one per
+    step_s left in the budget, rounded up (the loop stops after the first step that ends past it)."""
+    left = max(0.0, cfg.time_budget_s - train_s)
+    return min(cfg.steps, step + math.ceil(left / max(step_s, 1e-9)))
+
+
+def plan_line(cfg: TrainConfig, step: int, step_s: float, planned: int) -> str:
+    """The steps time_budget_s fits at the speed measured so far, with what to change if too few."""
+    line = f"step {step} took {step_s:.1f} s: time_budget_s={cfg.time_budget_s:g} fits about {planned} steps"
+    return line + (f"; [yellow]{too_few(cfg, step_s)}" if planned < FEW_STEPS else "")
+
+
+def too_few(cfg: TrainConfig, step_s: float) -> str:
+    """What to change when time_budget_s allows fewer than FEW_STEPS steps of step_s seconds."""
+    return (f"too few to learn much; give it time_budget_s={math.ceil(FEW_STEPS * step_s)} or more, or run it where "
+            "the CPU is free or on a GPU")
+
+
 def held_out_eval(trainer: GRPOTrainer, task: Task, cfg: TrainConfig, progress: Progress | None = None
                   ) -> dict[str, float]:
     """Greedy and sampled (eval_temperature) accuracy on the held-out rows (with bars on `progress`)."""
@@ -132,6 +152,8 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
     torch.manual_seed(cfg.seed)
     train_task, held = build_tasks(cfg)
     rewards = build_rewards(cfg.rewards, accuracy=train_task.reward)
+    if checkpoint is None and (aside := set_aside(out)) is not None:  # a new run: never mixed with an old one
+        console.print(f"{out} held an earlier run: moved it to {aside} (resume=latest continues a run instead)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     model, tokenizer, ref = build_policy(cfg, checkpoint)
@@ -151,24 +173,33 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
 
     stop = StopRequest()
     started, metrics = time.perf_counter(), {}
+    step0, train_s0 = trainer.step_count, summary.get("train_s", 0.0)  # where this session starts
     columns = (TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}"))
     try:
         with Progress(*columns, console=console) as progress, warnings.catch_warnings():
             warnings.simplefilter("always", RuntimeWarning)
-            bar = progress.add_task("", total=cfg.steps, completed=trainer.step_count)
+            # under a time budget the steps are unknown until the first one is measured
+            total = cfg.steps if cfg.time_budget_s is None else None
+            bar = progress.add_task("", total=total, completed=trainer.step_count)
             while trainer.step_count < cfg.steps:
                 metrics, batch = trainer.step()
                 step = trainer.step_count
                 if held is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                     metrics.update(held_out_eval(trainer, held, cfg))
-                metrics["train_s"] = summary.get("train_s", 0.0) + time.perf_counter() - started
+                metrics["train_s"] = train_s0 + time.perf_counter() - started
                 log.metrics(step, metrics)
                 log.samples(step, step_samples(batch, cfg.group_size))
                 progress.update(bar, completed=step, description=progress_line(metrics))
                 out_of_time = cfg.time_budget_s is not None and metrics["train_s"] >= cfg.time_budget_s
                 if stop.requested or out_of_time:
                     break
+                if cfg.time_budget_s is not None:  # plan by the speed measured so far, not an assumed one
+                    step_s = (metrics["train_s"] - train_s0) / (step - step0)
+                    planned = budget_steps(cfg, step, metrics["train_s"], step_s)
+                    progress.update(bar, total=planned)
+                    if step == step0 + 1 and planned < cfg.steps:  # the budget, not `steps`, ends this run
+                        console.print(plan_line(cfg, step, step_s, planned))
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:  # the last one follows
                     save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
     finally:
@@ -178,9 +209,9 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
     budget_cut = cfg.time_budget_s is not None and summary["train_s"] >= cfg.time_budget_s
     if budget_cut and trainer.step_count < FEW_STEPS:  # a busy or slow machine: say so rather than a flat result
         n = trainer.step_count
+        step_s = summary["train_s"] / max(1, n)
         console.print(f"[yellow]time_budget_s={cfg.time_budget_s:g} allowed {n} step{'s' * (n != 1)} "
-                      f"({summary['train_s'] / max(1, n):.0f} s a step): too few to learn much; give it more time, "
-                      "or run it where the CPU is free or on a GPU")
+                      f"({step_s:.0f} s a step): {too_few(cfg, step_s)}")
     if stop.requested:
         summary["interrupted"] = True
         write_summary(out, summary)

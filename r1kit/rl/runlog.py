@@ -1,10 +1,36 @@
-"""A run's record: metrics.jsonl, TensorBoard events and sample completions, safe to resume into."""
+"""A run's record: metrics.jsonl, TensorBoard events and sample completions, safe to resume into, and set
+aside whole when a new run starts in its folder."""
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
+
+# what a GRPO or SFT run writes into its folder; anything else there is not the run's and stays
+RUN_ENTRIES = ("config.yaml", "run.json", "metrics.jsonl", "samples.jsonl", "tensorboard", "checkpoints", "final",
+               "report")
+
+
+def set_aside(folder: Path) -> Path | None:
+    """Move an earlier run's files from `folder` into a new sibling `<folder>.old-<time>`, so that a new run
+    neither mixes its checkpoints and TensorBoard events with theirs nor deletes them; that folder, or None
+    when `folder` holds no run (a config.yaml alone is from a run that failed before it began)."""
+    found = [folder / name for name in RUN_ENTRIES if (folder / name).exists()]
+    if all(path.name == "config.yaml" for path in found):
+        return None
+    base = folder.resolve()
+    stamp, k = time.strftime("%Y%m%d-%H%M%S"), 1
+    aside = base.with_name(f"{base.name}.old-{stamp}")
+    while aside.exists():  # another run set aside within the same second
+        k += 1
+        aside = base.with_name(f"{base.name}.old-{stamp}-{k}")
+    aside.mkdir()
+    for path in found:
+        path.rename(aside / path.name)
+    return aside if folder.is_absolute() else Path(os.path.relpath(aside))  # as the user gave `folder`
 
 
 def _keep_until(path: Path, step: int) -> None:

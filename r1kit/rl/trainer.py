@@ -1,15 +1,18 @@
 """The GRPO step as three separate stages over a batch: rollout, score, update.
 
-Each stage takes and returns plain data, so data-parallel ranks (torchrun) can each roll out and
-score their share of prompts and meet only in the gradient all-reduce of `update`.
+One process on one device runs them in turn: `rollout` samples G completions per prompt from the
+policy through a Generator (the engine or HF), `score` turns them into rewards, and `update` takes
+the optimizer steps. The stages pass plain data: completions, reward tensors, metrics.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +108,20 @@ def pad_sequences(prompt_ids: list[list[int]], completion_ids: list[list[int]], 
     }
 
 
+def step_list(steps: list[int], shown: int = 6) -> str:
+    """'3, 5, 9', or for a long list its first and last steps around '...'."""
+    if len(steps) <= shown:
+        return ", ".join(map(str, steps))
+    half = shown // 2
+    return ", ".join(map(str, steps[:half])) + ", ..., " + ", ".join(map(str, steps[-half:]))
+
+
+def micro_batch_text(index: int, n: int, size: int) -> str:
+    """'micro-batch 2 of 3 (sequences 5-8)' for micro-batch `index` (from 0) of n sequences in micro-batches of size."""
+    start = index * size
+    return f"micro-batch {index + 1} of {math.ceil(n / size)} (sequences {start + 1}-{min(n, start + size)})"
+
+
 def token_logprobs(model, batch: dict[str, torch.Tensor], rows: slice, temperature: float,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(target) under softmax(logits / temperature) for the completion tokens of batch[rows]."""
@@ -142,6 +159,8 @@ class GRPOTrainer(TrainerState):
         self.step_count = 0
         self._synced_step: int | None = None  # the step whose weights the generator holds
         self.sync_s = 0.0  # this step's weight refresh, seconds
+        self._warned: set[tuple[type[Warning], str]] = set()  # kinds of reward warnings shown so far
+        self.uninformative_steps: list[int] = []  # steps in which no group's rewards differed
 
     def sampling(self, round_: int) -> SamplingParams:
         """Rollout sampling; the seed depends only on (seed, step, round), so a resumed run samples the same."""
@@ -181,9 +200,21 @@ class GRPOTrainer(TrainerState):
         rows = [self.task.rows[i] for i in indices for _ in range(g)]
         prompts = [self.prompts[i] for i in indices for _ in range(g)]
         columns = {**reward_columns(rows, prompts), "completion_ids": [c.token_ids for c in completions]}
-        with warnings.catch_warnings(record=True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # every one recorded; _show_first_of_each_kind filters
             scores = score_completions(self.rewards, [c.text for c in completions], columns)
+        self._show_first_of_each_kind(caught)
         return torch.tensor(scores.total, dtype=torch.float32), scores.per_reward, scores.failures
+
+    def _show_first_of_each_kind(self, caught: list[warnings.WarningMessage]) -> None:
+        """Issue again the first reward warning of each kind in this run (a step can raise hundreds, and the
+        counts in their text vary, so a kind is the category and the text with its numbers left out)."""
+        for w in caught:
+            kind = (w.category, re.sub(r"\d+", "#", str(w.message)))
+            if kind not in self._warned:
+                self._warned.add(kind)
+                warnings.warn_explicit(f"step {self.step_count + 1}: {w.message} (the first of its kind; later "
+                                       "ones are not shown)", w.category, w.filename, w.lineno)
 
     def collect(self) -> Rollouts:
         """Roll out and score prompts_per_step groups; with dynamic sampling, keep only informative groups."""
@@ -232,7 +263,7 @@ class GRPOTrainer(TrainerState):
 
     # -- update --------------------------------------------------------------------------------
     def update(self, batch: Rollouts) -> dict[str, float]:
-        """num_iterations optimizer steps on the batch, old logprobs fixed at rollout time."""
+        """num_iterations optimizer steps on the batch; the old logprobs stay those of the policy that sampled it."""
         cfg, g = self.cfg, self.cfg.group_size
         n = len(batch.completions)
         if n == 0:
@@ -249,19 +280,21 @@ class GRPOTrainer(TrainerState):
         tokens = mask.sum().clamp(min=1).item()
         normalizer = {"grpo": n, "bnpo": tokens, "dapo": tokens,
                       "dr_grpo": n * cfg.max_completion_tokens}[cfg.loss_type]
+        accumulate = functools.partial(self._accumulate, tensors, mask, advantages, old_logp, ref_logp, normalizer,
+                                       tokens)
         totals: dict[str, float] = {}
         skipped = 0
         for _ in range(cfg.num_iterations):
-            sums, ok = self._accumulate(tensors, mask, advantages, old_logp, ref_logp, normalizer, tokens)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item() if ok else math.nan
+            sums, bad_loss = accumulate()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item() if bad_loss is None
+                         else math.nan)
             if not math.isfinite(grad_norm):
                 # one bad batch (overflow, a degenerate sequence) must not turn the weights into NaN
+                reason = self._skip_reason(bad_loss, accumulate, n)
                 self.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
-                what = "loss" if not ok else "gradient"
                 # numbered as the metrics row of this step is (step_count grows when the step ends)
-                warnings.warn(f"step {self.step_count + 1}: non-finite {what}, update skipped", RuntimeWarning,
-                              stacklevel=2)
+                warnings.warn(f"step {self.step_count + 1}: {reason}", RuntimeWarning, stacklevel=2)
                 continue
             self.optimizer.step()
             self.scheduler.step()
@@ -272,12 +305,13 @@ class GRPOTrainer(TrainerState):
         totals["lr"] = self.scheduler.get_last_lr()[0]
         return totals
 
-    def _accumulate(self, tensors, mask, advantages, old_logp, ref_logp, normalizer, tokens) -> tuple[dict, bool]:
-        """Forward/backward every micro-batch; metrics weighted by their share of the tokens. False on a
-        non-finite loss."""
+    def _accumulate(self, tensors, mask, advantages, old_logp, ref_logp, normalizer, tokens,
+                    after_backward: Callable[[int], None] | None = None) -> tuple[dict, int | None]:
+        """Forward/backward every micro-batch; metrics weighted by their share of the tokens. Stops at a non-finite
+        loss and returns its micro-batch's index too (else None); after_backward(index) follows each backward."""
         cfg, n = self.cfg, mask.shape[0]
         sums: dict[str, float] = {"loss": 0.0}
-        for start in range(0, n, cfg.micro_batch_size):
+        for index, start in enumerate(range(0, n, cfg.micro_batch_size)):
             rows = slice(start, start + cfg.micro_batch_size)
             with self.autocast():
                 logp, entropy = token_logprobs(self.model, tensors, rows, cfg.temperature, with_entropy=True)
@@ -287,13 +321,43 @@ class GRPOTrainer(TrainerState):
                 clip_low=cfg.clip_low, clip_high=cfg.clip_high, loss_type=cfg.loss_type,
                 max_completion_length=cfg.max_completion_tokens, normalizer=normalizer, entropy=entropy)
             if not torch.isfinite(loss):
-                return sums, False
+                return sums, index
             loss.backward()
+            if after_backward is not None:
+                after_backward(index)
             sums["loss"] += loss.item()
             share = mask[rows].sum().item() / tokens
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * share
-        return sums, True
+        return sums, None
+
+    def _skip_reason(self, bad_loss: int | None, accumulate: Callable[..., tuple[dict, int | None]], n: int) -> str:
+        """Why an update of n sequences is skipped: the micro-batch of a non-finite loss, or which parameter tensors
+        got a non-finite gradient and after which micro-batch first. Only a skipped update pays for the search:
+        its micro-batches run again, the gradients checked after each backward."""
+        size = self.cfg.micro_batch_size
+        if bad_loss is not None:
+            return f"non-finite loss, update skipped: in {micro_batch_text(bad_loss, n, size)}"
+        first: list[int] = []
+
+        def check(index: int) -> None:
+            if not first and self._nonfinite_grads():
+                first.append(index)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        accumulate(after_backward=check)
+        names = self._nonfinite_grads()
+        what = "non-finite gradient, update skipped"
+        if not first:
+            return f"{what}; not reproduced when its micro-batches ran again (a nondeterministic kernel?)"
+        shown = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
+        return (f"{what}: in {len(names)} of {len(self.params)} parameter tensors ({shown}), first after "
+                f"{micro_batch_text(first[0], n, size)}")
+
+    def _nonfinite_grads(self) -> list[str]:
+        """Names of the parameters whose gradient holds a NaN or an infinity."""
+        return [name for name, p in self.model.named_parameters()
+                if p.grad is not None and not torch.isfinite(p.grad).all()]
 
     @torch.no_grad()
     def _old_logprobs(self, batch: Rollouts, tensors) -> torch.Tensor:
@@ -327,7 +391,28 @@ class GRPOTrainer(TrainerState):
         update = self.update(batch)
         t2 = time.perf_counter()
         self.step_count += 1
+        self._warn_if_uninformative(batch.stats)
         return self._metrics(batch, update, t2 - t1, t2 - t0), batch
+
+    def _warn_if_uninformative(self, stats: dict[str, float]) -> None:
+        """Warn when every group of this step got equal rewards (all advantages 0: nothing to learn), at the 1st,
+        2nd, 4th, 8th... such step, naming the steps: a run that stalls this way says so without flooding the log."""
+        if stats["zero_variance_groups"] < stats["groups_generated"]:
+            return
+        self.uninformative_steps.append(self.step_count)
+        count, cfg = len(self.uninformative_steps), self.cfg
+        if count & (count - 1):  # not a power of two
+            return
+        if cfg.dynamic_sampling:
+            outcome, raise_ = "update skipped", "group_size, temperature or max_rollout_rounds"
+        else:
+            outcome, raise_ = "nothing to learn from it", "group_size or temperature"
+        warnings.warn(f"step {self.step_count}: all {cfg.group_size} completions of each of the "
+                      f"{stats['groups_generated']:.0f} prompts rolled out got the same reward, so every advantage is "
+                      f"0: {outcome} ({count} such step{'s' * (count > 1)} so far: "
+                      f"{step_list(self.uninformative_steps)}). For rewards that differ within a group, raise "
+                      f"{raise_}, or add a reward that gives partial credit, e.g. rewards.format=0.2",
+                      RuntimeWarning, stacklevel=3)
 
     def _metrics(self, batch: Rollouts, update: dict[str, float], update_s: float, step_s: float) -> dict[str, Any]:
         lengths = [len(c.token_ids) for c in batch.completions] or [0]
