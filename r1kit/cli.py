@@ -63,7 +63,8 @@ CONFIG_COMMANDS = [
      "is on assistant tokens only; examples are packed into rows of --micro-batch-tokens without padding (each "
      "attends only to itself); LoRA with --lora-r. Held-out rows give an eval loss. Ctrl-C or SIGTERM saves a "
      "checkpoint; resume=latest continues exactly. Writes metrics.jsonl, TensorBoard events, checkpoints/, "
-     "report/ and final/ (the trained model, LoRA merged)."),
+     "report/ and final/ (the trained model, LoRA merged); without resume, an earlier run there is moved aside to "
+     "OUT.old-<time> first."),
     ("sample", SampleConfig, "r1kit.sample.run:run_sample",
      "rejection sampling: a teacher's verified, filtered traces as SFT data",
      "For each prompt of a task, N traces from a teacher: a model r1kit loads (--teacher), an OpenAI-compatible "

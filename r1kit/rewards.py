@@ -204,37 +204,47 @@ class RewardScores:
     failures: dict[str, int] = field(default_factory=dict)
 
 
-def _call_isolated(fn: RewardFn, completions: list[Any], columns: dict[str, list[Any]]) -> tuple[list[float], int]:
-    """Scores of fn, a sample whose call raises (or returns None) scoring 0.0; also the failure count."""
+def _call_isolated(fn: RewardFn, completions: list[Any], columns: dict[str, list[Any]]
+                   ) -> tuple[list[float], int, Exception | None]:
+    """Scores of fn, a sample whose call raises (or returns None) scoring 0.0; also the failure count and the
+    first failing sample's exception."""
     try:
-        return [0.0 if s is None else float(s) for s in fn(completions, **columns)], 0
+        return [0.0 if s is None else float(s) for s in fn(completions, **columns)], 0, None
     except Exception:  # noqa: BLE001 - a user's reward function may raise anything
         pass
-    scores, failures = [], 0
+    scores, failures, first = [], 0, None
     for i, c in enumerate(completions):
         try:
             (s,) = fn([c], **{k: [v[i]] for k, v in columns.items()})
             scores.append(0.0 if s is None else float(s))
-        except Exception:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001
             scores.append(0.0)
             failures += 1
-    return scores, failures
+            first = error if first is None else first
+    return scores, failures, first
+
+
+def _describe(error: Exception) -> str:
+    """An exception's type and the first line of its message, at most 200 characters of it."""
+    lines = str(error).splitlines()
+    return type(error).__name__ + (f": {lines[0][:200]}" if lines and lines[0] else "")
 
 
 def score_completions(
     rewards: dict[str, tuple[RewardFn, float]], completions: list[Any], columns: dict[str, list[Any]]
 ) -> RewardScores:
-    """Weighted sum of reward functions; a function that raises scores 0.0 for that sample and warns."""
+    """Weighted sum of reward functions; a function that raises scores 0.0 for that sample and warns, naming
+    the first exception."""
     per_reward, failures = {}, {}
     total = [0.0] * len(completions)
     for name, (fn, weight) in rewards.items():
-        scores, failed = _call_isolated(fn, completions, columns)
+        scores, failed, error = _call_isolated(fn, completions, columns)
         if len(scores) != len(completions):
             raise ValueError(f"reward {name!r} returned {len(scores)} scores for {len(completions)} completions")
         if failed:
             failures[name] = failed
-            warnings.warn(f"reward {name!r} raised on {failed} of {len(completions)} samples; scored 0.0",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(f"reward {name!r} raised on {failed} of {len(completions)} samples (first: "
+                          f"{_describe(error)}); scored 0.0", RuntimeWarning, stacklevel=2)
         per_reward[name] = scores
         total = [t + weight * s for t, s in zip(total, scores, strict=True)]
     return RewardScores(total=total, per_reward=per_reward, failures=failures)

@@ -68,11 +68,33 @@ def test_weighted_sum_and_raising_reward_scores_zero_with_warning():
     completions = ["<think>x</think> \\boxed{1}", "<think>x</think> \\boxed{2}", "\\boxed{3}"]
     columns = reward_columns([{"answer": "1"}, {"answer": "2"}, {"answer": "4"}], ["p"] * 3)
     rewards = {"accuracy": (accuracy_reward, 1.0), "format": (format_reward, 0.5), "flaky": (flaky, 2.0)}
-    with pytest.warns(RuntimeWarning, match="reward 'flaky' raised on 1 of 3 samples"):
+    with pytest.warns(RuntimeWarning) as caught:
         scores = score_completions(rewards, completions, columns)
+    assert [str(w.message) for w in caught] == [
+        "reward 'flaky' raised on 1 of 3 samples (first: ZeroDivisionError: division by zero); scored 0.0"]
     assert scores.per_reward["flaky"] == [-1.0, 0.0, 0.5]
     assert scores.failures == {"flaky": 1}
     assert scores.total == [1.0 + 0.5 - 2.0, 1.0 + 0.5 + 0.0, 0.0 + 0.0 + 1.0]
+
+
+def test_a_raising_reward_warning_names_the_first_failing_samples_exception():
+    def picky(completions, answer, **kw):
+        if len(answer) > 1:
+            raise RuntimeError("batch calls fail")  # each sample is then scored on its own
+        if answer[0] == "x":
+            raise KeyError("no such column")
+        return [float(answer[0])]
+
+    def silent(completions, **kw):
+        raise ValueError("")
+
+    columns = {"answer": ["1", "x", "nan?", "4"]}
+    with pytest.warns(RuntimeWarning) as caught:
+        scores = score_completions({"picky": (picky, 1.0), "silent": (silent, 1.0)}, ["a"] * 4, columns)
+    assert [str(w.message) for w in caught] == [
+        "reward 'picky' raised on 2 of 4 samples (first: KeyError: 'no such column'); scored 0.0",
+        "reward 'silent' raised on 4 of 4 samples (first: ValueError); scored 0.0"]
+    assert scores.per_reward["picky"] == [1.0, 0.0, 0.0, 4.0] and scores.failures == {"picky": 2, "silent": 4}
 
 
 def test_unknown_reward():

@@ -198,6 +198,33 @@ def test_a_resumed_run_that_finishes_is_not_reported_interrupted(tiny_model_dir,
     assert not resumed["interrupted"] and resumed["steps"] == 3
 
 
+def test_a_new_run_sets_an_earlier_one_aside_and_resume_continues_it(tiny_model_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # rich would break the long paths
+    data = _traces(tmp_path / "traces.jsonl", 8)
+    out = tmp_path / "run"
+    cfg = SFTConfig(model=str(tiny_model_dir), data=str(data), eval_rows=0, batch_size=4, steps=1, device="cpu",
+                    out=str(out))
+    run_sft(cfg)
+    (out / "stage.json").write_text("{}")  # a pipeline stage's record: not the run's, it stays
+    capsys.readouterr()
+    run_sft(cfg)
+    (aside,) = tmp_path.glob("run.old-*")
+    assert f"{out} held an earlier run: moved it to {aside} (resume=latest continues a run instead)" in (
+        capsys.readouterr().err)
+    for run in (out, aside):  # each run its own checkpoint, TensorBoard events, model and report
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-1"]
+        assert len(list((run / "tensorboard").iterdir())) == 1
+        assert all((run / name).exists() for name in ("config.yaml", "run.json", "metrics.jsonl", "final", "report"))
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "final", "metrics.jsonl",
+                                                     "report", "run.json", "stage.json", "tensorboard"]
+    assert (out / "stage.json").read_text() == "{}" and not (aside / "stage.json").exists()
+
+    run_sft(cfg.model_copy(update={"steps": 2, "resume": "latest"}))
+    assert "earlier run" not in capsys.readouterr().err and len(list(tmp_path.glob("run.old-*"))) == 1
+    assert [step for step, _ in _losses(out)] == [1, 2]
+
+
 def test_several_trace_files_are_mixed_and_each_has_held_out_rows(tiny_model_dir, tmp_path, tokenizer):
     from r1kit.sft.run import split_examples
 

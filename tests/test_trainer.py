@@ -223,8 +223,8 @@ def test_reward_warnings_show_the_first_of_each_kind(tiny_model_dir, tmp_path, r
         first, _ = trainer.step()
         second, _ = trainer.step()
     assert [str(w.message) for w in caught if "raised" in str(w.message)] == [
-        f"step 1: reward '{broken}' raised on 8 of 8 samples; scored 0.0 (the first of its kind; later ones are not "
-        "shown)"]
+        f"step 1: reward '{broken}' raised on 8 of 8 samples (first: KeyError: 'no such column'); scored 0.0 "
+        "(the first of its kind; later ones are not shown)"]
     assert first["reward_failures"] == second["reward_failures"] == 8  # every one still counted
 
 
@@ -385,3 +385,28 @@ def test_a_lone_config_is_no_run_to_set_aside(tmp_path):
 
     (tmp_path / "config.yaml").write_text("steps: 1\n")
     assert set_aside(tmp_path) is None and (tmp_path / "config.yaml").is_file()
+
+
+def test_update_batch_gives_each_completion_the_logprobs_it_has_alone(tiny_model_dir):
+    # prompts and completions of different lengths in one right-padded batch, no attention mask: every
+    # completion token's log-probability (and entropy) is the one its sequence gets with no padding at all
+    from transformers import AutoModelForCausalLM
+
+    from r1kit.rl.trainer import pad_sequences, token_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]]
+    completions = [[20, 21, 22, 23], [30], [40, 41]]
+    batch = pad_sequences(prompts, completions, pad_id=0, device=torch.device("cpu"))
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        logp, entropy = token_logprobs(model, batch, slice(1, 3), temperature=0.7, with_entropy=True)
+        alone = []
+        for p, c in zip(prompts[1:], completions[1:], strict=True):
+            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) + len(c) - 1] / 0.7
+            alone.append((logits.log_softmax(-1), torch.tensor(c)))
+    for i, (log_probs, c) in enumerate(alone):
+        n = len(c)
+        torch.testing.assert_close(logp[i, :n], log_probs.gather(1, c[:, None])[:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(entropy[i, :n], -(log_probs.exp() * log_probs).sum(-1), atol=1e-4, rtol=1e-4)
+    assert batch["mask"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]

@@ -88,23 +88,28 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: 
 
 def pad_sequences(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
                   device: torch.device) -> dict[str, torch.Tensor]:
-    """Prompts left-padded and completions right-padded into one (N, P + C) batch, with positions and masks."""
-    p_len = max(map(len, prompt_ids))
+    """Each prompt and its completion as one row, right-padded: (N, T) ids that need no attention mask.
+
+    Pads only after a row's real tokens are kept out of every real position by causal attention alone. Left
+    padding needs a mask in which a pad query attends to nothing, and such fully masked rows are a known
+    source of NaN gradients in attention kernels' backward (pytorch/pytorch#103749, #119320); without a mask
+    the kernel is the plain causal one. `next_ids` are the tokens predicted at positions first-1 .. T-1 (first:
+    the shortest prompt), the span of logits the forward keeps; `index` places each completion token in it.
+    """
+    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True))
+    first = min(map(len, prompt_ids))
     c_len = max(1, max(map(len, completion_ids)))
-    ids, attention, targets, mask = [], [], [], []
-    for p, c in zip(prompt_ids, completion_ids, strict=True):
-        left, right = p_len - len(p), c_len - len(c)
-        ids.append([pad_id] * left + p + c + [pad_id] * right)
-        attention.append([0] * left + [1] * (len(p) + len(c)) + [0] * right)
-        targets.append(c + [pad_id] * right)
-        mask.append([1] * len(c) + [0] * right)
-    attention_t = torch.tensor(attention, device=device)
+    ids = [p + c + [pad_id] * (width - len(p) - len(c)) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    input_ids = torch.tensor(ids, device=device)
+    offsets = torch.tensor([len(p) - first for p in prompt_ids], device=device)
+    kept = width - first + 1
     return {
-        "input_ids": torch.tensor(ids, device=device),
-        "attention_mask": attention_t,
-        "position_ids": (attention_t.cumsum(-1) - 1).clamp(min=0),
-        "targets": torch.tensor(targets, device=device),
-        "mask": torch.tensor(mask, device=device, dtype=torch.float32),
+        "input_ids": input_ids,
+        "next_ids": torch.cat([input_ids[:, first:], input_ids.new_full((len(ids), 1), pad_id)], dim=1),
+        "index": (offsets[:, None] + torch.arange(c_len, device=device)).clamp(max=kept - 1),
+        "targets": torch.tensor([c + [pad_id] * (c_len - len(c)) for c in completion_ids], device=device),
+        "mask": torch.tensor([[1] * len(c) + [0] * (c_len - len(c)) for c in completion_ids], device=device,
+                             dtype=torch.float32),
     }
 
 
@@ -125,10 +130,10 @@ def micro_batch_text(index: int, n: int, size: int) -> str:
 def token_logprobs(model, batch: dict[str, torch.Tensor], rows: slice, temperature: float,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(target) under softmax(logits / temperature) for the completion tokens of batch[rows]."""
-    targets = batch["targets"][rows]
-    out = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
-                position_ids=batch["position_ids"][rows], logits_to_keep=targets.shape[1] + 1, use_cache=False)
-    return target_logprobs(out.logits[:, :-1], targets, temperature, with_entropy)
+    next_ids, index = batch["next_ids"][rows], batch["index"][rows]
+    out = model(input_ids=batch["input_ids"][rows], logits_to_keep=next_ids.shape[1], use_cache=False)
+    logp, entropy = target_logprobs(out.logits, next_ids, temperature, with_entropy)
+    return logp.gather(1, index), None if entropy is None else entropy.gather(1, index)
 
 
 class GRPOTrainer(TrainerState):
@@ -208,9 +213,11 @@ class GRPOTrainer(TrainerState):
 
     def _show_first_of_each_kind(self, caught: list[warnings.WarningMessage]) -> None:
         """Issue again the first reward warning of each kind in this run (a step can raise hundreds, and the
-        counts in their text vary, so a kind is the category and the text with its numbers left out)."""
+        counts and exception messages in their text vary, so a kind is the category and the text with its
+        numbers and the exception's message left out: its type stays)."""
         for w in caught:
-            kind = (w.category, re.sub(r"\d+", "#", str(w.message)))
+            text = re.sub(r"\(first: (\w+)[^)]*\); scored", r"(first: \1); scored", str(w.message))
+            kind = (w.category, re.sub(r"\d+", "#", text))
             if kind not in self._warned:
                 self._warned.add(kind)
                 warnings.warn_explicit(f"step {self.step_count + 1}: {w.message} (the first of its kind; later "

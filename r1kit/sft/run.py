@@ -18,7 +18,7 @@ from r1kit.eval.report import write_training_report
 from r1kit.models import checkpoint_dtype, file_sha256, load_tokenizer, resolve_model, save_model, weights_sha256
 from r1kit.rl.checkpoint import StopRequest, find_checkpoint, resume_run, save_run
 from r1kit.rl.run import load_policy
-from r1kit.rl.runlog import RunLog
+from r1kit.rl.runlog import RunLog, set_aside
 from r1kit.rollout import make_generator
 from r1kit.sft.data import Example, load_examples
 from r1kit.sft.trainer import SFTTrainer
@@ -121,6 +121,8 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
     if too_long:
         warnings.warn(f"{too_long} rows are longer than max_seq_len={cfg.max_seq_len} tokens and are left out",
                       RuntimeWarning, stacklevel=2)
+    if checkpoint is None and (aside := set_aside(out)) is not None:  # a new run: never mixed with an old one
+        console.print(f"{out} held an earlier run: moved it to {aside} (resume=latest continues a run instead)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     model, tokenizer = load_policy(cfg.model, cfg.device, cfg.lora_r, cfg.lora_alpha, cfg.gradient_checkpointing,
