@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 import uuid
@@ -12,25 +11,19 @@ from importlib.resources import files
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from r1kit.config import ServeConfig
 from r1kit.prompts import THINK_OPEN
-from r1kit.rollout.types import SamplingParams, encode_prompt
+from r1kit.rollout.types import SamplingParams, encode_prompts
+from r1kit.serve.admission import ClientGone, Load, Slot, SlotStream, held, read_body, unless_gone
+from r1kit.serve.guard import Guard, install_error_handlers
 from r1kit.serve.reasoning import ReasoningSplitter, split_reasoning
 from r1kit.serve.router import Gate, Router, Verdict
-from r1kit.serve.schemas import ChatRequest, CompletionRequest, SamplingFields, error_body, usage
+from r1kit.serve.schemas import APIError, ChatRequest, CompletionRequest, SamplingFields, describe, usage
+from r1kit.serve.templating import chat_ids
 from r1kit.serve.worker import Event, Worker
-
-
-class APIError(Exception):
-    """An error the client gets in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
-        super().__init__(message)
-        self.status, self.body = status, error_body(message, kind, code, param)
 
 
 @dataclass
@@ -45,9 +38,13 @@ class ServedModel:
     created: int
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], bool]:
-        """Prompt ids of a conversation, and whether the template already opened a <think> block."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return encode_prompt(self.tokenizer, text), text.rstrip().endswith(THINK_OPEN)
+        """Prompt ids of a conversation (its content read as text, never as special tokens), and whether the
+        template already opened a <think> block."""
+        try:
+            ids, text = chat_ids(self.tokenizer, messages)
+        except Exception as error:  # noqa: BLE001 - a template's raise_exception (roles out of order, say)
+            raise APIError(400, f"the chat template refused these messages: {error}", param="messages") from None
+        return ids, text.rstrip().endswith(THINK_OPEN)
 
 
 class ChoiceText:
@@ -94,9 +91,9 @@ def sampling(req: SamplingFields, cfg: ServeConfig, max_tokens: int | None) -> S
     wanted = max_tokens or cfg.default_max_tokens
     if wanted > cfg.max_tokens:
         raise APIError(400, f"max_tokens is {wanted}; this server allows at most {cfg.max_tokens}", param="max_tokens")
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    stop = tuple(s for s in ([req.stop] if isinstance(req.stop, str) else req.stop or ()) if s)  # "": none
     return SamplingParams(n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
-                          top_p=req.top_p or 1.0, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+                          top_p=req.top_p or 1.0, top_k=max(req.top_k or 0, 0), min_p=req.min_p or 0.0,
                           repetition_penalty=req.repetition_penalty or 1.0, max_tokens=wanted, stop=stop,
                           seed=req.seed)
 
@@ -113,11 +110,13 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
     gate the name `gate` answers only when its samples agree.
     """
     app = FastAPI(title="r1kit", docs_url=None, redoc_url=None)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=cfg.max_body_bytes)
+    install_error_handlers(app)
     by_name = {m.name: m for m in models}
     for name in ([router.cfg.reasoner, router.cfg.fast] if router else []) + ([gate.cfg.model] if gate else []):
         if name not in by_name:
             raise ValueError(f"route/gate names model {name!r}, which is not served ({', '.join(by_name)})")
-    state = {"in_flight": 0}
+    load = app.state.load = Load(cfg)  # on app.state for tests and the metrics endpoint
     if gate is not None:
         app.router.on_shutdown.append(gate.close)  # its judging process
 
@@ -125,44 +124,33 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body, status_code=exc.status)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if api_key and not _authorized(request, api_key):
-                return JSONResponse(error_body("Incorrect API key provided.", "invalid_request_error",
-                                               "invalid_api_key"), status_code=401)
-            length = request.headers.get("content-length")
-            if length and int(length) > cfg.max_body_bytes:
-                return JSONResponse(error_body(f"request body of {length} bytes is over the limit of "
-                                               f"{cfg.max_body_bytes}", "invalid_request_error",
-                                               "body_too_large"), status_code=413)
-        return await call_next(request)
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody is left to read it
 
     async def parse(request: Request, schema):
-        body = await request.body()
-        if len(body) > cfg.max_body_bytes:
-            raise APIError(413, f"request body over the limit of {cfg.max_body_bytes} bytes", code="body_too_large")
+        """The request, validated before anything else sees it: malformed JSON (bad UTF-8, lone surrogates,
+        nesting past pydantic's limit), wrong types and settings this server cannot honour are all 400s."""
+        body = await read_body(request, cfg.max_body_bytes)
         try:
-            return schema.model_validate(json.loads(body or b"null"))
-        except json.JSONDecodeError as e:
-            raise APIError(400, f"request body is not JSON: {e}") from None
+            req = schema.model_validate_json(body or b"null")
         except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(map(str, err["loc"]))
-            raise APIError(400, f"{where}: {err['msg']}", param=where) from None
+            param, message = describe(e.errors())
+            raise APIError(400, message, param=param) from None
+        refused = req.unsupported()
+        if refused is not None:
+            raise APIError(400, refused[1], code="unsupported_parameter", param=refused[0])
+        return req
 
     def model_for(name: str) -> ServedModel:
         if name not in by_name:
-            raise APIError(404, f"The model `{name}` does not exist; this server has {', '.join(by_name)}",
+            raise APIError(404, f"The model `{name[:100]}` does not exist; this server has {', '.join(by_name)}",
                            code="model_not_found", param="model")
         return by_name[name]
 
-    def admit() -> None:
-        if state["in_flight"] >= cfg.max_concurrent:
-            raise APIError(429, f"{cfg.max_concurrent} requests are in flight; try again shortly",
-                           kind="rate_limit_error", code="too_many_requests")
-
     def check_prompt(ids: list[int]) -> None:
+        if not ids:  # the engine cannot prefill nothing
+            raise APIError(400, "the prompt is empty", param="prompt")
         if len(ids) > cfg.max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(ids)} tokens; this server allows at most "
                            f"{cfg.max_prompt_tokens}", code="context_length_exceeded")
@@ -182,8 +170,9 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        data = [{"id": m.name, "object": "model", "created": m.created, "owned_by": "r1kit", "sha256": m.sha256,
-                 "path": m.path} for m in models]
+        # no local path: it tells a client about the host (user names, mounts); the sha256 identifies the weights
+        data = [{"id": m.name, "object": "model", "created": m.created, "owned_by": "r1kit", "sha256": m.sha256}
+                for m in models]
         if router is not None:
             data.append({"id": "auto", "object": "model", "created": models[0].created, "owned_by": "r1kit",
                          "routes_to": [router.cfg.reasoner, router.cfg.fast]})
@@ -201,7 +190,7 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         req = await parse(request, ChatRequest)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         if gate is not None and req.model == "gate":
-            return await gated(req, messages)
+            return await gated(request, req, messages)
         name = req.model
         if router is not None and name == "auto":
             name = router.pick(next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""))
@@ -210,17 +199,16 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         check_prompt(prompt)
         params = sampling(req, cfg, req.max_completion_tokens or req.max_tokens)
         check_context(served, prompt, params)
-        admit()
+        slot = load.admit(params.n)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
         choices = [ChoiceText(served.tokenizer, params.stop) for _ in range(params.n)]
-        events = _counted(state, served.worker.stream([prompt], params))
+        events = _counted(slot, served.worker.stream([prompt], params))
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             splitters = [ReasoningSplitter(in_reasoning) for _ in range(params.n)]
-            return StreamingResponse(_ending_errors(_chat_stream(meta, choices, splitters, events, len(prompt),
-                                                                 include_usage, served)),
-                                     media_type="text/event-stream")
-        await _collect(events, choices, params.n)
+            return SlotStream(_ending_errors(_chat_stream(meta, choices, splitters, events, len(prompt),
+                                                          include_usage, served)), slot)
+        await held(slot, unless_gone(request, _collect(events, choices, params.n)))
         out, reasoning_tokens = [], 0
         for i, choice in enumerate(choices):
             reasoning, content = split_reasoning(choice.sent, in_reasoning)
@@ -232,18 +220,24 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         return {**meta, "object": "chat.completion", "choices": out,
                 "usage": usage(len(prompt), completion_tokens, reasoning_tokens)}
 
-    async def gated(req: ChatRequest, messages: list[dict[str, str]]):
+    async def gated(request: Request, req: ChatRequest, messages: list[dict[str, str]]):
         served = model_for(gate.cfg.model)
         prompt, in_reasoning = served.chat_prompt(messages)
         check_prompt(prompt)
         params = replace(sampling(req, cfg, req.max_completion_tokens or req.max_tokens), n=gate.cfg.samples,
                          temperature=gate.cfg.temperature)
         check_context(served, prompt, params)
-        admit()
+        slot = load.admit(params.n)
         choices = [ChoiceText(served.tokenizer, params.stop) for _ in range(params.n)]
-        await _collect(_counted(state, served.worker.stream([prompt], params)), choices, params.n)
-        splits = [split_reasoning(c.sent, in_reasoning) for c in choices]
-        verdict = await _judged(state, gate, [content for _, content in splits])
+        events = _counted(slot, served.worker.stream([prompt], params))
+        splits: list[tuple[str, str]] = []
+
+        async def sampled_and_judged() -> Verdict:  # the slot is held while judging too: the samples are in memory
+            await _collect(events, choices, params.n)
+            splits.extend(split_reasoning(c.sent, in_reasoning) for c in choices)
+            return await _judged(gate, [content for _, content in splits])
+
+        verdict = await held(slot, unless_gone(request, sampled_and_judged()))
         reasoning, content = splits[verdict.chosen] if verdict.confident else ("", gate.refusal(verdict))
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": "gate"}
         message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None,
@@ -266,22 +260,23 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
         served = model_for(req.model)
-        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        prompts = [encode_prompt(served.tokenizer, t) for t in texts]
-        for ids in prompts:
-            check_prompt(ids)
         params = sampling(req, cfg, req.max_tokens or 16)
-        for ids in prompts:
-            check_context(served, ids, params)
-        admit()
+        slot = load.admit(params.n * len(req.prompts()))  # before tokenizing: 400 / 429 cost the server nothing
+        try:
+            prompts = prompt_ids(served, req.prompts())
+            for ids in prompts:
+                check_prompt(ids)
+                check_context(served, ids, params)
+        except BaseException:
+            slot.release()
+            raise
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
         choices = [ChoiceText(served.tokenizer, params.stop) for _ in range(params.n * len(prompts))]
-        events = _counted(state, served.worker.stream(prompts, params))
+        events = _counted(slot, served.worker.stream(prompts, params))
         prompt_tokens = sum(map(len, prompts))
         if req.stream:
-            return StreamingResponse(_ending_errors(_completion_stream(meta, choices, events, params.n)),
-                                     media_type="text/event-stream")
-        await _collect(events, choices, params.n)
+            return SlotStream(_ending_errors(_completion_stream(meta, choices, events, params.n)), slot)
+        await held(slot, unless_gone(request, _collect(events, choices, params.n)))
         out = [{"index": i, "text": c.sent, "finish_reason": c.finish_reason, "logprobs": None}
                for i, c in enumerate(choices)]
         return {**meta, "object": "text_completion", "choices": out,
@@ -290,10 +285,16 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
     return app
 
 
-def _authorized(request: Request, api_key: str) -> bool:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
+def prompt_ids(served: ServedModel, prompts: list[str] | list[list[int]]) -> list[list[int]]:
+    """Token ids of completion prompts given as text, or as ids checked against the vocabulary."""
+    if prompts and isinstance(prompts[0], str):
+        return encode_prompts(served.tokenizer, prompts)
+    vocab = len(served.tokenizer)
+    for i, ids in enumerate(prompts):
+        if max(ids) >= vocab:  # the engine would index past its embedding: a failed step
+            raise APIError(400, f"prompt {i} has token id {max(ids)}; {served.name}'s vocabulary has {vocab}",
+                           param="prompt")
+    return prompts
 
 
 def _count(tokenizer, text: str) -> int:
@@ -307,23 +308,19 @@ async def _collect(events: AsyncIterator, choices: list[ChoiceText], n: int) -> 
             choices[p * n + event.index].add(event)
 
 
-async def _judged(state: dict, gate: Gate, contents: list[str]) -> Verdict:
-    """The gate's verdict on a request's samples, judged off the event loop, the request still counted as in
-    flight meanwhile; a failure (the user's verifier raising, say) is a 500 in OpenAI's shape."""
-    state["in_flight"] += 1
+async def _judged(gate: Gate, contents: list[str]) -> Verdict:
+    """The gate's verdict on a request's samples, judged off the event loop; a failure (the user's verifier
+    raising, say) is a 500 in OpenAI's shape."""
     try:
         return await gate.judge(contents)
     except Exception as error:
         raise APIError(500, f"the gate could not judge the samples: {type(error).__name__}: {error}",
                        "server_error", "gate_failed") from error
-    finally:
-        state["in_flight"] -= 1
 
 
-async def _counted(state: dict, events: AsyncIterator) -> AsyncIterator:
-    """The events, counting the request as in flight until they end or the client leaves; an engine that
-    refuses the request (ValueError) or fails raises APIError (400 or 500)."""
-    state["in_flight"] += 1
+async def _counted(slot: Slot, events: AsyncIterator) -> AsyncIterator:
+    """The events, the request's slot held until they end or the client leaves; an engine that refuses the
+    request (ValueError) or fails raises APIError (400 or 500)."""
     try:
         async for item in events:
             yield item
@@ -333,7 +330,7 @@ async def _counted(state: dict, events: AsyncIterator) -> AsyncIterator:
         raise APIError(500, f"generation failed: {type(error).__name__}: {error}", "server_error",
                        "generation_failed") from error
     finally:
-        state["in_flight"] -= 1
+        slot.release()
         await events.aclose()
 
 

@@ -31,7 +31,10 @@ def serve_in_thread(app, port: int, log_level: str = "warning"):
     """
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
+    from r1kit.serve.guard import MAX_HEADER_BYTES, OpenAIH11Protocol
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level,
+                                           http=OpenAIH11Protocol, h11_max_incomplete_event_size=MAX_HEADER_BYTES))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -75,9 +78,13 @@ def run_serve(cfg: ServeConfig) -> None:
     """Serve until interrupted."""
     import uvicorn
 
+    from r1kit.serve.guard import MAX_HEADER_BYTES, OpenAIH11Protocol
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # the engine's stats lines
     app, served = build_app(cfg)
     for m in served:
         print(f"serving {m.name} (sha256 {m.sha256[:12]})")
     print(f"at http://{cfg.host}:{cfg.port}/ (chat page) and http://{cfg.host}:{cfg.port}/v1 (OpenAI API)")
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    # h11 with OpenAI-shaped 400s for what it cannot parse (an oversized header, say)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", http=OpenAIH11Protocol,
+                h11_max_incomplete_event_size=MAX_HEADER_BYTES)

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -141,6 +142,11 @@ class EngineWorker(Worker):
         self.wakeup = threading.Event()
         self.listeners: dict[int, tuple[Request, Listener]] = {}
         self.inbox: queue.SimpleQueue[Submission] = queue.SimpleQueue()
+        # requests the engine has that no step has advanced yet: when a prefill fails, the cause is among them
+        self.fresh: dict[int, Submission] = {}
+        # after a prefill of several fresh requests failed: requests admitted one at a time, each alone in its
+        # prefill, so that the next failure names its cause and the others are served (see _step_failed)
+        self.suspects: deque[Submission] = deque()
         self.running = True
         self.stats = StepStats()
         self.thread = threading.Thread(target=self._loop, name="r1kit-engine", daemon=True)
@@ -168,15 +174,36 @@ class EngineWorker(Worker):
                 return
             if submission.aborted:  # before the engine took it, or after: then it stops there
                 if submission.request is not None:
-                    self.engine.abort(submission.request)
-                    self.listeners.pop(submission.request.id, None)
+                    self._drop(submission.request)
                 continue
-            try:
-                submission.request = self.engine.add_request(submission.prompt_ids, submission.params)
-            except ValueError as error:
-                submission.listener(error)
-                continue
-            self.listeners[submission.request.id] = (submission.request, submission.listener)
+            if self.suspects:
+                self.suspects.append(submission)  # new requests wait their turn until the cause is found
+            else:
+                self._add(submission)
+
+    def _add(self, submission: Submission) -> None:
+        """Give a request to the engine, or its listener the ValueError that refuses it."""
+        if submission.aborted:
+            return
+        try:
+            if not submission.prompt_ids:  # validated here too: an empty prompt fails the whole prefill step
+                raise ValueError("the prompt is empty")
+            submission.request = self.engine.add_request(submission.prompt_ids, submission.params)
+        except ValueError as error:
+            submission.listener(error)
+            return
+        self.listeners[submission.request.id] = (submission.request, submission.listener)
+        self.fresh[submission.request.id] = submission
+
+    def _drop(self, request: Request) -> None:
+        self.engine.abort(request)
+        self.listeners.pop(request.id, None)
+        self.fresh.pop(request.id, None)
+
+    def _admit_suspect(self) -> None:
+        """While suspects wait, admit the next once the engine holds no request that has not yet stepped."""
+        if self.suspects and not self.fresh:
+            self._add(self.suspects.popleft())
 
     def close(self) -> None:
         self.running = False
@@ -186,23 +213,47 @@ class EngineWorker(Worker):
     def alive(self) -> bool:
         return self.thread.is_alive()
 
+    def _step_failed(self, error: Exception) -> None:
+        """A step raised. A prefill fails for something in the requests it admitted, none of which has a token
+        yet: one alone is ended with the error; several are taken back (nobody has seen a token of theirs) and
+        retried one per prefill, so only the culprit fails. A decode step's failure names no request (each
+        passed its prefill, whose sampling is the same): all in flight end."""
+        waiting = set(map(id, self.engine.scheduler.waiting))
+        admitted = [s for s in self.fresh.values() if id(s.request) not in waiting]
+        if self.engine.last_step != "prefill" or not admitted:
+            return self._fail_all(error)
+        if len(admitted) == 1:
+            log.exception("engine prefill failed; ending the request that caused it")
+            self._drop(admitted[0].request)
+            admitted[0].listener(error)
+            return None
+        log.warning("engine prefill of %d new requests failed (%s: %s); retrying them one at a time",
+                    len(admitted), type(error).__name__, error)
+        for submission in reversed(admitted):
+            self._drop(submission.request)
+            submission.request = None
+            self.suspects.appendleft(submission)
+        return None
+
     def _fail_all(self, error: Exception) -> None:
-        """A step raised: end every request in flight with the error and free the engine for new ones."""
+        """End every request in flight with the error and free the engine for new ones."""
         log.exception("engine step failed; ending the %d requests in flight", len(self.listeners))
         for request, listener in self.listeners.values():
             self.engine.abort(request)
             listener(error)
         self.listeners.clear()
+        self.fresh.clear()
 
     def _loop(self) -> None:
         while self.running:
             with self.lock:
                 self._take_inbox()
+                self._admit_suspect()
                 started = time.perf_counter()
                 try:
                     advanced = self.engine.step() if self.engine.has_work() else []
                 except Exception as error:  # noqa: BLE001 - the thread must outlive any one bad step
-                    self._fail_all(error)
+                    self._step_failed(error)
                     advanced = []
                 if advanced:
                     self.stats.record(self.engine.last_step, time.perf_counter() - started, len(advanced))
@@ -211,6 +262,7 @@ class EngineWorker(Worker):
                         log.info(line)
                 by_request: dict[int, list[Event]] = {}
                 for seq in advanced:
+                    self.fresh.pop(seq.request_id, None)
                     by_request.setdefault(seq.request_id, []).append(
                         Event(seq.index, seq.output_ids[-1], seq.finish_reason, seq.text))
                 calls = []
@@ -220,7 +272,8 @@ class EngineWorker(Worker):
                         calls.append((listener, events))
                         if all(seq.finished for seq in request.sequences):
                             del self.listeners[rid]
-            if not advanced and not self.engine.has_work():  # (a step that only drops rows run ahead is not idle)
+            # idle: nothing stepped and nothing to step (a step that only drops rows run ahead is not idle)
+            if not advanced and not self.engine.has_work() and not self.suspects:
                 self.wakeup.wait(0.05)
                 self.wakeup.clear()
             for listener, events in calls:
