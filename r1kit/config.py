@@ -287,6 +287,19 @@ class GateConfig(Config):
     temperature: float = Field(0.6, ge=0, description="sampling temperature of the gate's samples")
 
 
+class UpstreamConfig(Config):
+    """An OpenAI-compatible endpoint (a frontier API, vLLM, another r1kit serve) that answers what the local models
+    visibly struggle with: the gate's questions whose samples disagree, and those a route rule sends it."""
+
+    url: str = Field(description="its base URL, e.g. https://api.deepseek.com or http://127.0.0.1:8001/v1")
+    model: str = Field(description="the model name it serves")
+    api_key_env: str | None = Field(None, description="the environment variable holding its API key (the key "
+                                    "itself never goes in the file)")
+    name: str = Field("upstream", description="what route.reasoner / route.fast call it")
+    timeout_s: float = Field(120.0, gt=0, description="seconds to wait for its answer")
+    max_retries: int = Field(1, ge=0, description="retries on refused connections, timeouts, 429 and 5xx")
+
+
 class ServeConfig(Config):
     """`r1kit serve`: an OpenAI-compatible server with the reasoning trace apart from the answer."""
 
@@ -295,6 +308,8 @@ class ServeConfig(Config):
     models: list[ServedModelConfig] = Field(default_factory=list, description="several models (YAML); replaces model")
     route: RouteConfig | None = Field(None, description="serve the name `auto` by this routing rule (YAML)")
     gate: GateConfig | None = Field(None, description="serve the name `gate` by sampling and consensus (YAML)")
+    upstream: UpstreamConfig | None = Field(None, description="escalate to this endpoint when the gate's samples "
+                                            "disagree or a route names it (YAML)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port (0: any free port)")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' (or set R1KIT_API_KEY)")

@@ -18,9 +18,11 @@ from r1kit.config import ServeConfig
 from r1kit.prompts import THINK_OPEN
 from r1kit.rollout.types import SamplingParams, encode_prompts
 from r1kit.serve.admission import ClientGone, Load, Slot, SlotStream, held, read_body, unless_gone
+from r1kit.serve.escalation import Upstream, UpstreamAnswer, provenance
 from r1kit.serve.guard import Guard, install_error_handlers
+from r1kit.serve.metrics import CONTENT_TYPE, Metrics
 from r1kit.serve.reasoning import ReasoningSplitter, split_reasoning
-from r1kit.serve.router import Gate, Router, Verdict
+from r1kit.serve.router import Gate, Router, Verdict, check_names
 from r1kit.serve.schemas import APIError, ChatRequest, CompletionRequest, SamplingFields, describe, usage
 from r1kit.serve.templating import chat_ids
 from r1kit.serve.worker import Event, Worker
@@ -103,20 +105,20 @@ def sse(data: Any) -> str:
 
 
 def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None = None,
-               router: Router | None = None, gate: Gate | None = None) -> FastAPI:
+               router: Router | None = None, gate: Gate | None = None, upstream: Upstream | None = None) -> FastAPI:
     """The FastAPI app serving `models` under `cfg`'s limits; `api_key` turns on bearer-token auth.
 
     With a router the name `auto` picks a model per request (the response's `model` says which); with a
-    gate the name `gate` answers only when its samples agree.
+    gate the name `gate` answers only when its samples agree. An upstream answers the gate's questions whose
+    samples disagree, and those a route names it for; the response's `r1kit` field says who answered.
     """
     app = FastAPI(title="r1kit", docs_url=None, redoc_url=None)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=cfg.max_body_bytes)
     install_error_handlers(app)
     by_name = {m.name: m for m in models}
-    for name in ([router.cfg.reasoner, router.cfg.fast] if router else []) + ([gate.cfg.model] if gate else []):
-        if name not in by_name:
-            raise ValueError(f"route/gate names model {name!r}, which is not served ({', '.join(by_name)})")
-    load = app.state.load = Load(cfg)  # on app.state for tests and the metrics endpoint
+    check_names(set(by_name), router, gate, upstream.name if upstream else None)
+    load = app.state.load = Load(cfg)  # on app.state for tests
+    metrics = app.state.metrics = Metrics({m.name: m.worker for m in models})
     if gate is not None:
         app.router.on_shutdown.append(gate.close)  # its judging process
 
@@ -161,6 +163,18 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
             raise APIError(400, f"the prompt's {len(ids)} tokens + max_tokens {params.max_tokens} exceed "
                            f"{served.name}'s context of {context} tokens", code="context_length_exceeded")
 
+    def generate(slot: Slot, served: ServedModel, prompts: list[list[int]], params: SamplingParams) -> AsyncIterator:
+        """A request's events, counted for /metrics, its slot held until they end."""
+        events = served.worker.stream(prompts, params)
+        return _counted(slot, metrics.observed(served.name, sum(map(len, prompts)), params.n * len(prompts), events))
+
+    async def escalated(request: Request, req: ChatRequest, messages: list[dict[str, str]], reason: str
+                        ) -> UpstreamAnswer | None:
+        """The upstream's answer, or None if it failed; counted either way."""
+        answer = await unless_gone(request, upstream.answer(messages, req))
+        metrics.escalations.labels(reason, "failed" if answer is None else "answered").inc()
+        return answer
+
     @app.get("/health")
     async def health() -> JSONResponse:
         down = [m.name for m in models if not m.worker.alive()]
@@ -181,6 +195,10 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
                          "answers_with": gate.cfg.model, "samples": gate.cfg.samples})
         return {"object": "list", "data": data}
 
+    @app.get("/metrics")
+    def prometheus() -> Response:  # a plain def: FastAPI runs it on a thread, off the event loop
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
         return (files("r1kit.serve") / "static" / "index.html").read_text(encoding="utf-8")
@@ -191,18 +209,26 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         if gate is not None and req.model == "gate":
             return await gated(request, req, messages)
-        name = req.model
+        name, note = req.model, None
         if router is not None and name == "auto":
             name = router.pick(next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""))
+            note = provenance("local", True, False)
+            if upstream is not None and name == upstream.name:
+                answer = await escalated(request, req, messages, "route")
+                if answer is not None:
+                    return _whole(answer.model, answer.reasoning, answer.content, answer.finish_reason, answer.usage,
+                                  {"r1kit": provenance("upstream", True, True)}, req.stream)
+                name, note = router.other(name), provenance("local", False, True)
         served = model_for(name)
         prompt, in_reasoning = served.chat_prompt(messages)
         check_prompt(prompt)
         params = sampling(req, cfg, req.max_completion_tokens or req.max_tokens)
         check_context(served, prompt, params)
         slot = load.admit(params.n)
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name,
+                **({"r1kit": note} if note else {})}
         choices = [ChoiceText(served.tokenizer, params.stop) for _ in range(params.n)]
-        events = _counted(slot, served.worker.stream([prompt], params))
+        events = generate(slot, served, [prompt], params)
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             splitters = [ReasoningSplitter(in_reasoning) for _ in range(params.n)]
@@ -229,7 +255,7 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         check_context(served, prompt, params)
         slot = load.admit(params.n)
         choices = [ChoiceText(served.tokenizer, params.stop) for _ in range(params.n)]
-        events = _counted(slot, served.worker.stream([prompt], params))
+        events = generate(slot, served, [prompt], params)
         splits: list[tuple[str, str]] = []
 
         async def sampled_and_judged() -> Verdict:  # the slot is held while judging too: the samples are in memory
@@ -238,23 +264,21 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
             return await _judged(gate, [content for _, content in splits])
 
         verdict = await held(slot, unless_gone(request, sampled_and_judged()))
-        reasoning, content = splits[verdict.chosen] if verdict.confident else ("", gate.refusal(verdict))
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": "gate"}
-        message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None,
-                   "reasoning": reasoning or None}
-        body = {**meta, "object": "chat.completion",
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
-                "usage": usage(len(prompt), sum(c.tokens for c in choices)),
-                "gate": {"confident": verdict.confident, "agreement": verdict.agreement, "answer": verdict.answer,
-                         "samples": params.n, "model": served.name}}
-        if not req.stream:
-            return body
-        delta = {"role": "assistant", "content": content}
-        if reasoning:
-            delta.update(reasoning_content=reasoning, reasoning=reasoning)
-        chunk = {**meta, "object": "chat.completion.chunk", "gate": body["gate"],
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": "stop"}]}
-        return StreamingResponse(iter([sse(chunk), "data: [DONE]\n\n"]), media_type="text/event-stream")
+        metrics.gate.labels(served.name, str(verdict.confident).lower()).inc()
+        model, finish = "gate", "stop"
+        if verdict.confident:
+            (reasoning, content), note = splits[verdict.chosen], provenance("local", True, False)
+        elif upstream is None:
+            reasoning, content, note = "", gate.refusal(verdict), provenance("local", False, False)
+        elif (answer := await escalated(request, req, messages, "disagreement")) is not None:
+            model, reasoning, content, finish = answer.model, answer.reasoning, answer.content, answer.finish_reason
+            note = provenance("upstream", True, True)
+        else:  # the upstream is down: the best local answer (the largest agreeing share's, or the first sample)
+            (reasoning, content), note = splits[verdict.chosen or 0], provenance("local", False, True)
+        judged = {"confident": verdict.confident, "agreement": verdict.agreement, "answer": verdict.answer,
+                  "samples": params.n, "model": served.name}  # the local samples' verdict, whoever answered
+        return _whole(model, reasoning, content, finish, usage(len(prompt), sum(c.tokens for c in choices)),
+                      {"gate": judged, "r1kit": note}, req.stream)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -272,7 +296,7 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
             raise
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
         choices = [ChoiceText(served.tokenizer, params.stop) for _ in range(params.n * len(prompts))]
-        events = _counted(slot, served.worker.stream(prompts, params))
+        events = generate(slot, served, prompts, params)
         prompt_tokens = sum(map(len, prompts))
         if req.stream:
             return SlotStream(_ending_errors(_completion_stream(meta, choices, events, params.n)), slot)
@@ -283,6 +307,23 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
                 "usage": usage(prompt_tokens, sum(c.tokens for c in choices))}
 
     return app
+
+
+def _whole(model: str, reasoning: str, content: str, finish_reason: str, tokens: dict[str, Any] | None,
+           extra: dict[str, Any], stream: bool) -> dict[str, Any] | StreamingResponse:
+    """A reply that exists whole (the gate's, the upstream's): a chat.completion, or one chunk when streamed."""
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model, **extra}
+    message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None,
+               "reasoning": reasoning or None}
+    if not stream:
+        return {**meta, "object": "chat.completion", "usage": tokens,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}]}
+    delta = {"role": "assistant", "content": content}
+    if reasoning:
+        delta.update(reasoning_content=reasoning, reasoning=reasoning)
+    chunk = {**meta, "object": "chat.completion.chunk",
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    return StreamingResponse(iter([sse(chunk), "data: [DONE]\n\n"]), media_type="text/event-stream")
 
 
 def prompt_ids(served: ServedModel, prompts: list[str] | list[list[int]]) -> list[list[int]]:

@@ -18,9 +18,10 @@ from r1kit.serve.schemas import describe, error_body
 
 log = logging.getLogger("r1kit.serve")
 
-# open without the key: the chat page (it asks for the key itself) and the health probe (as vLLM leaves it);
+# open without the key: the chat page (it asks for the key itself), the health probe and the Prometheus metrics (as
+# vLLM leaves them: a scraper holds no API key, and counts and timings tell nothing of what was asked);
 # /openapi.json and everything else, unknown routes included, need it
-OPEN_PATHS = frozenset({"/", "/health"})
+OPEN_PATHS = frozenset({"/", "/health", "/metrics"})
 # h11 refuses headers past 16 KiB before any route could answer; at this size a 1 MB API key still reaches the
 # guard (a JSON 401), and anything larger gets OpenAIH11Protocol's JSON 400
 MAX_HEADER_BYTES = 2**21

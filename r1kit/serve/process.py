@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import threading
+import time
 from collections.abc import Callable
 
 from r1kit.rollout.types import SamplingParams
-from r1kit.serve.worker import EngineWorker, Event, Listener, Submission, Worker, warm_engine
+from r1kit.serve.worker import EngineLoad, EngineWorker, Event, Listener, Submission, Worker, engine_load, warm_engine
+
+LOAD_EVERY_S = 0.5  # how often the child reports its load: often enough for a scrape, rare next to ~2 ms steps
 
 
 class EngineError(RuntimeError):
@@ -38,10 +41,16 @@ def _engine_main(spec: str, device: str, kv_cache_tokens: int, inbox, outbox) ->
         outbox.send(("failed", type(error).__name__, str(error)))
         return
     outgoing: list[tuple[int, list[Event] | tuple[str, str]]] = []
+    reported = [0.0]  # when the load last went up with a message
 
     def flush() -> None:
-        if outgoing:
-            outbox.send(("events", outgoing.copy()))
+        # the load rides along with the events, or alone while idle (the loop comes by every 50 ms then)
+        now = time.monotonic()
+        load = engine_load(engine) if now - reported[0] >= LOAD_EVERY_S else None
+        if load is not None:
+            reported[0] = now
+        if outgoing or load is not None:
+            outbox.send(("events", outgoing.copy(), load))
             outgoing.clear()
 
     worker = EngineWorker(engine, flush)
@@ -94,6 +103,7 @@ class EngineProcess(Worker):
         if first[0] == "failed":
             raise _as_error(first[1], f"the engine process could not load {spec}: {first[2]}")
         self.max_len = first[1]
+        self._load = EngineLoad(0, 0, 0.0)  # as the child last reported it
         self._listeners: dict[int, Callable[[list[Event] | Exception], None]] = {}
         self._send_lock = threading.Lock()  # submits and aborts come from the event loop and request threads
         self._next_id = 0
@@ -134,12 +144,13 @@ class EngineProcess(Worker):
     def _read(self) -> None:
         while True:
             try:
-                _, batch = self._outbox.recv()
+                _, batch, load = self._outbox.recv()
             except (EOFError, OSError):  # the child is gone: end whatever was in flight
                 for listener in list(self._listeners.values()):
                     listener(EngineError("the engine process has exited"))
                 self._listeners.clear()
                 return
+            self._load = load or self._load
             for sid, events in batch:
                 listener = self._listeners.get(sid)
                 if listener is not None:
@@ -147,6 +158,9 @@ class EngineProcess(Worker):
 
     def alive(self) -> bool:
         return self.process.is_alive()
+
+    def load(self) -> EngineLoad:
+        return self._load
 
     def close(self) -> None:
         with contextlib.suppress(EngineError):

@@ -41,6 +41,23 @@ class Router:
             hard = any(k.lower() in lowered for k in self.cfg.keywords)
         return self.cfg.reasoner if hard else self.cfg.fast
 
+    def other(self, name: str) -> str:
+        """The route's other model: it answers when `name` (the upstream) cannot."""
+        return self.cfg.fast if name == self.cfg.reasoner else self.cfg.reasoner
+
+
+def check_names(served: set[str], router: Router | None, gate: Gate | None, upstream: str | None) -> None:
+    """Every model a route or the gate names is served; a route may name the upstream for one of its two."""
+    routed = [router.cfg.reasoner, router.cfg.fast] if router else []
+    if upstream in served:
+        raise ValueError(f"upstream.name {upstream!r} is also a served model's name")
+    if upstream is not None and routed.count(upstream) == 2:
+        raise ValueError("route names the upstream as both reasoner and fast: one must be local, to answer when "
+                         "the upstream is down")
+    for name in [n for n in routed if n != upstream] + ([gate.cfg.model] if gate else []):
+        if name not in served:
+            raise ValueError(f"route/gate names model {name!r}, which is not served ({', '.join(sorted(served))})")
+
 
 @dataclass
 class Verdict:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from r1kit.config import ServeConfig
 from r1kit.serve.app import ServedModel, create_app
+from r1kit.serve.escalation import Upstream
 from r1kit.serve.process import EngineProcess
 from r1kit.serve.router import Gate, Router
 from r1kit.serve.worker import EngineWorker, warm_engine
@@ -67,10 +68,12 @@ def load_served(spec: str, name: str | None, device: str, kv_cache_tokens: int,
 
 def build_app(cfg: ServeConfig):
     """The app for a config: one model, or several with the router and gate the config names."""
+    upstream = Upstream(cfg.upstream) if cfg.upstream else None  # a missing key fails before minutes of loading
     entries = [(m.model, m.name) for m in cfg.models] or [(cfg.model, cfg.name)]
     served = [load_served(spec, name, cfg.device, cfg.kv_cache_tokens) for spec, name in entries]
     app = create_app(served, cfg, api_key=cfg.api_key or os.environ.get("R1KIT_API_KEY"),
-                     router=Router(cfg.route) if cfg.route else None, gate=Gate(cfg.gate) if cfg.gate else None)
+                     router=Router(cfg.route) if cfg.route else None, gate=Gate(cfg.gate) if cfg.gate else None,
+                     upstream=upstream)
     return app, served
 
 

@@ -78,6 +78,23 @@ class Event:
 Listener = Callable[[list[Event] | Exception], None]
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """What the engine holds now: requests running and waiting, and the share of KV blocks in use (a request's
+    blocks are reserved in full when it is admitted, so this counts prompt + max_tokens of each running one)."""
+
+    running: int
+    waiting: int
+    kv_usage: float
+
+
+def engine_load(engine: LLMEngine) -> EngineLoad:
+    """The engine's load, read from another thread: copies first, as its thread may change them meanwhile."""
+    running = {seq.request_id for seq in list(engine.scheduler.running)}
+    blocks = engine.blocks
+    return EngineLoad(len(running), len(engine.scheduler.waiting), 1 - len(blocks.free) / len(blocks.refs))
+
+
 @dataclass(eq=False)
 class Submission:
     """A request on its way to the engine thread; `request` once the engine has it."""
@@ -108,6 +125,10 @@ class Worker:
 
     def alive(self) -> bool:
         """Whether the engine still runs (its thread or process has not died)."""
+        raise NotImplementedError
+
+    def load(self) -> EngineLoad:
+        """What the engine holds now, for /metrics."""
         raise NotImplementedError
 
     async def stream(self, prompts: list[list[int]], params: SamplingParams
@@ -212,6 +233,9 @@ class EngineWorker(Worker):
 
     def alive(self) -> bool:
         return self.thread.is_alive()
+
+    def load(self) -> EngineLoad:
+        return engine_load(self.engine)
 
     def _step_failed(self, error: Exception) -> None:
         """A step raised. A prefill fails for something in the requests it admitted, none of which has a token
