@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,7 +10,7 @@ from importlib.resources import files
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 
 from r1kit.config import ServeConfig
@@ -22,10 +21,19 @@ from r1kit.serve.escalation import Upstream, UpstreamAnswer, provenance
 from r1kit.serve.guard import Guard, install_error_handlers
 from r1kit.serve.metrics import CONTENT_TYPE, Metrics
 from r1kit.serve.reasoning import ReasoningSplitter, split_reasoning
+from r1kit.serve.responses import (
+    ChoiceText,
+    chat_stream,
+    collect,
+    completion_stream,
+    count_tokens,
+    ending_errors,
+    whole_reply,
+)
 from r1kit.serve.router import Gate, Router, Verdict, check_names
 from r1kit.serve.schemas import APIError, ChatRequest, CompletionRequest, SamplingFields, describe, usage
 from r1kit.serve.templating import chat_ids
-from r1kit.serve.worker import Event, Worker
+from r1kit.serve.worker import Worker
 
 
 @dataclass
@@ -49,45 +57,6 @@ class ServedModel:
         return ids, text.rstrip().endswith(THINK_OPEN)
 
 
-class ChoiceText:
-    """Turns a choice's token events into text deltas, detokenizing incrementally.
-
-    Each token decodes a short window (the previous token's start onwards), not the whole output, so a
-    long reply costs the same per token as a short one. Text is held back while it ends in an
-    incomplete UTF-8 character or could be the start of a stop string, so a stream never shows what
-    the final message will not contain.
-    """
-
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.tokenizer, self.ids = tokenizer, []
-        self.text, self.sent = "", ""
-        self.prefix = self.read = 0
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.finish_reason: str | None = None
-        self.tokens = 0
-
-    def add(self, event: Event) -> str:
-        """The text this event adds."""
-        self.tokens += 1
-        if event.finish_reason is not None:
-            self.finish_reason = event.finish_reason
-            new = event.text[len(self.sent):] if event.text.startswith(self.sent) else ""
-            self.sent = event.text
-            return new
-        self.ids.append(event.token)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        before, after = decode(self.ids[self.prefix : self.read]), decode(self.ids[self.prefix :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        self.text += after[len(before):]
-        self.prefix, self.read = self.read, len(self.ids)
-        safe = self.text[: len(self.text) - self.hold] if self.hold else self.text
-        if len(safe) <= len(self.sent):
-            return ""
-        new, self.sent = safe[len(self.sent):], safe
-        return new
-
-
 def sampling(req: SamplingFields, cfg: ServeConfig, max_tokens: int | None) -> SamplingParams:
     """SamplingParams of a request, with OpenAI's defaults and this server's limits."""
     wanted = max_tokens or cfg.default_max_tokens
@@ -98,10 +67,6 @@ def sampling(req: SamplingFields, cfg: ServeConfig, max_tokens: int | None) -> S
                           top_p=req.top_p or 1.0, top_k=max(req.top_k or 0, 0), min_p=req.min_p or 0.0,
                           repetition_penalty=req.repetition_penalty or 1.0, max_tokens=wanted, stop=stop,
                           seed=req.seed)
-
-
-def sse(data: Any) -> str:
-    return f"data: {json.dumps(data)}\n\n"
 
 
 def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None = None,
@@ -216,8 +181,8 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
             if upstream is not None and name == upstream.name:
                 answer = await escalated(request, req, messages, "route")
                 if answer is not None:
-                    return _whole(answer.model, answer.reasoning, answer.content, answer.finish_reason, answer.usage,
-                                  {"r1kit": provenance("upstream", True, True)}, req.stream)
+                    return whole_reply(answer.model, answer.reasoning, answer.content, answer.finish_reason,
+                                       answer.usage, {"r1kit": provenance("upstream", True, True)}, req.stream)
                 name, note = router.other(name), provenance("local", False, True)
         served = model_for(name)
         prompt, in_reasoning = served.chat_prompt(messages)
@@ -232,13 +197,13 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             splitters = [ReasoningSplitter(in_reasoning) for _ in range(params.n)]
-            return SlotStream(_ending_errors(_chat_stream(meta, choices, splitters, events, len(prompt),
-                                                          include_usage, served)), slot)
-        await held(slot, unless_gone(request, _collect(events, choices, params.n)))
+            return SlotStream(ending_errors(chat_stream(meta, choices, splitters, events, len(prompt),
+                                                        include_usage, served.tokenizer)), slot)
+        await held(slot, unless_gone(request, collect(events, choices, params.n)))
         out, reasoning_tokens = [], 0
         for i, choice in enumerate(choices):
             reasoning, content = split_reasoning(choice.sent, in_reasoning)
-            reasoning_tokens += _count(served.tokenizer, reasoning)
+            reasoning_tokens += count_tokens(served.tokenizer, reasoning)
             out.append({"index": i, "finish_reason": choice.finish_reason, "logprobs": None,
                         "message": {"role": "assistant", "content": content, "reasoning_content": reasoning or None,
                                     "reasoning": reasoning or None}})
@@ -259,7 +224,7 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         splits: list[tuple[str, str]] = []
 
         async def sampled_and_judged() -> Verdict:  # the slot is held while judging too: the samples are in memory
-            await _collect(events, choices, params.n)
+            await collect(events, choices, params.n)
             splits.extend(split_reasoning(c.sent, in_reasoning) for c in choices)
             return await _judged(gate, [content for _, content in splits])
 
@@ -277,8 +242,8 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
             (reasoning, content), note = splits[verdict.chosen or 0], provenance("local", False, True)
         judged = {"confident": verdict.confident, "agreement": verdict.agreement, "answer": verdict.answer,
                   "samples": params.n, "model": served.name}  # the local samples' verdict, whoever answered
-        return _whole(model, reasoning, content, finish, usage(len(prompt), sum(c.tokens for c in choices)),
-                      {"gate": judged, "r1kit": note}, req.stream)
+        return whole_reply(model, reasoning, content, finish, usage(len(prompt), sum(c.tokens for c in choices)),
+                           {"gate": judged, "r1kit": note}, req.stream)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -299,31 +264,14 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
         events = generate(slot, served, prompts, params)
         prompt_tokens = sum(map(len, prompts))
         if req.stream:
-            return SlotStream(_ending_errors(_completion_stream(meta, choices, events, params.n)), slot)
-        await held(slot, unless_gone(request, _collect(events, choices, params.n)))
+            return SlotStream(ending_errors(completion_stream(meta, choices, events, params.n)), slot)
+        await held(slot, unless_gone(request, collect(events, choices, params.n)))
         out = [{"index": i, "text": c.sent, "finish_reason": c.finish_reason, "logprobs": None}
                for i, c in enumerate(choices)]
         return {**meta, "object": "text_completion", "choices": out,
                 "usage": usage(prompt_tokens, sum(c.tokens for c in choices))}
 
     return app
-
-
-def _whole(model: str, reasoning: str, content: str, finish_reason: str, tokens: dict[str, Any] | None,
-           extra: dict[str, Any], stream: bool) -> dict[str, Any] | StreamingResponse:
-    """A reply that exists whole (the gate's, the upstream's): a chat.completion, or one chunk when streamed."""
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model, **extra}
-    message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None,
-               "reasoning": reasoning or None}
-    if not stream:
-        return {**meta, "object": "chat.completion", "usage": tokens,
-                "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}]}
-    delta = {"role": "assistant", "content": content}
-    if reasoning:
-        delta.update(reasoning_content=reasoning, reasoning=reasoning)
-    chunk = {**meta, "object": "chat.completion.chunk",
-             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
-    return StreamingResponse(iter([sse(chunk), "data: [DONE]\n\n"]), media_type="text/event-stream")
 
 
 def prompt_ids(served: ServedModel, prompts: list[str] | list[list[int]]) -> list[list[int]]:
@@ -336,17 +284,6 @@ def prompt_ids(served: ServedModel, prompts: list[str] | list[list[int]]) -> lis
             raise APIError(400, f"prompt {i} has token id {max(ids)}; {served.name}'s vocabulary has {vocab}",
                            param="prompt")
     return prompts
-
-
-def _count(tokenizer, text: str) -> int:
-    return len(tokenizer.encode(text, add_special_tokens=False)) if text else 0
-
-
-async def _collect(events: AsyncIterator, choices: list[ChoiceText], n: int) -> None:
-    """Feed every event to its choice (prompt p's sample i is choice p * n + i) until all have ended."""
-    async for p, batch in events:
-        for event in batch:
-            choices[p * n + event.index].add(event)
 
 
 async def _judged(gate: Gate, contents: list[str]) -> Verdict:
@@ -375,61 +312,7 @@ async def _counted(slot: Slot, events: AsyncIterator) -> AsyncIterator:
         await events.aclose()
 
 
-async def _ending_errors(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """A stream's chunks; an error once it has begun (its status is sent) ends it with OpenAI's error chunk."""
-    try:
-        async for chunk in chunks:
-            yield chunk
-    except APIError as error:
-        yield sse(error.body)
-        yield "data: [DONE]\n\n"
 
 
-async def _chat_stream(meta: dict, choices: list[ChoiceText], splitters: list[ReasoningSplitter],
-                       events: AsyncIterator, prompt_tokens: int, include_usage: bool, served: ServedModel
-                       ) -> AsyncIterator[str]:
-    chunk = {**meta, "object": "chat.completion.chunk"}
-    for i in range(len(choices)):
-        yield sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                         "finish_reason": None}]})
-    reasoning_text = [""] * len(choices)
-    async for _, batch in events:
-        deltas: dict[int, list[str]] = {}  # choice -> [reasoning, content] this batch adds
-        for event in batch:
-            choice, splitter = choices[event.index], splitters[event.index]
-            reasoning, content = splitter.feed(choice.add(event))
-            if choice.finish_reason:
-                tail = splitter.finish()
-                reasoning, content = reasoning + tail[0], content + tail[1]
-            added = deltas.setdefault(event.index, ["", ""])
-            added[0], added[1] = added[0] + reasoning, added[1] + content
-        for index, (reasoning, content) in deltas.items():
-            reasoning_text[index] += reasoning
-            delta = {}
-            if reasoning:
-                delta.update(reasoning_content=reasoning, reasoning=reasoning)
-            if content:
-                delta["content"] = content
-            finish = choices[index].finish_reason
-            if delta or finish:
-                yield sse({**chunk, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
-    if include_usage:
-        reasoning_tokens = sum(_count(served.tokenizer, r) for r in reasoning_text)
-        yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, sum(c.tokens for c in choices),
-                                                          reasoning_tokens)})
-    yield "data: [DONE]\n\n"
 
 
-async def _completion_stream(meta: dict, choices: list[ChoiceText], events: AsyncIterator, n: int
-                             ) -> AsyncIterator[str]:
-    async for p, batch in events:
-        texts: dict[int, str] = {}  # choice -> the text this batch adds
-        for event in batch:
-            index = p * n + event.index
-            texts[index] = texts.get(index, "") + choices[index].add(event)
-        for index, text in texts.items():
-            if text or choices[index].finish_reason:
-                yield sse({**meta, "object": "text_completion", "choices": [
-                    {"index": index, "text": text, "finish_reason": choices[index].finish_reason,
-                     "logprobs": None}]})
-    yield "data: [DONE]\n\n"
