@@ -10,9 +10,11 @@ Scale = Literal["group", "batch", "none"]
 EPS = 1e-4
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: Scale = "group") -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: Scale = "group",
+                     batch_std: torch.Tensor | None = None) -> torch.Tensor:
     """Reward minus its group's mean, divided by the group's std + 1e-4 (`group`), the batch's std
-    + 1e-4 (`batch`) or nothing (`none`, Dr. GRPO). Groups are consecutive runs of group_size."""
+    + 1e-4 (`batch`; `batch_std` when the batch spans several processes) or nothing (`none`, Dr. GRPO).
+    Groups are consecutive runs of group_size."""
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     groups = rewards.view(-1, group_size)
@@ -21,7 +23,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: Scale = "gro
         std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(groups[:, :1])
         centered = centered / (std + EPS)
     elif scale == "batch":
-        centered = centered / ((rewards.std() if rewards.numel() > 1 else 0.0) + EPS)
+        if batch_std is None:
+            batch_std = rewards.std() if rewards.numel() > 1 else 0.0
+        centered = centered / (batch_std + EPS)
     elif scale != "none":
         raise ValueError(f"unknown advantage scale {scale!r}; choose group, batch or none")
     return centered.reshape(-1)

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from r1kit import distributed
+
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -180,6 +182,10 @@ def resume_run(checkpoint: Path, trainer: TrainerState, summary: dict[str, Any])
 
 
 def save_run(out: Path, trainer: TrainerState, tokenizer, summary: dict[str, Any], keep: int) -> Path:
-    """Checkpoint a run at its trainer's step: weights, trainer state and the run summary so far."""
+    """Checkpoint a run at its trainer's step: weights, trainer state and the run summary so far. Under torchrun
+    rank 0 alone writes it (the ranks hold the same weights, optimizer state and, drawing their rollouts from one
+    seeded stream, the same data position), and every rank gets its path."""
+    if not distributed.world().is_main:
+        return out / "checkpoints" / f"step-{trainer.step_count}"
     return save_checkpoint(out / "checkpoints", trainer.step_count, trainer.model, tokenizer,
                            {**trainer.state_dict(), "summary": summary}, keep)

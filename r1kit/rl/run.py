@@ -15,6 +15,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from r1kit import distributed
 from r1kit.config import TrainConfig
 from r1kit.eval.held_out import HeldOut, generated_rows, held_out_accuracy
 from r1kit.models import checkpoint_dtype, load_model, resolve_model, save_model, weights_sha256
@@ -134,8 +135,10 @@ def progress_line(m: dict[str, Any]) -> str:
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    """run.json: the starting model's identity, held-out accuracy before and after, steps, training time."""
-    (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    """run.json: the starting model's identity, held-out accuracy before and after, steps, training time (written
+    by rank 0 alone)."""
+    if distributed.world().is_main:
+        (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def eval_line(m: dict[str, float]) -> str:
@@ -144,19 +147,26 @@ def eval_line(m: dict[str, float]) -> str:
 
 
 def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any]:
-    """The train command; returns the run summary (with `interrupted` when Ctrl-C stopped it)."""
-    console = console or Console(stderr=True)
+    """The train command; returns the run summary (with `interrupted` when Ctrl-C stopped it). Under torchrun every
+    rank runs it on its share of each step: rank 0 alone writes the run folder and prints."""
+    with distributed.rank_session(cfg.device, console) as (world, device, console):
+        return train(cfg, world, device, console)
+
+
+def train(cfg: TrainConfig, world: distributed.World, device: str, console: Console) -> dict[str, Any]:
+    """run_train as one rank of `world`, training on `device`."""
     out = Path(cfg.out)
     folder = resolve_model(cfg.model)  # a bad model, data path or reward fails before the run folder exists
     checkpoint = find_checkpoint(cfg.resume, out)
     torch.manual_seed(cfg.seed)
     train_task, held = build_tasks(cfg)
     rewards = build_rewards(cfg.rewards, accuracy=train_task.reward)
-    if checkpoint is None and (aside := set_aside(out)) is not None:  # a new run: never mixed with an old one
-        console.print(f"{out} held an earlier run: moved it to {aside} (resume=latest continues a run instead)")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    model, tokenizer, ref = build_policy(cfg, checkpoint)
+    if world.is_main:
+        if checkpoint is None and (aside := set_aside(out)) is not None:  # a new run: never mixed with an old one
+            console.print(f"{out} held an earlier run: moved it to {aside} (resume=latest continues a run instead)")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    model, tokenizer, ref = build_policy(cfg.model_copy(update={"device": device}), checkpoint)
     generator = make_generator(model, tokenizer, cfg.backend, cfg.batch_size)
     trainer = GRPOTrainer(cfg, model, tokenizer, train_task, rewards, generator, ref)
     summary: dict[str, Any] = {"model": cfg.model, "model_path": str(folder), "model_sha256": weights_sha256(folder),
@@ -172,13 +182,14 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
         console.print("held-out before training: " + eval_line(summary["before"]))
 
     stop = StopRequest()
-    started, metrics = time.perf_counter(), {}
+    started, metrics, interrupted = time.perf_counter(), {}, False
     step0, train_s0 = trainer.step_count, summary.get("train_s", 0.0)  # where this session starts
     columns = (TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}"))
     try:
         with Progress(*columns, console=console) as progress, warnings.catch_warnings():
-            warnings.simplefilter("always", RuntimeWarning)
+            if world.is_main:  # the others stay quiet (rank_session)
+                warnings.simplefilter("always", RuntimeWarning)
             # under a time budget the steps are unknown until the first one is measured
             total = cfg.steps if cfg.time_budget_s is None else None
             bar = progress.add_task("", total=total, completed=trainer.step_count)
@@ -192,7 +203,9 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
                 log.samples(step, step_samples(batch, cfg.group_size))
                 progress.update(bar, completed=step, description=progress_line(metrics))
                 out_of_time = cfg.time_budget_s is not None and metrics["train_s"] >= cfg.time_budget_s
-                if stop.requested or out_of_time:
+                # every rank stops after the same step: a signal may reach one rank, clocks differ
+                interrupted, out_of_time = world.any(stop.requested, out_of_time)
+                if interrupted or out_of_time:
                     break
                 if cfg.time_budget_s is not None:  # plan by the speed measured so far, not an assumed one
                     step_s = (metrics["train_s"] - train_s0) / (step - step0)
@@ -212,7 +225,7 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
         step_s = summary["train_s"] / max(1, n)
         console.print(f"[yellow]time_budget_s={cfg.time_budget_s:g} allowed {n} step{'s' * (n != 1)} "
                       f"({step_s:.0f} s a step): {too_few(cfg, step_s)}")
-    if stop.requested:
+    if interrupted:
         summary["interrupted"] = True
         write_summary(out, summary)
         path = save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
@@ -226,6 +239,8 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
         console.print("held-out after training: " + eval_line(summary["after"]))
     path = save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
     log.close()
+    if not world.is_main:
+        return summary
     final = save_model(trainer.model, tokenizer, out / "final", checkpoint_dtype(folder))
     summary["final"], summary["final_sha256"] = str(final), weights_sha256(final)
     write_summary(out, summary)

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from r1kit import distributed
+
 # what a GRPO or SFT run writes into its folder; anything else there is not the run's and stays
 RUN_ENTRIES = ("config.yaml", "run.json", "metrics.jsonl", "samples.jsonl", "tensorboard", "checkpoints", "final",
                "report")
@@ -42,12 +44,16 @@ def _keep_until(path: Path, step: int) -> None:
 
 
 class RunLog:
-    """Appends per-step metrics to metrics.jsonl and TensorBoard, and sample completions to samples.jsonl."""
+    """Appends per-step metrics to metrics.jsonl and TensorBoard, and sample completions to samples.jsonl; under
+    torchrun on rank 0 alone (the metrics it is given are the whole step's), a no-op on the others."""
 
     def __init__(self, folder: Path, resume_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.folder = folder
+        self.writes = distributed.world().is_main
+        if not self.writes:
+            return
         self.metrics_path, self.samples_path = folder / "metrics.jsonl", folder / "samples.jsonl"
         for path in (self.metrics_path, self.samples_path):
             if resume_step:
@@ -58,6 +64,8 @@ class RunLog:
 
     def metrics(self, step: int, values: dict[str, Any]) -> None:
         """One row of metrics.jsonl and a scalar per numeric value in TensorBoard."""
+        if not self.writes:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         for key, value in values.items():
@@ -67,11 +75,14 @@ class RunLog:
 
     def samples(self, step: int, samples: list[dict[str, Any]]) -> None:
         """Completions of this step, for the report's start / middle / end pages."""
+        if not self.writes:
+            return
         with self.samples_path.open("a") as f:
             f.writelines(json.dumps({"step": step, **s}, ensure_ascii=False) + "\n" for s in samples)
 
     def close(self) -> None:
-        self.tb.close()
+        if self.writes:
+            self.tb.close()
 
 
 def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:

@@ -1,8 +1,15 @@
 """The GRPO step as three separate stages over a batch: rollout, score, update.
 
-One process on one device runs them in turn: `rollout` samples G completions per prompt from the
+Each process runs them in turn on its device: `rollout` samples G completions per prompt from the
 policy through a Generator (the engine or HF), `score` turns them into rewards, and `update` takes
 the optimizer steps. The stages pass plain data: completions, reward tensors, metrics.
+
+Under torchrun each rank rolls out and scores its own slice of every step's prompts with its own
+generator; groups never straddle ranks, so group advantages need no communication. The update runs
+under DDP, its loss normalised by the counts of the whole step so that the averaged gradient is the
+one-process gradient of the union batch; batch statistics and metrics are computed over all ranks.
+A rank's sampling seed is shifted so that its sequences sample as they would at their place in the
+one-process step: a run gives the same rollouts on any number of ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any
 
 import torch
 
+from r1kit import distributed
 from r1kit.config import TrainConfig
 from r1kit.prompts import build_prompt
 from r1kit.rewards import RewardFn, reward_columns, score_completions
@@ -26,9 +34,30 @@ from r1kit.rl.checkpoint import TrainerState
 from r1kit.rl.logprobs import target_logprobs
 from r1kit.rl.loss import policy_loss
 from r1kit.rollout import Completion, Generator, SamplingParams
+from r1kit.rollout.sampler import _GOLDEN
 from r1kit.tasks import Row, Task
 
 REFLECTION = re.compile(r"\b(wait|verify|check again|re-?check|double[- ]check|let me check|hmm+)\b", re.IGNORECASE)
+# metrics of the update that every rank holds alike (the gradient is all-reduced); the others are each rank's share
+SAME_ON_EVERY_RANK = ("grad_norm", "skipped", "lr")
+
+
+def rank_seed(seed: int, first: int) -> int:
+    """The request seed under which a rank's sequences sample as the sequences from `first` on of a request under
+    `seed`: a sequence's key hashes (seed * GOLDEN + index) mod 2^32 (rollout/sampler.py), so adding first/GOLDEN
+    mod 2^32 to the seed adds `first` to every index."""
+    return (seed + first * pow(_GOLDEN, -1, 2**32)) % 2**32 if first else seed
+
+
+@dataclass
+class LossInputs:
+    """One rank's update batch as tensors: padded sequences, loss mask, advantages, old and reference logprobs."""
+
+    tensors: dict[str, torch.Tensor]
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor | None
 
 
 @dataclass
@@ -136,6 +165,40 @@ def token_logprobs(model, batch: dict[str, torch.Tensor], rows: slice, temperatu
     return logp.gather(1, index), None if entropy is None else entropy.gather(1, index)
 
 
+COUNTED = ("groups_generated", "zero_variance_groups", "generated_tokens", "reward_failures")  # summed over ranks
+TIMED = ("generation_s", "sync_s", "scoring_s")  # the slowest rank's, as the step waits for it (update_s, step_s too)
+
+
+def step_record(batch: Rollouts, update: dict[str, float], update_s: float, step_s: float) -> dict[str, Any]:
+    """What a rank's share of a step's metrics is made of: per-sequence values, rollout stats, the update's."""
+    return {"rewards": batch.rewards, "lengths": [len(c.token_ids) for c in batch.completions],
+            "truncated": sum(c.finish_reason == "length" for c in batch.completions),
+            "reflective": sum(bool(REFLECTION.search(c.text)) for c in batch.completions),
+            "per_reward": batch.per_reward, "stats": batch.stats, "update": update,
+            "update_s": update_s, "step_s": step_s}
+
+
+def merge_records(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record of a whole step from its ranks' step_records, in rank order (the one-process batch order):
+    sequences concatenated, counts summed, times the slowest rank's, the update's shares added up."""
+    per_reward: dict[str, list[float]] = {}
+    for part in parts:
+        for name, values in part["per_reward"].items():
+            per_reward.setdefault(name, []).extend(values)
+    stats = [part["stats"] for part in parts]
+    merged = {k: sum(s[k] for s in stats) for k in COUNTED} | {k: max(s[k] for s in stats) for k in TIMED}
+    merged["rollout_reward_mean"] = (sum(s["rollout_reward_mean"] * s["groups_generated"] for s in stats)
+                                     / merged["groups_generated"])
+    keys = dict.fromkeys(k for part in parts for k in part["update"])
+    update = {k: parts[0]["update"][k] if k in SAME_ON_EVERY_RANK else sum(p["update"].get(k, 0.0) for p in parts)
+              for k in keys}
+    return {"rewards": torch.cat([part["rewards"] for part in parts]),
+            "lengths": [n for part in parts for n in part["lengths"]],
+            "truncated": sum(part["truncated"] for part in parts),
+            "reflective": sum(part["reflective"] for part in parts), "per_reward": per_reward, "stats": merged,
+            "update": update, **{k: max(part[k] for part in parts) for k in ("update_s", "step_s")}}
+
+
 class GRPOTrainer(TrainerState):
     """Holds the policy, its optimizer and the data stream; `step()` runs rollout, score and update once."""
 
@@ -144,6 +207,13 @@ class GRPOTrainer(TrainerState):
         self.cfg, self.model, self.tokenizer, self.task = cfg, model, tokenizer, task
         self.rewards, self.generator, self.ref_model = rewards, generator, ref_model
         self.device = next(model.parameters()).device
+        self.world = distributed.world()
+        if cfg.prompts_per_step % self.world.size:
+            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} does not split over {self.world.size} "
+                             "processes; make it a multiple of the number of processes")
+        self.share = cfg.prompts_per_step // self.world.size  # groups this rank rolls out and trains on per step
+        # the update's forward goes through DDP; rollouts, evaluation and checkpoints use the model itself
+        self.policy = distributed.data_parallel(model, self.world)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = lr_scheduler(self.optimizer, cfg.lr_schedule, cfg.warmup_steps,
@@ -168,11 +238,13 @@ class GRPOTrainer(TrainerState):
         self.uninformative_steps: list[int] = []  # steps in which no group's rewards differed
 
     def sampling(self, round_: int) -> SamplingParams:
-        """Rollout sampling; the seed depends only on (seed, step, round), so a resumed run samples the same."""
+        """Rollout sampling; the seed depends only on (seed, step, round) and the rank's place in the step, so a
+        resumed run samples the same, on any number of ranks."""
         cfg = self.cfg
+        seed = (cfg.seed * 1_000_003 + self.step_count * 101 + round_) % 2**63
         return SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                               max_tokens=cfg.max_completion_tokens,
-                              seed=(cfg.seed * 1_000_003 + self.step_count * 101 + round_) % 2**63)
+                              seed=rank_seed(seed, self.world.rank * self.share * cfg.group_size))
 
     def sync_generator(self) -> None:
         """Bring the generator's weight buffers (the engine's bf16 copies, merged LoRA) to the last update:
@@ -224,8 +296,9 @@ class GRPOTrainer(TrainerState):
                                        "ones are not shown)", w.category, w.filename, w.lineno)
 
     def collect(self) -> Rollouts:
-        """Roll out and score prompts_per_step groups; with dynamic sampling, keep only informative groups."""
-        cfg, g = self.cfg, self.cfg.group_size
+        """Roll out and score this rank's share of prompts_per_step groups; with dynamic sampling, keep only
+        informative groups, in rounds until every rank has its share (or max_rollout_rounds)."""
+        cfg, g, share = self.cfg, self.cfg.group_size, self.share
         kept_idx: list[int] = []
         kept_completions: list[Completion] = []
         kept_rewards: list[torch.Tensor] = []
@@ -235,29 +308,21 @@ class GRPOTrainer(TrainerState):
         all_rewards: list[torch.Tensor] = []
         self.sync_s = 0.0
         for round_ in range(cfg.max_rollout_rounds if cfg.dynamic_sampling else 1):
-            indices = self.stream.take(cfg.prompts_per_step)
-            t0 = time.perf_counter()
-            completions = self.rollout(indices, round_)
-            t1 = time.perf_counter()
-            rewards, per_reward, failures = self.score(indices, completions)
-            stats["generation_s"] += t1 - t0
-            stats["scoring_s"] += time.perf_counter() - t1
-            stats["groups_generated"] += len(indices)
-            stats["generated_tokens"] += sum(len(c.token_ids) for c in completions)
-            stats["reward_failures"] += sum(failures.values())
-            all_rewards.append(rewards)
-            useful = informative_groups(rewards, g)
-            stats["zero_variance_groups"] += int((~useful).sum())
-            keep = useful if cfg.dynamic_sampling else torch.ones_like(useful)
-            for j in keep.nonzero().flatten().tolist():
-                if len(kept_idx) == cfg.prompts_per_step:
-                    break
-                kept_idx.append(indices[j])
-                kept_completions += completions[j * g : (j + 1) * g]
-                kept_rewards.append(rewards[j * g : (j + 1) * g])
-                for name, values in per_reward.items():
-                    kept_per.setdefault(name, []).extend(values[j * g : (j + 1) * g])
-            if len(kept_idx) == cfg.prompts_per_step:
+            # every rank draws the whole round from one stream and takes its slice, so the streams stay alike
+            indices = self.world.share(self.stream.take(cfg.prompts_per_step))
+            if len(kept_idx) < share:  # a rank whose share is full waits out the others' extra rounds
+                completions, rewards, per_reward = self._round(indices, round_, stats)
+                all_rewards.append(rewards)
+                useful = informative_groups(rewards, g)
+                stats["zero_variance_groups"] += int((~useful).sum())
+                keep = useful if cfg.dynamic_sampling else torch.ones_like(useful)
+                for j in keep.nonzero().flatten().tolist()[: share - len(kept_idx)]:
+                    kept_idx.append(indices[j])
+                    kept_completions += completions[j * g : (j + 1) * g]
+                    kept_rewards.append(rewards[j * g : (j + 1) * g])
+                    for name, values in per_reward.items():
+                        kept_per.setdefault(name, []).extend(values[j * g : (j + 1) * g])
+            if not self.world.any(len(kept_idx) < share)[0]:
                 break
         stats["rollout_reward_mean"] = torch.cat(all_rewards).mean().item()
         stats["sync_s"] = self.sync_s  # inside generation_s
@@ -268,35 +333,45 @@ class GRPOTrainer(TrainerState):
             rewards=torch.cat(kept_rewards) if kept_rewards else torch.zeros(0),
             per_reward=kept_per, stats=stats)
 
+    def _round(self, indices: list[int], round_: int, stats: dict[str, float]
+               ) -> tuple[list[Completion], torch.Tensor, dict[str, list[float]]]:
+        """Roll out and score one round of groups, its times and counts added to stats."""
+        t0 = time.perf_counter()
+        completions = self.rollout(indices, round_)
+        t1 = time.perf_counter()
+        rewards, per_reward, failures = self.score(indices, completions)
+        stats["generation_s"] += t1 - t0
+        stats["scoring_s"] += time.perf_counter() - t1
+        stats["groups_generated"] += len(indices)
+        stats["generated_tokens"] += sum(len(c.token_ids) for c in completions)
+        stats["reward_failures"] += sum(failures.values())
+        return completions, rewards, per_reward
+
     # -- update --------------------------------------------------------------------------------
     def update(self, batch: Rollouts) -> dict[str, float]:
-        """num_iterations optimizer steps on the batch; the old logprobs stay those of the policy that sampled it."""
-        cfg, g = self.cfg, self.cfg.group_size
-        n = len(batch.completions)
-        if n == 0:
+        """num_iterations optimizer steps on the batch; the old logprobs stay those of the policy that sampled it.
+
+        Under torchrun the batch is this rank's share and DDP averages the ranks' gradients, so each rank divides
+        its loss by the normalizer of the whole step (its sequences or tokens on every rank) over the world size:
+        the average is then the gradient of the one-process loss over the union batch, for every loss_type."""
+        cfg, n = self.cfg, len(batch.completions)
+        inputs = self._loss_inputs(batch, self._batch_std(batch.rewards)) if n else None
+        total_n, total_tokens = self.world.sum([n, inputs.mask.sum().item() if inputs else 0.0])
+        if total_n == 0:
             return {"skipped": 1.0}
-        tensors = pad_sequences([p for p in batch.prompt_ids for _ in range(g)],
-                                [c.token_ids for c in batch.completions], self.pad_id, self.device)
-        mask = tensors["mask"]
-        if cfg.mask_truncated:
-            truncated = torch.tensor([c.finish_reason == "length" for c in batch.completions], device=self.device)
-            mask = mask * (~truncated)[:, None]
-        advantages = group_advantages(batch.rewards, g, cfg.advantage_scale).to(self.device)
-        old_logp = self._old_logprobs(batch, tensors)
-        ref_logp = self._ref_logprobs(tensors) if cfg.beta > 0 else None
-        tokens = mask.sum().clamp(min=1).item()
-        normalizer = {"grpo": n, "bnpo": tokens, "dapo": tokens,
-                      "dr_grpo": n * cfg.max_completion_tokens}[cfg.loss_type]
-        accumulate = functools.partial(self._accumulate, tensors, mask, advantages, old_logp, ref_logp, normalizer,
-                                       tokens)
+        tokens = max(total_tokens, 1.0)
+        normalizer = {"grpo": total_n, "bnpo": tokens, "dapo": tokens,
+                      "dr_grpo": total_n * cfg.max_completion_tokens}[cfg.loss_type] / self.world.size
+        accumulate = functools.partial(self._accumulate, inputs, normalizer, tokens)
         totals: dict[str, float] = {}
         skipped = 0
         for _ in range(cfg.num_iterations):
             sums, bad_loss = accumulate()
             grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item() if bad_loss is None
                          else math.nan)
-            if not math.isfinite(grad_norm):
-                # one bad batch (overflow, a degenerate sequence) must not turn the weights into NaN
+            # one bad batch (overflow, a degenerate sequence) must not turn the weights into NaN; the ranks skip
+            # together, or their weights would part
+            if self.world.any(not math.isfinite(grad_norm))[0]:
                 reason = self._skip_reason(bad_loss, accumulate, n)
                 self.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -312,36 +387,75 @@ class GRPOTrainer(TrainerState):
         totals["lr"] = self.scheduler.get_last_lr()[0]
         return totals
 
-    def _accumulate(self, tensors, mask, advantages, old_logp, ref_logp, normalizer, tokens,
+    def _batch_std(self, rewards: torch.Tensor) -> torch.Tensor | None:
+        """For advantage_scale=batch over several ranks, the std of the whole step's rewards (None: the batch's)."""
+        if self.cfg.advantage_scale != "batch" or self.world.size == 1:
+            return None
+        everything = torch.cat(self.world.gather(rewards))
+        return everything.std() if everything.numel() > 1 else torch.tensor(0.0)
+
+    def _loss_inputs(self, batch: Rollouts, batch_std: torch.Tensor | None) -> LossInputs:
+        """The batch as padded tensors, with its loss mask, advantages, and old and reference logprobs."""
+        cfg, g = self.cfg, self.cfg.group_size
+        tensors = pad_sequences([p for p in batch.prompt_ids for _ in range(g)],
+                                [c.token_ids for c in batch.completions], self.pad_id, self.device)
+        mask = tensors["mask"]
+        if cfg.mask_truncated:
+            truncated = torch.tensor([c.finish_reason == "length" for c in batch.completions], device=self.device)
+            mask = mask * (~truncated)[:, None]
+        advantages = group_advantages(batch.rewards, g, cfg.advantage_scale, batch_std).to(self.device)
+        old_logp = self._old_logprobs(batch, tensors)
+        ref_logp = self._ref_logprobs(tensors) if cfg.beta > 0 else None
+        return LossInputs(tensors, mask, advantages, old_logp, ref_logp)
+
+    def _accumulate(self, inputs: LossInputs | None, normalizer: float, tokens: float, sync: bool = True,
                     after_backward: Callable[[int], None] | None = None) -> tuple[dict, int | None]:
-        """Forward/backward every micro-batch; metrics weighted by their share of the tokens. Stops at a non-finite
-        loss and returns its micro-batch's index too (else None); after_backward(index) follows each backward."""
-        cfg, n = self.cfg, mask.shape[0]
+        """Forward/backward every micro-batch, the gradients all-reduced over the ranks in the last one's backward
+        when `sync`; metrics are this rank's share of the step's (weighted by the step's tokens), so the ranks'
+        shares add up to them. Also returns the index of the first micro-batch whose loss is non-finite (else None):
+        one process stops there, a rank of several goes on to join the all-reduce. after_backward(index) follows
+        each backward."""
+        if inputs is None:  # dynamic sampling left this rank no group: it joins the all-reduce with zeros
+            if sync:
+                distributed.zero_backward(self.policy, self.pad_id)
+            return {"loss": 0.0}, None
+        cfg, n = self.cfg, inputs.mask.shape[0]
+        starts = range(0, n, cfg.micro_batch_size)
         sums: dict[str, float] = {"loss": 0.0}
-        for index, start in enumerate(range(0, n, cfg.micro_batch_size)):
+        bad = None
+        for index, start in enumerate(starts):
             rows = slice(start, start + cfg.micro_batch_size)
-            with self.autocast():
-                logp, entropy = token_logprobs(self.model, tensors, rows, cfg.temperature, with_entropy=True)
-            loss, metrics = policy_loss(
-                logp, old_logp[rows], advantages[rows], mask[rows],
-                ref_logp=None if ref_logp is None else ref_logp[rows], beta=cfg.beta,
-                clip_low=cfg.clip_low, clip_high=cfg.clip_high, loss_type=cfg.loss_type,
-                max_completion_length=cfg.max_completion_tokens, normalizer=normalizer, entropy=entropy)
-            if not torch.isfinite(loss):
-                return sums, index
-            loss.backward()
+            with distributed.grad_sync(self.policy, sync and index == len(starts) - 1):
+                loss, metrics = self._micro_loss(inputs, rows, normalizer)
+                if not torch.isfinite(loss):
+                    bad = index if bad is None else bad
+                    if self.world.size == 1:
+                        break
+                loss.backward()
             if after_backward is not None:
                 after_backward(index)
-            sums["loss"] += loss.item()
-            share = mask[rows].sum().item() / tokens
+            sums["loss"] += loss.item() / self.world.size
+            share = inputs.mask[rows].sum().item() / tokens
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * share
-        return sums, None
+        return sums, bad
+
+    def _micro_loss(self, inputs: LossInputs, rows: slice, normalizer: float) -> tuple[torch.Tensor, dict]:
+        """The policy loss of one micro-batch and its metrics, through the (DDP-wrapped) policy."""
+        cfg = self.cfg
+        with self.autocast():
+            logp, entropy = token_logprobs(self.policy, inputs.tensors, rows, cfg.temperature, with_entropy=True)
+        return policy_loss(
+            logp, inputs.old_logp[rows], inputs.advantages[rows], inputs.mask[rows],
+            ref_logp=None if inputs.ref_logp is None else inputs.ref_logp[rows], beta=cfg.beta,
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, loss_type=cfg.loss_type,
+            max_completion_length=cfg.max_completion_tokens, normalizer=normalizer, entropy=entropy)
 
     def _skip_reason(self, bad_loss: int | None, accumulate: Callable[..., tuple[dict, int | None]], n: int) -> str:
         """Why an update of n sequences is skipped: the micro-batch of a non-finite loss, or which parameter tensors
         got a non-finite gradient and after which micro-batch first. Only a skipped update pays for the search:
-        its micro-batches run again, the gradients checked after each backward."""
+        its micro-batches run again, the gradients checked after each backward (not all-reduced: on this rank's
+        sequences alone)."""
         size = self.cfg.micro_batch_size
         if bad_loss is not None:
             return f"non-finite loss, update skipped: in {micro_batch_text(bad_loss, n, size)}"
@@ -352,11 +466,12 @@ class GRPOTrainer(TrainerState):
                 first.append(index)
 
         self.optimizer.zero_grad(set_to_none=True)
-        accumulate(after_backward=check)
+        accumulate(sync=False, after_backward=check)
         names = self._nonfinite_grads()
         what = "non-finite gradient, update skipped"
         if not first:
-            return f"{what}; not reproduced when its micro-batches ran again (a nondeterministic kernel?)"
+            cause = "a nondeterministic kernel" + (", or another rank's sequences" if self.world.size > 1 else "")
+            return f"{what}; not reproduced when its micro-batches ran again ({cause}?)"
         shown = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
         return (f"{what}: in {len(names)} of {len(self.params)} parameter tensors ({shown}), first after "
                 f"{micro_batch_text(first[0], n, size)}")
@@ -398,8 +513,9 @@ class GRPOTrainer(TrainerState):
         update = self.update(batch)
         t2 = time.perf_counter()
         self.step_count += 1
-        self._warn_if_uninformative(batch.stats)
-        return self._metrics(batch, update, t2 - t1, t2 - t0), batch
+        whole = merge_records(self.world.gather(step_record(batch, update, t2 - t1, t2 - t0)))
+        self._warn_if_uninformative(whole["stats"])
+        return self._metrics(whole), batch
 
     def _warn_if_uninformative(self, stats: dict[str, float]) -> None:
         """Warn when every group of this step got equal rewards (all advantages 0: nothing to learn), at the 1st,
@@ -421,23 +537,24 @@ class GRPOTrainer(TrainerState):
                       f"{raise_}, or add a reward that gives partial credit, e.g. rewards.format=0.2",
                       RuntimeWarning, stacklevel=3)
 
-    def _metrics(self, batch: Rollouts, update: dict[str, float], update_s: float, step_s: float) -> dict[str, Any]:
-        lengths = [len(c.token_ids) for c in batch.completions] or [0]
-        n = max(len(batch.completions), 1)
+    def _metrics(self, whole: dict[str, Any]) -> dict[str, Any]:
+        """The step's metrics row from its record (merge_records: over every rank)."""
+        rewards, lengths = whole["rewards"], whole["lengths"] or [0]
+        n = max(len(whole["lengths"]), 1)
         m: dict[str, Any] = {"step": self.step_count}
-        m["reward"] = batch.rewards.mean().item() if batch.rewards.numel() else 0.0
-        m["reward_std"] = batch.rewards.std().item() if batch.rewards.numel() > 1 else 0.0
-        for name, values in batch.per_reward.items():
+        m["reward"] = rewards.mean().item() if rewards.numel() else 0.0
+        m["reward_std"] = rewards.std().item() if rewards.numel() > 1 else 0.0
+        for name, values in whole["per_reward"].items():
             m[f"rewards/{name}"] = sum(values) / n
         m["completion_length_mean"] = sum(lengths) / len(lengths)
         m["completion_length_max"] = max(lengths)
-        m["truncation_rate"] = sum(c.finish_reason == "length" for c in batch.completions) / n
-        m["reflection_rate"] = sum(bool(REFLECTION.search(c.text)) for c in batch.completions) / n
-        m.update(update)
-        s = batch.stats
+        m["truncation_rate"] = whole["truncated"] / n
+        m["reflection_rate"] = whole["reflective"] / n
+        m.update(whole["update"])
+        s = whole["stats"]
         m.update({k: s[k] for k in ("rollout_reward_mean", "groups_generated", "zero_variance_groups",
                                     "reward_failures", "generation_s", "sync_s", "scoring_s")})
-        m["update_s"], m["step_s"] = update_s, step_s
+        m["update_s"], m["step_s"] = whole["update_s"], whole["step_s"]
         m["tokens_per_s"] = s["generated_tokens"] / s["generation_s"] if s["generation_s"] else 0.0
         if self.device.type == "cuda":
             m["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30

@@ -12,6 +12,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from r1kit import distributed
 from r1kit.config import SFTConfig
 from r1kit.eval.held_out import HeldOut, generated_rows, held_out_accuracy
 from r1kit.eval.report import write_training_report
@@ -100,8 +101,14 @@ def sft_line(m: dict[str, Any]) -> str:
 
 
 def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
-    """The sft command; returns the run summary (with `interrupted` when Ctrl-C stopped it)."""
-    console = console or Console(stderr=True)
+    """The sft command; returns the run summary (with `interrupted` when Ctrl-C stopped it). Under torchrun every
+    rank runs it on its share of each batch's micro-batches: rank 0 alone writes the run folder and prints."""
+    with distributed.rank_session(cfg.device, console) as (world, device, console):
+        return sft(cfg, world, device, console)
+
+
+def sft(cfg: SFTConfig, world: distributed.World, device: str, console: Console) -> dict[str, Any]:
+    """run_sft as one rank of `world`, training on `device`."""
     out = Path(cfg.out)
     folder = resolve_model(cfg.model)  # a bad model or data path fails before the run folder exists
     checkpoint = find_checkpoint(cfg.resume, out)
@@ -121,11 +128,12 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
     if too_long:
         warnings.warn(f"{too_long} rows are longer than max_seq_len={cfg.max_seq_len} tokens and are left out",
                       RuntimeWarning, stacklevel=2)
-    if checkpoint is None and (aside := set_aside(out)) is not None:  # a new run: never mixed with an old one
-        console.print(f"{out} held an earlier run: moved it to {aside} (resume=latest continues a run instead)")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    model, tokenizer = load_policy(cfg.model, cfg.device, cfg.lora_r, cfg.lora_alpha, cfg.gradient_checkpointing,
+    if world.is_main:
+        if checkpoint is None and (aside := set_aside(out)) is not None:  # a new run: never mixed with an old one
+            console.print(f"{out} held an earlier run: moved it to {aside} (resume=latest continues a run instead)")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    model, tokenizer = load_policy(cfg.model, device, cfg.lora_r, cfg.lora_alpha, cfg.gradient_checkpointing,
                                    checkpoint)
     trainer = SFTTrainer(cfg, model, tokenizer, train)
     summary: dict[str, Any] = {"model": cfg.model, "model_sha256": weights_sha256(folder), "data": cfg.data,
@@ -143,7 +151,7 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
         console.print(f"before training: {eval_line(summary['before'])}")
 
     stop = StopRequest()
-    started, train_s = time.perf_counter(), summary.get("train_s", 0.0)
+    started, train_s, interrupted = time.perf_counter(), summary.get("train_s", 0.0), False
     columns = (TextColumn("[bold]SFT"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                TextColumn("{task.description}"))
     try:
@@ -159,14 +167,16 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
                 log.metrics(step, metrics)
                 progress.update(bar, completed=step, description=sft_line(metrics))
                 out_of_time = cfg.time_budget_s is not None and train_s >= cfg.time_budget_s
-                if stop.requested or out_of_time:
+                # every rank stops after the same step: a signal may reach one rank, clocks differ
+                interrupted, out_of_time = world.any(stop.requested, out_of_time)
+                if interrupted or out_of_time:
                     break
                 if cfg.save_every and step % cfg.save_every == 0 and step < trainer.steps:  # the last one follows
                     save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
     finally:
         stop.restore()
     summary["train_s"], summary["steps"] = train_s, trainer.step_count
-    if stop.requested:
+    if interrupted:
         summary["interrupted"] = True
         path = save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
         log.close()
@@ -178,6 +188,8 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
         console.print(f"after training: {eval_line(summary['after'])}")
     save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
     log.close()
+    if not world.is_main:
+        return summary
     final = save_model(trainer.model, tokenizer, out / FINAL, checkpoint_dtype(folder))
     summary["final"], summary["final_sha256"] = str(final), weights_sha256(final)
     (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")

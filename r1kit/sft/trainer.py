@@ -1,4 +1,8 @@
-"""The SFT step: a batch of examples, packed into micro-batches, one optimizer step on their token-mean loss."""
+"""The SFT step: a batch of examples, packed into micro-batches, one optimizer step on their token-mean loss.
+
+Under torchrun every rank draws the same batch from one seeded stream and plans the same micro-batches; rank r
+trains on micro-batches r, r + N, ... under DDP, its loss divided by the batch's target tokens over N so that the
+averaged gradient is the one-process gradient of the whole batch."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any
 
 import torch
 
+from r1kit import distributed
 from r1kit.config import SFTConfig
 from r1kit.rl.checkpoint import TrainerState
 from r1kit.rl.trainer import PromptStream, lr_scheduler
@@ -26,6 +31,8 @@ class SFTTrainer(TrainerState):
     def __init__(self, cfg: SFTConfig, model, tokenizer, examples: list[Example]):
         self.cfg, self.model, self.examples = cfg, model, examples
         self.device = next(model.parameters()).device
+        self.world = distributed.world()
+        self.policy = distributed.data_parallel(model, self.world)  # the forward with gradients goes through DDP
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.steps = total_steps(cfg, len(examples))
@@ -34,9 +41,10 @@ class SFTTrainer(TrainerState):
         self.stream = PromptStream(len(examples), cfg.seed)
         self.step_count = 0
 
-    def micro_batches(self, examples: list[Example]) -> list[dict[str, torch.Tensor]]:
-        """The model inputs of a list of examples, micro_batch_tokens at a time."""
-        plan = plan_micro_batches(examples, self.cfg.micro_batch_tokens, self.cfg.packing)
+    def micro_batches(self, examples: list[Example], rank: int = 0, ranks: int = 1) -> list[dict[str, torch.Tensor]]:
+        """The model inputs of a list of examples, micro_batch_tokens at a time: micro-batches rank, rank + ranks, ...
+        of their plan (all of them by default)."""
+        plan = plan_micro_batches(examples, self.cfg.micro_batch_tokens, self.cfg.packing)[rank::ranks]
         return [collate(group, self.cfg.packing, self.pad_id, self.device) for group in plan]
 
     def step(self) -> dict[str, Any]:
@@ -44,16 +52,22 @@ class SFTTrainer(TrainerState):
         started = time.perf_counter()
         batch = [self.examples[i] for i in self.stream.take(self.cfg.batch_size)]
         targets = sum(ex.target_tokens for ex in batch)
+        mine = self.micro_batches(batch, self.world.rank, self.world.size)
         loss_sum, fed = 0.0, 0
-        for inputs in self.micro_batches(batch):
-            with self.autocast():
-                nll = token_nll(self.model, inputs)
-            (nll / targets).backward()  # the step's loss is the mean over all its target tokens
+        for index, inputs in enumerate(mine):
+            with distributed.grad_sync(self.policy, index == len(mine) - 1):
+                with self.autocast():
+                    nll = token_nll(self.policy, inputs)
+                # the step's loss is the mean over all its target tokens (times the ranks, as DDP averages them)
+                (nll * self.world.size / targets).backward()
             loss_sum += nll.item()
             fed += inputs["input_ids"].numel()
+        if not mine:  # fewer micro-batches than ranks
+            distributed.zero_backward(self.policy, self.pad_id)
+        loss_sum, fed = self.world.sum([loss_sum, fed])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm).item()
         lr = self.scheduler.get_last_lr()[0]
-        skipped = not math.isfinite(grad_norm)
+        skipped = self.world.any(not math.isfinite(grad_norm))[0]  # the ranks skip together, or their weights part
         if not skipped:
             self.optimizer.step()
         self.scheduler.step()

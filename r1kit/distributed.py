@@ -1,0 +1,151 @@
+"""torchrun's process group for the trainers: which process this is, and the few collectives they need.
+
+A process that torchrun did not start (or started alone) is a world of one, in which every helper returns its
+input without a collective: the one-process path computes exactly what it did before. Every collective here
+must be called by all ranks in the same order; the trainers keep their control flow the same on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from torch.nn.parallel import DistributedDataParallel
+
+T = TypeVar("T")
+
+
+def _collective_device() -> torch.device:
+    """Where collective tensors live: NCCL reduces GPU tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among torchrun's: its rank, the world size and its GPU on the node."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0, the one that writes the run folder and prints."""
+        return self.rank == 0
+
+    def share(self, items: list[T]) -> list[T]:
+        """This rank's contiguous slice of a list whose length the world size divides."""
+        k = len(items) // self.size
+        return items[self.rank * k : (self.rank + 1) * k]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the ranks (float64, so counts stay exact)."""
+        if self.size == 1:
+            return values
+        total = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def any(self, *flags: bool) -> list[bool]:
+        """For each flag, whether it is set on some rank: decisions every rank must take alike."""
+        if self.size == 1:
+            return list(flags)
+        found = torch.tensor([float(f) for f in flags], device=_collective_device())
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return [bool(f) for f in found.tolist()]
+
+    def gather(self, value: T) -> list[T]:
+        """value from every rank, in rank order (any picklable object)."""
+        if self.size == 1:
+            return [value]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
+
+def world() -> World:
+    """The process group this process is in; a world of one outside torchrun."""
+    if not dist.is_initialized():
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def rank_device(device: str, local_rank: int) -> str:
+    """The device a rank trains on: its own GPU (LOCAL_RANK) for cuda, or for auto where there is one; else CPU."""
+    cuda = torch.cuda.is_available() if device == "auto" else torch.device(device).type == "cuda"
+    return f"cuda:{local_rank}" if cuda else "cpu"
+
+
+@contextlib.contextmanager
+def launched(device: str) -> Iterator[str]:
+    """Within: this process in torchrun's process group when torchrun started several (NCCL on GPUs, gloo on CPU),
+    left after; yields the device this rank uses (`device` itself for one process)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1 or dist.is_initialized():
+        yield device
+        return
+    local = int(os.environ["LOCAL_RANK"])
+    mine = rank_device(device, local)
+    if mine.startswith("cuda"):
+        torch.cuda.set_device(local)  # NCCL and the collectives' tensors use the current device
+    dist.init_process_group("nccl" if mine.startswith("cuda") else "gloo")
+    try:
+        yield mine
+        # torchrun ends every process when one exits non-zero (130 after Ctrl-C): none leaves before rank 0 has
+        # written the run folder
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def rank_session(device: str, console: Console | None) -> Iterator[tuple[World, str, Console]]:
+    """A run's process, alone or one of torchrun's: (its world, its device, its console). Rank 0 prints and warns
+    for all; the others are quiet, as they would say the same again."""
+    with launched(device) as mine, warnings.catch_warnings():
+        group = world()
+        if not group.is_main:
+            warnings.simplefilter("ignore")
+            console = Console(stderr=True, quiet=True)
+        yield group, mine, console or Console(stderr=True)
+
+
+def data_parallel(model: torch.nn.Module, group: World) -> torch.nn.Module:
+    """The model under DDP (gradients averaged over ranks in backward) when there are several ranks, else itself.
+
+    Buffers are not broadcast: a model's buffers (rotary tables) are not trained, and DDP's broadcast would be a
+    collective in every synchronised forward, which ties the ranks to equal counts of micro-batches."""
+    if group.size == 1:
+        return model
+    device = next(model.parameters()).device
+    # torch 2.14 renamed broadcast_buffers (and warns at the old name); older releases know only that one
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   **no_buffer_sync)
+
+
+def zero_backward(policy: torch.nn.Module, token_id: int) -> None:
+    """A synchronised forward and backward that adds nothing (one token's logits times 0): a rank left without data
+    in a step still joins DDP's gradient all-reduce, which the others wait in."""
+    device = next(policy.parameters()).device
+    logits = policy(input_ids=torch.tensor([[token_id]], device=device), use_cache=False).logits
+    (logits.float().sum() * 0.0).backward()
+
+
+def grad_sync(policy: torch.nn.Module, enabled: bool):
+    """A context whose forward and backward all-reduce gradients (enabled), or only accumulate them locally
+    (DDP's no_sync: micro-batches before the last of an optimizer step)."""
+    if isinstance(policy, DistributedDataParallel) and not enabled:
+        return policy.no_sync()
+    return contextlib.nullcontext()

@@ -1,0 +1,215 @@
+"""Data-parallel GRPO under torchrun on CPU (gloo, 2 processes, the tiny random model): an update over two ranks
+equals one process's over the union batch, and a run trains, checkpoints and resumes as a one-process run does.
+
+Run as a script by torchrun, this file is also the update test's worker."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ("_s", "tokens_per_s")
+# the update test's cases: (config overrides, which groups each of the 2 ranks holds)
+CASES = {
+    "grpo": ({"loss_type": "grpo"}, [[0, 1], [2, 3]]),
+    "dapo": ({"loss_type": "dapo", "advantage_scale": "batch", "num_iterations": 2}, [[0, 1], [2, 3]]),
+    "empty_rank": ({"loss_type": "dapo"}, [[0, 1], []]),  # dynamic sampling can leave a rank no group
+}
+
+
+REWARD = '''
+def vowels(completions, **kw):
+    """Varies from sample to sample even for a random model, so every group carries signal."""
+    return [sum(ch in "aeiou" for ch in c) / (1 + len(c)) for c in completions]
+'''
+
+
+def base_config(model_dir, folder: Path, out: str = "run", **kw):
+    """A small GRPO config; its reward in folder/toy_rewards.py, written when missing; its run in folder/out."""
+    from r1kit.config import TrainConfig
+
+    reward = folder / "toy_rewards.py"
+    if not reward.exists():
+        reward.write_text(REWARD)
+    base = dict(model=str(model_dir), out=str(folder / out), task="addition", group_size=4, prompts_per_step=4,
+                max_completion_tokens=6, steps=2, eval_problems=0, lr=1e-2, device="cpu", save_every=1,
+                rewards={f"{reward}:vowels": 1.0}, micro_batch_size=3, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def make_trainer(cfg):
+    from r1kit.rewards import build_rewards
+    from r1kit.rl.run import build_policy, build_tasks
+    from r1kit.rl.trainer import GRPOTrainer
+    from r1kit.rollout import make_generator
+
+    torch.manual_seed(cfg.seed)
+    train, _ = build_tasks(cfg)
+    model, tokenizer, ref = build_policy(cfg, None)
+    generator = make_generator(model, tokenizer, cfg.backend, cfg.batch_size)
+    return GRPOTrainer(cfg, model, tokenizer, train, build_rewards(cfg.rewards, train.reward), generator, ref)
+
+
+def groups(batch, keep: list[int], g: int):
+    """The Rollouts of the groups `keep` of a batch."""
+    from r1kit.rl.trainer import Rollouts
+
+    seqs = [j * g + k for j in keep for k in range(g)]
+    return Rollouts(rows=[batch.rows[j] for j in keep], prompt_ids=[batch.prompt_ids[j] for j in keep],
+                    completions=[batch.completions[i] for i in seqs], rewards=batch.rewards[seqs],
+                    per_reward={name: [v[i] for i in seqs] for name, v in batch.per_reward.items()})
+
+
+def recorded_grads(trainer) -> list[dict[str, torch.Tensor]]:
+    """The gradient of each optimizer step the trainer takes, filled in as it takes them (compared rather than the
+    weights: Adam's first step is lr * sign(gradient), which makes float noise in a gradient near 0 a whole step)."""
+    seen: list[dict[str, torch.Tensor]] = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda *_: seen.append({k: p.grad.clone() for k, p in trainer.model.named_parameters()}))
+    return seen
+
+
+def update_worker(model_dir: str, folder: str) -> None:
+    """torchrun's worker: each rank updates a fresh trainer on its groups of the saved batch, for every case."""
+    from r1kit import distributed
+
+    batch = torch.load(Path(folder) / "batch.pt", weights_only=False)
+    with distributed.launched("cpu"):
+        rank = distributed.world().rank
+        for name, (overrides, shares) in CASES.items():
+            trainer = make_trainer(base_config(model_dir, Path(folder), **overrides))
+            grads = recorded_grads(trainer)
+            update = trainer.update(groups(batch, shares[rank], 4))
+            params = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+            torch.save({"update": update, "grads": grads, "params": params}, Path(folder) / f"{name}-{rank}.pt")
+
+
+def env() -> dict[str, str]:
+    """This checkout first on the path (another r1kit may be installed), one thread a process on a shared CPU."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args: str, timeout: float = 240) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def test_an_update_over_two_ranks_equals_one_process_on_the_union_batch(tiny_model_dir, tmp_path):
+    from r1kit.rl.trainer import SAME_ON_EVERY_RANK
+
+    batch = make_trainer(base_config(tiny_model_dir, tmp_path)).collect()
+    assert len(batch.rows) == 4 and batch.rewards.std() > 0
+    torch.save(batch, tmp_path / "batch.pt")
+    torchrun(__file__, str(tiny_model_dir), str(tmp_path))
+    for name, (overrides, shares) in CASES.items():
+        alone = make_trainer(base_config(tiny_model_dir, tmp_path, **overrides))
+        grads = recorded_grads(alone)
+        expected = alone.update(groups(batch, shares[0] + shares[1], 4))
+        ranks = [torch.load(tmp_path / f"{name}-{r}.pt") for r in range(2)]
+        assert len(grads) == len(ranks[0]["grads"]) == overrides.get("num_iterations", 1)
+        for mine, theirs in zip(grads, ranks[0]["grads"], strict=True):
+            for key, grad in mine.items():
+                torch.testing.assert_close(theirs[key], grad, atol=1e-7, rtol=1e-4, msg=f"{name}: {key}")
+        for key, param in alone.model.named_parameters():  # the ranks never part
+            assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), (name, key)
+            torch.testing.assert_close(ranks[0]["params"][key], param.detach(), atol=5e-5, rtol=1e-4)
+        assert set(ranks[0]["update"]) | set(ranks[1]["update"]) == set(expected)
+        for key, value in expected.items():
+            got = (ranks[0]["update"][key] if key in SAME_ON_EVERY_RANK
+                   else sum(r["update"].get(key, 0.0) for r in ranks))
+            assert got == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
+        assert expected["skipped"] == 0.0 and expected["grad_norm"] > 0
+
+
+def steps(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in rows if "reward" in r]
+
+
+def assert_rows_close(got: list[dict], expected: list[dict]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for a, b in zip(got, expected, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def assert_weights_close(a: Path, b: Path) -> None:
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert x.keys() == y.keys()
+    for key in x:
+        torch.testing.assert_close(x[key], y[key], atol=5e-5, rtol=1e-4, msg=key)  # Adam: see recorded_grads
+
+
+def test_torchrun_train_matches_one_process_and_resumes_across_world_sizes(tiny_model_dir, tmp_path):
+    import yaml
+
+    from r1kit.rl.run import run_train
+
+    def cli(cfg, *extra: str) -> list[str]:
+        path = tmp_path / f"{Path(cfg.out).name}.yaml"
+        path.write_text(yaml.safe_dump(cfg.model_dump()))
+        return ["-m", "r1kit.cli", "train", "--config", str(path), *extra]
+
+    # one process, 3 steps: the reference
+    one = base_config(tiny_model_dir, tmp_path, "one", prompts_per_step=2, steps=3, keep_checkpoints=3)
+    run_train(one)
+    # two processes, 2 steps; then one process resumes it for the 3rd
+    two = base_config(tiny_model_dir, tmp_path, "two", prompts_per_step=2, steps=2, keep_checkpoints=3)
+    torchrun(*cli(two))
+    folder = tmp_path / "two"
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert not list(tmp_path.glob("two.old-*")) and (folder / "final" / "model.safetensors").is_file()
+    assert_rows_close(steps(folder), steps(tmp_path / "one")[:2])
+    assert_weights_close(folder / "checkpoints" / "step-2", tmp_path / "one" / "checkpoints" / "step-2")
+    run_train(two.model_copy(update={"steps": 3, "resume": "latest"}))
+    assert_rows_close(steps(folder), steps(tmp_path / "one"))
+    assert_weights_close(folder / "checkpoints" / "step-3", tmp_path / "one" / "checkpoints" / "step-3")
+    # and two processes resume a one-process checkpoint
+    three = two.model_copy(update={"out": str(tmp_path / "three"), "steps": 3,
+                                   "resume": str(tmp_path / "one" / "checkpoints" / "step-2")})
+    torchrun(*cli(three))
+    assert_rows_close(steps(tmp_path / "three"), steps(tmp_path / "one")[2:])
+    assert_weights_close(tmp_path / "three" / "final", tmp_path / "one" / "final")
+
+
+def test_torchrun_sft_matches_one_process(tiny_model_dir, tmp_path):
+    import yaml
+
+    from r1kit.config import SFTConfig
+    from r1kit.sft.run import run_sft
+
+    data = tmp_path / "traces.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "reasoning": f"{i} and {i} make {2 * i}"
+                                        * (1 + i % 3), "answer": f"\\boxed{{{2 * i}}}"}) + "\n" for i in range(16)))
+    # 3 examples a step in micro-batches of about one: rank 0 trains on two, rank 1 on one
+    settings = dict(model=str(tiny_model_dir), data=str(data), eval_rows=2, batch_size=3, micro_batch_tokens=96,
+                    steps=3, lr=1e-3, device="cpu")
+    run_sft(SFTConfig(**settings, out=str(tmp_path / "one")))
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump(SFTConfig(**settings, out=str(tmp_path / "two")).model_dump()))
+    torchrun("-m", "r1kit.cli", "sft", "--config", str(config))
+    rows = [[{k: v for k, v in json.loads(line).items() if not k.endswith(TIMING)}
+             for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "two")]
+    assert len(rows[0]) == 5  # eval before, 3 steps, eval after
+    assert_rows_close(rows[1], rows[0])
+    assert_weights_close(tmp_path / "two" / "final", tmp_path / "one" / "final")
+
+
+def test_prompts_per_step_must_split_over_the_ranks(tiny_model_dir, tmp_path, monkeypatch):
+    from r1kit import distributed
+
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(rank=0, size=2))
+    with pytest.raises(ValueError, match="prompts_per_step=3 does not split over 2 processes"):
+        make_trainer(base_config(tiny_model_dir, tmp_path, prompts_per_step=3))
+
+
+if __name__ == "__main__":
+    update_worker(*sys.argv[1:])
