@@ -79,7 +79,8 @@ def main() -> None:
     rewards = build_rewards(cfg.rewards, accuracy=train_task.reward)
     _, tokenizer = load_model(model_dir, device="cpu")
     # the task's verifier reads TRL's `row` column: the row as r1kit's trainer passes it
-    rows = [{"prompt": build_prompt(row["prompt"], tokenizer, cfg.template), "row": row} for row in train_task.rows]
+    rows = [{"prompt": build_prompt(row["prompt"], tokenizer, cfg.template, train_task.answer_format), "row": row}
+            for row in train_task.rows]
     result: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "preset": args.preset,
                               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                               "dynamic_sampling": "not in TRL" if cfg.dynamic_sampling else False}

@@ -8,7 +8,7 @@ Template = Literal["auto", "r1zero", "chat", "chat_plain", "raw"]
 TEMPLATES: dict[str, str] = {
     "auto": "chat when the tokenizer has a chat template, else r1zero",
     "r1zero": "the DeepSeek-R1-Zero template: plain text, <think> and <answer> tags",
-    "chat": "the model's chat template with a system prompt asking for <think> then \\boxed{}",
+    "chat": "the model's chat template with a system prompt asking for <think> then \\boxed{} (or the task's format)",
     "chat_plain": "the model's chat template, the question alone (no system prompt)",
     "raw": "the question text as it is",
 }
@@ -22,10 +22,16 @@ R1_ZERO_TEMPLATE = (
     "</answer>. User: {prompt}. Assistant:"
 )
 
-REASONING_SYSTEM_PROMPT = (
-    "You are a helpful assistant. First think through the problem step by step inside <think> </think> "
-    "tags, then give the final answer in \\boxed{}."
-)
+BOXED = "in \\boxed{}"  # how the `chat` template asks for the final answer, unless a task says otherwise
+
+
+def reasoning_system_prompt(answer_format: str = BOXED) -> str:
+    """The `chat` template's system prompt: think inside <think> tags, then give the final answer answer_format."""
+    return ("You are a helpful assistant. First think through the problem step by step inside <think> </think> "
+            f"tags, then give the final answer {answer_format}.")
+
+
+REASONING_SYSTEM_PROMPT = reasoning_system_prompt()
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -40,8 +46,9 @@ def resolve_template(template: Template, tokenizer) -> str:
     return template
 
 
-def build_prompt(question: str, tokenizer, template: Template = "auto") -> str:
-    """The text the model is asked to continue for this question."""
+def build_prompt(question: str, tokenizer, template: Template = "auto", answer_format: str = BOXED) -> str:
+    """The text the model is asked to continue for this question; the `chat` template's system prompt asks for
+    the final answer answer_format (a task's own: code in a python block, say)."""
     template = resolve_template(template, tokenizer)
     if template == "r1zero":
         return R1_ZERO_TEMPLATE.format(prompt=question)
@@ -51,7 +58,7 @@ def build_prompt(question: str, tokenizer, template: Template = "auto") -> str:
         raise ValueError(f"template {template!r} needs a tokenizer with a chat template; use r1zero or raw")
     messages = [{"role": "user", "content": question}]
     if template == "chat":
-        messages.insert(0, {"role": "system", "content": REASONING_SYSTEM_PROMPT})
+        messages.insert(0, {"role": "system", "content": reasoning_system_prompt(answer_format)})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

@@ -32,6 +32,18 @@ def test_chat_template_carries_the_reasoning_system_prompt(tokenizer):
     assert build_prompt("q", tokenizer, "raw") == "q"
 
 
+def test_a_task_with_its_own_answer_format_gets_a_system_prompt_asking_for_it(tokenizer):
+    from r1kit.tasks import load_task
+
+    code, math = load_task("functions", n=2), load_task("arithmetic", n=2)
+    assert code.answer_format == "in a ```python code block" and math.answer_format == "in \\boxed{}"
+    prompt = build_prompt("Write f.", tokenizer, "chat", code.answer_format)
+    assert ("inside <think> </think> tags, then give the final answer in a ```python code block.<|im_end|>\n"
+            "<|im_start|>user\nWrite f.") in prompt
+    assert build_prompt("q", tokenizer, "chat", math.answer_format) == build_prompt("q", tokenizer, "chat")
+    assert REASONING_SYSTEM_PROMPT.endswith("then give the final answer in \\boxed{}.")
+
+
 def test_unknown_template():
     with pytest.raises(ValueError, match="unknown template 'fancy'"):
         build_prompt("q", None, "fancy")

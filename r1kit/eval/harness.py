@@ -71,7 +71,7 @@ def evaluate(task: Task, generator: Generator, tokenizer, params: SamplingParams
     advance = (lambda n: progress.advance(bar, n)) if progress else None
     for start in range(0, len(task), chunk):
         rows = task.rows[start : start + chunk]
-        prompts = [build_prompt(row["prompt"], tokenizer, template) for row in rows]
+        prompts = [build_prompt(row["prompt"], tokenizer, template, task.answer_format) for row in rows]
         t0 = time.perf_counter()
         completions = generator.generate(prompts, params, progress=advance)
         run.generation_s += time.perf_counter() - t0

@@ -218,7 +218,7 @@ class GRPOTrainer(TrainerState):
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = lr_scheduler(self.optimizer, cfg.lr_schedule, cfg.warmup_steps,
                                       cfg.steps * cfg.num_iterations)
-        self.prompts = [build_prompt(row["prompt"], tokenizer, cfg.template) for row in task.rows]
+        self.prompts = [build_prompt(row["prompt"], tokenizer, cfg.template, task.answer_format) for row in task.rows]
         self.prompt_ids = [generator.encode(p) for p in self.prompts]  # the update's inputs, encoded once
         fits = [len(ids) <= cfg.max_prompt_tokens for ids in self.prompt_ids]
         if not all(fits):

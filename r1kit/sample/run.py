@@ -96,7 +96,7 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> dict[str, A
     for i, row in enumerate(task.rows):
         row["_index"] = i
     progress = load_progress(cfg, out)
-    teacher = make_teacher(cfg, task.rows)
+    teacher = make_teacher(cfg, task.rows, task.answer_format)
     n = 1 if isinstance(teacher, SolutionsTeacher) else cfg.samples
     params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens)
     provenance: dict[str, Any] = teacher.identity()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from r1kit.config import SampleConfig
-from r1kit.prompts import build_prompt
+from r1kit.prompts import BOXED, build_prompt
 from r1kit.rollout import Completion, SamplingParams, make_generator
 from r1kit.sample.endpoint import EndpointTeacher
 from r1kit.sft.data import trace_completion
@@ -31,11 +31,11 @@ class Teacher(Protocol):
 class LocalTeacher:
     """A model r1kit loads, generating through the rollout engine (or HF generate on a CPU)."""
 
-    def __init__(self, spec: str, template: str, batch_size: int, device: str):
+    def __init__(self, spec: str, template: str, batch_size: int, device: str, answer_format: str = BOXED):
         from r1kit.models import load_model, weights_sha256
 
         self.model, self.tokenizer = load_model(spec, device)
-        self.spec, self.template = spec, template
+        self.spec, self.template, self.answer_format = spec, template, answer_format
         self.sha256 = weights_sha256(self.model.name_or_path)
         self.generator = make_generator(self.model, self.tokenizer, "auto", batch_size)
 
@@ -44,7 +44,7 @@ class LocalTeacher:
         """params.n traces per question; the caller's params.seed fixes them (keys are unused: one call, one seed)."""
         import torch
 
-        prompts = [build_prompt(q, self.tokenizer, self.template) for q in questions]
+        prompts = [build_prompt(q, self.tokenizer, self.template, self.answer_format) for q in questions]
         with torch.no_grad():
             return self.generator.generate(prompts, params, progress=progress)
 
@@ -83,8 +83,9 @@ class SolutionsTeacher:
         return {"teacher": "solutions", "teacher_data": str(self.data), "teacher_field": self.field}
 
 
-def make_teacher(cfg: SampleConfig, rows: list[Row]) -> Teacher:
-    """The teacher a sample config names: an endpoint, the rows' solutions, or a local model."""
+def make_teacher(cfg: SampleConfig, rows: list[Row], answer_format: str = BOXED) -> Teacher:
+    """The teacher a sample config names: an endpoint, the rows' solutions, or a local model (whose `chat` prompt
+    asks for the answer answer_format, the task's)."""
     import os
 
     if cfg.teacher_url:
@@ -92,4 +93,4 @@ def make_teacher(cfg: SampleConfig, rows: list[Row]) -> Teacher:
                                cfg.concurrency, cfg.timeout_s, cfg.max_retries)
     if cfg.teacher == "solutions":
         return SolutionsTeacher(rows, cfg.solution_field, cfg.data)
-    return LocalTeacher(cfg.teacher, cfg.template, cfg.batch_size, cfg.device)
+    return LocalTeacher(cfg.teacher, cfg.template, cfg.batch_size, cfg.device, answer_format)

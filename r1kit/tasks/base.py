@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from r1kit.grading import extract_answer, is_equiv, score_answer
+from r1kit.prompts import BOXED
 
 Row = dict[str, Any]
 
@@ -49,6 +50,11 @@ class Task:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def answer_format(self) -> str:
+        """How the `chat` template's system prompt asks for this task's final answer (meta's, else in \\boxed{})."""
+        return self.meta.get("answer_format", BOXED)
 
     def reward(self, completions: list[Any], row: list[Row], **kwargs: Any) -> list[float]:
         """The verifier as a TRL-style reward function over the `row` column."""

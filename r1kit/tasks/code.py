@@ -154,6 +154,9 @@ class CodeTask(Task):
         return replace(self, rows=rows)
 
 
+ANSWER_FORMAT = "in a ```python code block"  # what the `chat` template's system prompt asks for
+
+
 def code_task(name: str, rows: list[Row], scoring: Scoring, meta: dict[str, Any]) -> CodeTask:
     """A code task over rows; the sandbox is started once first, so a refused kernel fails here, clearly."""
     if not scoring.unsafe_no_sandbox:
@@ -161,7 +164,8 @@ def code_task(name: str, rows: list[Row], scoring: Scoring, meta: dict[str, Any]
     return CodeTask(name, rows, verify=functools.partial(verify_code, scoring=scoring), extract=extract_program,
                     same_answer=same_program, scoring=scoring,
                     meta={**meta, "partial": scoring.partial, "timeout_s": scoring.timeout_s,
-                          "unsafe_no_sandbox": scoring.unsafe_no_sandbox, "cons_grouping": CONS_GROUPING})
+                          "unsafe_no_sandbox": scoring.unsafe_no_sandbox, "cons_grouping": CONS_GROUPING,
+                          "answer_format": ANSWER_FORMAT})
 
 
 # --- HumanEval and your own JSONL ---------------------------------------------------------------------------
