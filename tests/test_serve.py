@@ -22,11 +22,12 @@ KEY = "sk-test-123"
 class Server:
     """uvicorn on a thread, for one test module."""
 
-    def __init__(self, model_dir, api_key: str | None = KEY, **limits):
-        self.cfg = ServeConfig(model=str(model_dir), port=free_port(), device="cpu", kv_cache_tokens=8192, **limits)
+    def __init__(self, model_dir, api_key: str | None = KEY, log_level: str = "error", **limits):
+        self.cfg = ServeConfig(model=str(model_dir), port=free_port(), device="cpu",
+                               **{"kv_cache_tokens": 8192, **limits})
         self.served = load_served(self.cfg.model, "tiny", "cpu", self.cfg.kv_cache_tokens)
-        app = create_app([self.served], self.cfg, api_key=api_key)
-        self.server, self.thread = serve_in_thread(app, self.cfg.port, log_level="error")
+        self.app = create_app([self.served], self.cfg, api_key=api_key)
+        self.server, self.thread = serve_in_thread(self.app, self.cfg.port, log_level=log_level)
         self.url = f"http://127.0.0.1:{self.cfg.port}"
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or "none", max_retries=0)
 

@@ -14,27 +14,20 @@ import threading
 import time
 from collections import Counter
 
-import openai
 import pytest
-
-from r1kit.config import ServeConfig
-from r1kit.serve.app import create_app
-from r1kit.serve.server import free_port, load_served, serve_in_thread
+from test_serve import Server
 
 KEY = "k1"
 tally: Counter = Counter()
 
 
-class Server:
+class HostileServer(Server):
     """`r1kit serve --api-key k1 --max-concurrent 8` on a free loopback port, with the tiny model."""
 
     def __init__(self, model_dir):
-        self.cfg = ServeConfig(model=str(model_dir), port=free_port(), device="cpu", kv_cache_tokens=16384,
-                               max_concurrent=8, max_tokens=4000)
-        self.served = load_served(self.cfg.model, "tiny", "cpu", self.cfg.kv_cache_tokens)
-        self.app = create_app([self.served], self.cfg, api_key=KEY)
-        self.server, self.thread = serve_in_thread(self.app, self.cfg.port, log_level="critical")
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.cfg.port}/v1", api_key=KEY, max_retries=0)
+        # the refused requests' tracebacks would flood the test log: only critical messages are shown
+        super().__init__(model_dir, api_key=KEY, log_level="critical", kv_cache_tokens=16384, max_concurrent=8,
+                         max_tokens=4000)
 
     def send(self, method: str, path: str, body: bytes | str | dict | None = None, key: str | None = KEY,
              headers: dict | None = None) -> tuple[int, dict | str]:
@@ -78,15 +71,10 @@ class Server:
             time.sleep(0.01)
         return []
 
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.served.worker.close()
-
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    s = Server(tiny_model_dir)
+    s = HostileServer(tiny_model_dir)
     yield s
     s.stop()
 
