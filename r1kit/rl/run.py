@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -21,7 +20,7 @@ from r1kit.eval.held_out import HeldOut, generated_rows, held_out_accuracy
 from r1kit.models import checkpoint_dtype, load_model, resolve_model, save_model, weights_sha256
 from r1kit.rewards import build_rewards
 from r1kit.rl.checkpoint import StopRequest, find_checkpoint, resume_run, save_run
-from r1kit.rl.runlog import RunLog, set_aside
+from r1kit.rl.runlog import RunLog, open_run_folder
 from r1kit.rl.trainer import GRPOTrainer, Rollouts
 from r1kit.rollout import make_generator
 from r1kit.tasks import Task, load_task, task_options
@@ -162,10 +161,7 @@ def train(cfg: TrainConfig, world: distributed.World, device: str, console: Cons
     train_task, held = build_tasks(cfg)
     rewards = build_rewards(cfg.rewards, accuracy=train_task.reward)
     if world.is_main:
-        if checkpoint is None and (aside := set_aside(out)) is not None:  # a new run: never mixed with an old one
-            console.print(f"{out} held an earlier run: moved it to {aside} (resume=latest continues a run instead)")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        open_run_folder(out, cfg.model_dump(), checkpoint is None, console)
     model, tokenizer, ref = build_policy(cfg.model_copy(update={"device": device}), checkpoint)
     generator = make_generator(model, tokenizer, cfg.backend, cfg.batch_size)
     trainer = GRPOTrainer(cfg, model, tokenizer, train_task, rewards, generator, ref)

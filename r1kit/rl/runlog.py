@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from r1kit import distributed
 
 # what a GRPO or SFT run writes into its folder; anything else there is not the run's and stays
@@ -33,6 +35,15 @@ def set_aside(folder: Path) -> Path | None:
     for path in found:
         path.rename(aside / path.name)
     return aside if folder.is_absolute() else Path(os.path.relpath(aside))  # as the user gave `folder`
+
+
+def open_run_folder(out: Path, config: dict[str, Any], new_run: bool, console) -> None:
+    """Make a run's folder and write its config.yaml; a new run first sets an earlier one there aside (never mixed
+    with an old one) and says where it went."""
+    if new_run and (aside := set_aside(out)) is not None:
+        console.print(f"{out} held an earlier run: moved it to {aside} (resume=latest continues a run instead)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def _keep_until(path: Path, step: int) -> None:

@@ -34,19 +34,12 @@ from r1kit.rl.checkpoint import TrainerState
 from r1kit.rl.logprobs import target_logprobs
 from r1kit.rl.loss import policy_loss
 from r1kit.rollout import Completion, Generator, SamplingParams
-from r1kit.rollout.sampler import _GOLDEN
+from r1kit.rollout.sampler import shifted_seed
 from r1kit.tasks import Row, Task
 
 REFLECTION = re.compile(r"\b(wait|verify|check again|re-?check|double[- ]check|let me check|hmm+)\b", re.IGNORECASE)
 # metrics of the update that every rank holds alike (the gradient is all-reduced); the others are each rank's share
 SAME_ON_EVERY_RANK = ("grad_norm", "skipped", "lr")
-
-
-def rank_seed(seed: int, first: int) -> int:
-    """The request seed under which a rank's sequences sample as the sequences from `first` on of a request under
-    `seed`: a sequence's key hashes (seed * GOLDEN + index) mod 2^32 (rollout/sampler.py), so adding first/GOLDEN
-    mod 2^32 to the seed adds `first` to every index."""
-    return (seed + first * pow(_GOLDEN, -1, 2**32)) % 2**32 if first else seed
 
 
 @dataclass
@@ -244,7 +237,7 @@ class GRPOTrainer(TrainerState):
         seed = (cfg.seed * 1_000_003 + self.step_count * 101 + round_) % 2**63
         return SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                               max_tokens=cfg.max_completion_tokens,
-                              seed=rank_seed(seed, self.world.rank * self.share * cfg.group_size))
+                              seed=shifted_seed(seed, self.world.rank * self.share * cfg.group_size))
 
     def sync_generator(self) -> None:
         """Bring the generator's weight buffers (the engine's bf16 copies, merged LoRA) to the last update:

@@ -40,6 +40,13 @@ def sequence_key(seed: int, index: int) -> int:
     return int(hash32(torch.tensor([(seed * _GOLDEN + index) & _MASK32]) ^ 0x5BD1E995).item())
 
 
+def shifted_seed(seed: int, first: int) -> int:
+    """The request seed whose sequences sample as the sequences from `first` on of a request under `seed`:
+    a key hashes (seed * GOLDEN + index) mod 2^32, so adding first / GOLDEN mod 2^32 to the seed adds `first`
+    to every index (a rank's slice of a step samples as it would in the one-process step)."""
+    return (seed + first * pow(_GOLDEN, -1, 2**32)) % 2**32 if first else seed
+
+
 def column_codes(vocab: int, device: torch.device) -> torch.Tensor:
     """Each token id's share of the noise hash, as an int64 tensor.
 

@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -19,7 +18,7 @@ from r1kit.eval.report import write_training_report
 from r1kit.models import checkpoint_dtype, file_sha256, load_tokenizer, resolve_model, save_model, weights_sha256
 from r1kit.rl.checkpoint import StopRequest, find_checkpoint, resume_run, save_run
 from r1kit.rl.run import load_policy
-from r1kit.rl.runlog import RunLog, set_aside
+from r1kit.rl.runlog import RunLog, open_run_folder
 from r1kit.rollout import make_generator
 from r1kit.sft.data import Example, load_examples
 from r1kit.sft.trainer import SFTTrainer
@@ -129,10 +128,7 @@ def sft(cfg: SFTConfig, world: distributed.World, device: str, console: Console)
         warnings.warn(f"{too_long} rows are longer than max_seq_len={cfg.max_seq_len} tokens and are left out",
                       RuntimeWarning, stacklevel=2)
     if world.is_main:
-        if checkpoint is None and (aside := set_aside(out)) is not None:  # a new run: never mixed with an old one
-            console.print(f"{out} held an earlier run: moved it to {aside} (resume=latest continues a run instead)")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        open_run_folder(out, cfg.model_dump(), checkpoint is None, console)
     model, tokenizer = load_policy(cfg.model, device, cfg.lora_r, cfg.lora_alpha, cfg.gradient_checkpointing,
                                    checkpoint)
     trainer = SFTTrainer(cfg, model, tokenizer, train)

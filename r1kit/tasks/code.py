@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import copy
 import functools
-import os
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 from r1kit.prompts import split_trace
 from r1kit.sandbox import Job, Outcome, check_sandbox, score_many
 from r1kit.tasks.base import DataError, Row, Task, completion_text, read_jsonl
+from r1kit.tasks.datasets import benchmark_path
 
 # the row fields that say how a candidate is judged (code_reward reads the same names as TRL columns)
 CODE_FIELDS = ("tests", "inputs", "outputs", "test", "entry_point", "code_prompt")
@@ -184,11 +184,7 @@ def humaneval(data: str | None = None, timeout_s: float = 5.0, unsafe_no_sandbox
     The candidate always follows the row's prompt code: a completion-only body continues its signature, and a
     whole function replaces its docstring-only stub while keeping its imports and helper functions.
     """
-    folder = os.environ.get("R1KIT_DATA")
-    if not data and not (folder and (Path(folder) / "humaneval.jsonl").is_file()):
-        raise DataError("task 'humaneval' needs its data: pass --data PATH (HumanEval's JSONL: task_id, prompt, "
-                        "test, entry_point), or set R1KIT_DATA to a folder holding humaneval.jsonl")
-    path = Path(data) if data else Path(str(folder), "humaneval.jsonl")
+    path = benchmark_path("humaneval", data, "HumanEval's JSONL: task_id, prompt, test, entry_point")
     rows = []
     for row in read_jsonl(path):
         _require(row, path, ("task_id", "prompt", "test", "entry_point"))

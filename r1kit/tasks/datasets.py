@@ -12,18 +12,21 @@ from types import ModuleType
 
 from r1kit.tasks.base import DataError, Row, Task, map_fields, read_jsonl
 
-BENCHMARK_FILES = {"gsm8k": "gsm8k_test.jsonl", "math500": "math500_test.jsonl", "aime": "aime24.jsonl"}
+BENCHMARK_FILES = {"gsm8k": "gsm8k_test.jsonl", "math500": "math500_test.jsonl", "aime": "aime24.jsonl",
+                   "humaneval": "humaneval.jsonl"}
+MATH_FORMAT = "JSONL with 'problem' and 'answer' on each line"
 
 
-def benchmark_path(name: str, data: str | None) -> Path:
-    """The JSONL file of a benchmark: `data` if given, else $R1KIT_DATA/<its usual file name>."""
+def benchmark_path(name: str, data: str | None, data_format: str = MATH_FORMAT) -> Path:
+    """The JSONL file of a benchmark: `data` if given, else $R1KIT_DATA/<its usual file name>; the error says
+    data_format, what the file holds."""
     if data:
         return Path(data)
     folder = os.environ.get("R1KIT_DATA")
     if folder and (Path(folder) / BENCHMARK_FILES[name]).is_file():
         return Path(folder) / BENCHMARK_FILES[name]
     raise DataError(
-        f"task {name!r} needs its data: pass --data PATH (JSONL with 'problem' and 'answer' on each line), "
+        f"task {name!r} needs its data: pass --data PATH ({data_format}), "
         f"or set R1KIT_DATA to a folder holding {BENCHMARK_FILES[name]}"
     )
 
