@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,8 +62,8 @@ class Task:
         return [self.verify(completion_text(c), r) for c, r in zip(completions, row, strict=True)]
 
     def with_rows(self, rows: list[Row]) -> Task:
-        """The same task (verifier, extractor, metadata) over other rows."""
-        return Task(self.name, rows, self.verify, self.extract, self.same_answer, self.meta)
+        """The same task (its kind, verifier, extractor, metadata) over other rows."""
+        return dataclasses.replace(self, rows=rows)
 
     def head(self, limit: int | None) -> Task:
         """The same task on its first `limit` rows."""

@@ -12,7 +12,7 @@ import functools
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +148,6 @@ class CodeTask(Task):
     def reward(self, completions: list[Any], row: list[Row], **kwargs: Any) -> list[float]:
         """The verifier as a TRL-style reward over the `row` column, all candidates scored together."""
         return score_programs([last_code_block(completion_text(c)) for c in completions], row, self.scoring)
-
-    def with_rows(self, rows: list[Row]) -> CodeTask:
-        """The same code task over other rows."""
-        return replace(self, rows=rows)
 
 
 ANSWER_FORMAT = "in a ```python code block"  # what the `chat` template's system prompt asks for
