@@ -28,6 +28,7 @@ def main() -> None:
         "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
         "completion_length_mean_first_last": [steps[0]["completion_length_mean"], steps[-1]["completion_length_mean"]],
         "reward_every10": [round(r["reward"], 3) for r in steps[::10]],
+        "skipped_updates": [r["step"] for r in rows if r.get("skipped")],
         "gpu_memory_gb": max((r.get("gpu_memory_gb", 0) for r in steps), default=0),
         "evals": evals,
     }
