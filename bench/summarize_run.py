@@ -28,7 +28,11 @@ def main() -> None:
         "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
         "completion_length_mean_first_last": [steps[0]["completion_length_mean"], steps[-1]["completion_length_mean"]],
         "reward_every10": [round(r["reward"], 3) for r in steps[::10]],
-        "skipped_updates": [r["step"] for r in rows if r.get("skipped")],
+        # a step whose groups all had equal rewards has nothing to update (also `skipped`); the others went non-finite
+        "skipped_non_finite": [r["step"] for r in steps if r.get("skipped") and r.get("zero_variance_groups", 0)
+                               < r.get("groups_generated", 1)],
+        "steps_all_groups_equal": [r["step"] for r in steps if r.get("groups_generated")
+                                   and r.get("zero_variance_groups") == r["groups_generated"]],
         "gpu_memory_gb": max((r.get("gpu_memory_gb", 0) for r in steps), default=0),
         "evals": evals,
     }
