@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -10,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -83,21 +85,35 @@ def default_gguf_path() -> Path:
 
 
 def import_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
-    """Dequantize a GGUF file into a trainable fp32 HF checkpoint at out_dir (written atomically)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize a GGUF file into an HF checkpoint at out_dir (written atomically), one tensor at a time:
+    float32 up to 1B parameters (trainable as it is), bf16 above (as it is served), never a whole float32 copy."""
+    from r1kit.gguf_import import import_folder
 
-    gguf, out_dir = Path(gguf).resolve(), Path(out_dir)
+    gguf = Path(gguf).resolve()
     if not gguf.is_file():
         raise ModelError(f"{gguf}: no such GGUF file")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # transformers marks GGUF models as quantized, which blocks training and save_pretrained.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.tie_weights()
-    return save_model(model, tokenizer, out_dir)
+    start = time.monotonic()
+    with atomic_folder(out_dir) as tmp:
+        dtype = import_folder(gguf, tmp)
+    log.info("imported %s as %s in %.0f s (peak host RSS %.1f GB)", gguf.name, str(dtype).removeprefix("torch."),
+             time.monotonic() - start, peak_host_rss_gb())
+    return Path(out_dir)
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | Path) -> Iterator[Path]:
+    """A temporary folder beside out_dir that replaces out_dir when the block ends without an error."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -106,23 +122,14 @@ def save_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None 
     A LoRA (peft) model is merged into its base first, and cast to `dtype` when given (both in place: call
     it last), so the folder loads as a plain HF checkpoint of the base model's precision.
     """
-    out_dir = Path(out_dir)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if dtype is not None:
         model.to(dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_folder(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def imported_gguf(gguf: str | Path) -> Path:

@@ -35,6 +35,30 @@ def test_gguf_import_round_trip(tmp_path, default_dir):
     assert resolve_model(str(gguf)) == default_dir
 
 
+def test_big_gguf_imports_to_bf16_shards_one_tensor_at_a_time(tmp_path, default_dir, monkeypatch):
+    """Above 1B parameters a GGUF imports in bf16, in shards written as they fill: the tensors are the float32
+    import's cast to bf16, and no shard holds more than its limit plus one tensor."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from r1kit import gguf_import
+
+    monkeypatch.setattr(gguf_import, "FLOAT32_MAX_PARAMS", 10**6)  # the 135M model counts as big here
+    monkeypatch.setattr(gguf_import, "SHARD_BYTES", 40 * 10**6)
+    out = import_gguf(default_gguf_path(), tmp_path / "big")
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) == 7 and (out / "model.safetensors.index.json").is_file()
+    largest = 49152 * 576 * 2  # the embedding, in bf16
+    assert all(path.stat().st_size <= 40 * 10**6 + largest + 10**5 for path in shards)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    reference = AutoModelForCausalLM.from_pretrained(default_dir, dtype=torch.float32)
+    assert model.dtype == torch.bfloat16 and model.config.architectures == ["LlamaForCausalLM"]
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(a, b.to(torch.bfloat16)), name
+    with safe_open(shards[0], "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
 def test_weights_sha256_is_the_file_hash_and_info(tiny_model_dir):
     assert weights_sha256(tiny_model_dir) == file_sha256(tiny_model_dir / "model.safetensors")
     info = model_info(str(tiny_model_dir))
