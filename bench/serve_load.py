@@ -36,7 +36,7 @@ def tiny_model() -> str:
     return folder
 
 
-def start_local(model: str, device: str, kv_cache_tokens: int, log_path: str | None = None):
+def start_local(model: str, device: str, kv_cache_tokens: int, log_path: str | None = None, timeout_s: float = 300):
     """`r1kit serve` in its own process (so the load generator does not share its interpreter); (url, process)."""
     import subprocess
     import sys
@@ -50,7 +50,7 @@ def start_local(model: str, device: str, kv_cache_tokens: int, log_path: str | N
                              "--port", str(port), "--kv-cache-tokens", str(kv_cache_tokens),
                              "--max-concurrent", "10000"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
+    deadline = time.time() + timeout_s
     while True:
         try:
             urllib.request.urlopen(url + "/health").close()
