@@ -50,9 +50,8 @@ class EvalConfig(Config):
     seed: int = Field(0, description="sampling seed")
     batch_size: int | None = Field(None, ge=1, description="sequences generated together (default: 512 with "
                                    "the engine on a GPU, 64 otherwise)")
-    backend: Literal["auto", "hf", "engine", "vllm"] = Field(
-        "auto", description="generation backend (auto: the engine on a GPU, hf elsewhere; vllm: vLLM, if "
-        "installed, on the model's folder)")
+    backend: Literal["auto", "hf", "engine"] = Field(
+        "auto", description="generation backend (auto: the engine on a GPU, hf elsewhere)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU")
     out: str = Field("runs/eval", description="output folder for results.json, samples.jsonl, summary.md")
@@ -318,8 +317,18 @@ class ServeConfig(Config):
     max_tokens: int = Field(2048, ge=1, description="the most tokens a request may ask for (400 above)")
     default_max_tokens: int = Field(512, ge=1, description="completion length when a request sets none")
     max_concurrent: int = Field(64, ge=1, description="requests in flight at once; more are refused (429)")
+    max_sequences_per_request: int = Field(16, ge=1, description="the most sequences (n x prompts) one request "
+                                           "may ask for; more is refused (400)")
     kv_cache_tokens: int = Field(65_536, ge=16, description="KV cache size in tokens")
     device: str = Field("auto", description="auto, cpu, cuda")
+
+    @model_validator(mode="after")
+    def _gate_fits_a_request(self) -> ServeConfig:
+        # the gate's samples are one request's sequences: more than a request may hold would refuse every question
+        if self.gate is not None and self.gate.samples > self.max_sequences_per_request:
+            raise ValueError(f"gate.samples {self.gate.samples} is over max_sequences_per_request "
+                             f"{self.max_sequences_per_request}: raise it or sample less")
+        return self
 
 
 class ChatConfig(Config):

@@ -99,6 +99,16 @@ def scripted_dir(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
+def micro_llama():
+    """A one-layer random Llama with a 64-token vocabulary (seed 0): the smallest model an engine can serve."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
 def hf_greedy(model, prompt_ids: list[int], new_tokens: int, pad_id: int, **options) -> list[int]:
     """HF `generate`'s greedy continuation of one prompt: the reference the backends are held to."""
     ids = torch.tensor([prompt_ids])

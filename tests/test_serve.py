@@ -8,7 +8,7 @@ import urllib.request
 
 import openai
 import pytest
-from conftest import SCRIPT
+from conftest import SCRIPT, micro_llama
 
 from r1kit.config import ServeConfig
 from r1kit.models import model_info
@@ -289,17 +289,11 @@ def test_worker_inbox_refusals_and_aborts_happen_on_the_engine_thread():
 def test_a_failing_step_ends_its_requests_and_the_worker_goes_on(tokenizer):
     import asyncio
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from r1kit.rollout.engine import LLMEngine
     from r1kit.rollout.types import SamplingParams
     from r1kit.serve.worker import EngineWorker
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=0)
-    engine = LLMEngine(LlamaForCausalLM(config).eval(), tokenizer, kv_cache_tokens=256, max_num_seqs=4)
+    engine = LLMEngine(micro_llama(), tokenizer, kv_cache_tokens=256, max_num_seqs=4)
     worker = EngineWorker(engine)
 
     async def run(prompt):
@@ -314,11 +308,7 @@ def test_a_failing_step_ends_its_requests_and_the_worker_goes_on(tokenizer):
 
 
 def test_generation_failures_reach_the_client_in_openais_shape(tmp_path, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)  # 64 embeddings: every chat prompt's token ids overflow them
+    micro_llama().save_pretrained(tmp_path)  # 64 embeddings: every chat prompt's token ids overflow them
     tokenizer.save_pretrained(tmp_path)
     broken = Server(tmp_path, api_key=None)
     try:
@@ -386,3 +376,26 @@ def test_an_engine_process_that_cannot_load_says_why(tmp_path):
 
     with pytest.raises(EngineError, match=f"the engine process could not load {tmp_path}: "):
         EngineProcess(str(tmp_path), "cpu", 1024)
+
+
+def test_max_sequences_per_request_from_yaml_flag_and_override(tmp_path):
+    import argparse
+
+    from r1kit.config import ConfigError, GateConfig, add_config_arguments, config_from_args, load_config
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("max_sequences_per_request: 4\n")
+    assert load_config(ServeConfig, path).max_sequences_per_request == 4
+    assert load_config(ServeConfig, path, {"max_sequences_per_request": 2}).max_sequences_per_request == 2
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ServeConfig)
+    args = parser.parse_args(["--config", str(path), "--max-sequences-per-request", "8"])
+    assert config_from_args(ServeConfig, args).max_sequences_per_request == 8
+    assert config_from_args(ServeConfig, parser.parse_args(["max_sequences_per_request=3"])).max_sequences_per_request \
+        == 3
+    assert ServeConfig().max_sequences_per_request == 16
+    with pytest.raises(ConfigError, match="max_sequences_per_request: Input should be greater than or equal to 1"):
+        load_config(ServeConfig, None, {"max_sequences_per_request": 0})
+    # the gate's samples are one request's sequences: a gate that could never be asked is refused up front
+    with pytest.raises(ValueError, match="gate.samples 5 is over max_sequences_per_request 4"):
+        ServeConfig(max_sequences_per_request=4, gate=GateConfig(model="m", samples=5))

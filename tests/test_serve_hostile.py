@@ -15,6 +15,7 @@ import time
 from collections import Counter
 
 import pytest
+from conftest import micro_llama
 from test_serve import Server
 
 KEY = "k1"
@@ -24,10 +25,10 @@ tally: Counter = Counter()
 class HostileServer(Server):
     """`r1kit serve --api-key k1 --max-concurrent 8` on a free loopback port, with the tiny model."""
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, **limits):
         # the refused requests' tracebacks would flood the test log: only critical messages are shown
-        super().__init__(model_dir, api_key=KEY, log_level="critical", kv_cache_tokens=16384, max_concurrent=8,
-                         max_tokens=4000)
+        super().__init__(model_dir, api_key=KEY, log_level="critical",
+                         **{"kv_cache_tokens": 16384, "max_concurrent": 8, "max_tokens": 4000, **limits})
 
     def send(self, method: str, path: str, body: bytes | str | dict | None = None, key: str | None = KEY,
              headers: dict | None = None) -> tuple[int, dict | str]:
@@ -128,17 +129,12 @@ def test_bad_requests_leave_another_clients_stream_untouched(server):
 def test_a_failing_prefill_fails_only_the_request_that_caused_it(tokenizer, caplog):
     # validation stops what it knows; for the rest, a prefill that fails with several new requests in it is
     # retried one request at a time, so only the one that fails alone gets the error
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from r1kit.rollout.engine import LLMEngine
     from r1kit.rollout.types import SamplingParams
     from r1kit.serve.worker import EngineWorker
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=0)
-    engine = LLMEngine(LlamaForCausalLM(config).eval(), tokenizer, kv_cache_tokens=256, max_num_seqs=8)
+    engine = LLMEngine(micro_llama(), tokenizer, kv_cache_tokens=256, max_num_seqs=8)
     worker = EngineWorker(engine)
     got: dict[str, list] = {}
     params = SamplingParams(max_tokens=3, ignore_eos=True, n=2)
@@ -361,25 +357,36 @@ def test_a_client_that_leaves_stops_its_generation(server):
         assert seqs and all(seq.finish_reason == "abort" and len(seq.output_ids) < 3000 for seq in seqs), path
 
 
-def test_max_concurrent_caps_streams_and_sequences(server):
+def test_max_concurrent_and_max_sequences_per_request_cap_the_load(server):
     message = refused(*server.send("POST", "/v1/completions", completion(["p"] * 1000, n=64)), param="n")
-    assert "64000 sequences" in message and "at most 128" in message
-    refused(*server.send("POST", "/v1/completions", completion(["p"] * 9, n=16)), param="n")
+    assert "64000 sequences" in message and "at most 16 a request (max_sequences_per_request)" in message
+    refused(*server.send("POST", "/v1/completions", completion(["p"] * 2, n=9)), param="n")
     # the engine is held between steps meanwhile, so that no stream ends (and frees its slot) before the checks
     with server.served.worker.lock:
-        streams = [open_stream(server, max_tokens=3000) for _ in range(8)]  # the eighth fills the server
-        refused(*server.send("POST", "/v1/chat/completions", chat(stream=True)), 429)
+        streams = [open_stream(server, max_tokens=100, n=16)]
+        streams += [open_stream(server, max_tokens=3000) for _ in range(7)]  # the eighth fills the server
+        message = refused(*server.send("POST", "/v1/chat/completions", chat(stream=True)), 429)
+        assert "8 requests (23 sequences) are in flight; this server holds 8 (max_concurrent)" in message
         refused(*server.send("POST", "/v1/chat/completions", chat()), 429)
-        assert server.app.state.load.requests == 8
+        assert server.app.state.load.requests == 8 and server.app.state.load.sequences == 23
         close(streams)
     assert server.wait_idle()
-    with server.served.worker.lock:
-        streams = [open_stream(server, max_tokens=100, n=64) for _ in range(2)]
-        assert server.app.state.load.sequences == 128
-        message = refused(*server.send("POST", "/v1/chat/completions", chat()), 429)  # 2 requests, 128 sequences
-        assert "2 requests (128 sequences) are in flight" in message
-        close(streams)
-    assert server.wait_idle()
+
+
+def test_max_sequences_per_request_is_a_setting(tiny_model_dir):
+    small = HostileServer(tiny_model_dir, max_sequences_per_request=2)
+    try:
+        message = refused(*small.send("POST", "/v1/chat/completions", chat(n=3)), param="n")
+        assert message == ("this request asks for 3 sequences (n x prompts); this server allows at most 2 a request "
+                           "(max_sequences_per_request)")
+        refused(*small.send("POST", "/v1/completions", completion(["a", "b", "c"])), param="n")
+        status, body = small.send("POST", "/v1/chat/completions", chat(n=2))
+        assert status == 200 and len(body["choices"]) == 2, body
+        status, body = small.send("POST", "/v1/completions", completion(["a", "b"]))
+        assert status == 200 and len(body["choices"]) == 2, body
+        assert small.wait_idle()
+    finally:
+        small.stop()
 
 
 def open_stream(server, **kw):

@@ -11,7 +11,7 @@ from r1kit.rollout.types import Completion, Generator, SamplingParams
 
 __all__ = ["Completion", "Generator", "HFGenerator", "SamplingParams", "make_generator", "uses_engine"]
 
-BACKENDS = ("auto", "hf", "engine", "vllm")
+BACKENDS = ("auto", "hf", "engine")
 KV_MEMORY_SHARE = 0.3  # of free GPU memory, leaving the rest to training
 
 
@@ -31,13 +31,8 @@ def make_generator(model, tokenizer, backend: str = "auto", batch_size: int = 64
     """The generator for a loaded model.
 
     `engine` is r1kit's rollout engine (paged KV cache, continuous batching, shared group prompts,
-    CUDA graphs); `auto` picks it on a GPU where it runs the model (HF generate otherwise, saying why);
-    `vllm` loads the model's folder into vLLM (evaluation only: it does not share the model's weights).
+    CUDA graphs); `auto` picks it on a GPU where it runs the model (HF generate otherwise, saying why).
     """
-    if backend == "vllm":
-        from r1kit.rollout.vllm import VLLMGenerator
-
-        return VLLMGenerator(str(model.name_or_path), tokenizer)
     device = next(model.parameters()).device
     if not uses_engine(backend, model):
         if backend == "auto" and device.type == "cuda":

@@ -1,5 +1,5 @@
-"""Admission: what the server holds for its clients (requests and sequences, capped by --max-concurrent), and
-giving it back whichever way a request ends, the client leaving included."""
+"""Admission: what the server holds for its clients (requests, capped by --max-concurrent, of sequences, capped by
+--max-sequences-per-request), and giving it back whichever way a request ends, the client leaving included."""
 
 from __future__ import annotations
 
@@ -14,27 +14,25 @@ from r1kit.config import ServeConfig
 from r1kit.serve.schemas import APIError
 
 T = TypeVar("T")
-# --max-concurrent counts requests of up to this many sequences (n x prompts); the server holds at most
-# max_concurrent x this many, so one request of 1,000 prompts x n=64 cannot pass as one
-SEQUENCES_PER_REQUEST = 16
 
 
 class Load:
     """What the server holds for its clients: requests and their sequences, counted from admission until the
-    last event is sent or the client leaves."""
+    last event is sent or the client leaves. A request holds at most max_sequences_per_request sequences (n x
+    prompts), so the server holds at most max_concurrent x that many."""
 
     def __init__(self, cfg: ServeConfig):
-        self.max_requests, self.max_sequences = cfg.max_concurrent, cfg.max_concurrent * SEQUENCES_PER_REQUEST
+        self.max_requests, self.max_per_request = cfg.max_concurrent, cfg.max_sequences_per_request
         self.requests = self.sequences = 0
 
     def admit(self, sequences: int) -> Slot:
         """A slot for a request of this many sequences, or APIError 400 (never fits) / 429 (not now)."""
-        if sequences > self.max_sequences:
-            raise APIError(400, f"this request asks for {sequences} sequences (n x prompts); this server holds at "
-                           f"most {self.max_sequences} at once", param="n")
-        if self.requests >= self.max_requests or self.sequences + sequences > self.max_sequences:
+        if sequences > self.max_per_request:
+            raise APIError(400, f"this request asks for {sequences} sequences (n x prompts); this server allows at "
+                           f"most {self.max_per_request} a request (max_sequences_per_request)", param="n")
+        if self.requests >= self.max_requests:
             raise APIError(429, f"{self.requests} requests ({self.sequences} sequences) are in flight; this server "
-                           f"holds {self.max_requests} ({self.max_sequences}); try again shortly",
+                           f"holds {self.max_requests} (max_concurrent); try again shortly",
                            kind="rate_limit_error", code="too_many_requests")
         return Slot(self, sequences)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from r1kit.rollout.engine import LLMEngine
 from r1kit.rollout.engine.scheduler import Request
+from r1kit.rollout.engine.sequence import Sequence
 from r1kit.rollout.types import SamplingParams
 
 log = logging.getLogger("r1kit.serve")
@@ -237,27 +238,45 @@ class EngineWorker(Worker):
     def load(self) -> EngineLoad:
         return engine_load(self.engine)
 
-    def _step_failed(self, error: Exception) -> None:
-        """A step raised. A prefill fails for something in the requests it admitted, none of which has a token
-        yet: one alone is ended with the error; several are taken back (nobody has seen a token of theirs) and
-        retried one per prefill, so only the culprit fails. A decode step's failure names no request (each
-        passed its prefill, whose sampling is the same): all in flight end."""
+    def _step_failed(self, error: Exception) -> list[Sequence]:
+        """A step raised; the sequences that still got its token. A decode step is retried by the engine in
+        halves, so that only the requests whose own sequences fail end (see _decode_failed). A prefill fails for
+        something in the requests it admitted, none of which has a token yet: one alone is ended with the error;
+        several are taken back (nobody has seen a token of theirs) and retried one per prefill, so only the
+        culprit fails."""
+        if self.engine.last_step == "decode":
+            return self._decode_failed(error)
         waiting = set(map(id, self.engine.scheduler.waiting))
         admitted = [s for s in self.fresh.values() if id(s.request) not in waiting]
         if self.engine.last_step != "prefill" or not admitted:
-            return self._fail_all(error)
-        if len(admitted) == 1:
+            self._fail_all(error)
+        elif len(admitted) == 1:
             log.exception("engine prefill failed; ending the request that caused it")
             self._drop(admitted[0].request)
             admitted[0].listener(error)
-            return None
-        log.warning("engine prefill of %d new requests failed (%s: %s); retrying them one at a time",
-                    len(admitted), type(error).__name__, error)
-        for submission in reversed(admitted):
-            self._drop(submission.request)
-            submission.request = None
-            self.suspects.appendleft(submission)
-        return None
+        else:
+            log.warning("engine prefill of %d new requests failed (%s: %s); retrying them one at a time",
+                        len(admitted), type(error).__name__, error)
+            for submission in reversed(admitted):
+                self._drop(submission.request)
+                submission.request = None
+                self.suspects.appendleft(submission)
+        return []
+
+    def _decode_failed(self, error: Exception) -> list[Sequence]:
+        """End each request a sequence of which fails its decode step alone, with that sequence's error (its
+        siblings are aborted, their blocks freed); the sequences the retried step advanced."""
+        advanced, failed = self.engine.isolate_failure(error)
+        log.warning("engine decode step failed (%s: %s); %d sequences fail alone", type(error).__name__, error,
+                    len(failed))
+        for seq, seq_error in failed:
+            if seq.request_id in self.listeners:  # not yet ended by a sibling that failed too
+                request, listener = self.listeners[seq.request_id]
+                log.error("ending request %d: its sequence %d fails its decode step", request.id, seq.index,
+                          exc_info=seq_error)
+                self._drop(request)
+                listener(seq_error)
+        return advanced
 
     def _fail_all(self, error: Exception) -> None:
         """End every request in flight with the error and free the engine for new ones."""
@@ -277,8 +296,7 @@ class EngineWorker(Worker):
                 try:
                     advanced = self.engine.step() if self.engine.has_work() else []
                 except Exception as error:  # noqa: BLE001 - the thread must outlive any one bad step
-                    self._step_failed(error)
-                    advanced = []
+                    advanced = self._step_failed(error)
                 if advanced:
                     self.stats.record(self.engine.last_step, time.perf_counter() - started, len(advanced))
                     line = self.stats.line(len(self.engine.scheduler.running), len(self.engine.scheduler.waiting))

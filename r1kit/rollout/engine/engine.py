@@ -52,6 +52,16 @@ class Sampled:
     tops: list[dict[int, float]] | None
 
 
+class SequencesFailed(RuntimeError):
+    """Recording a step's tokens raised for some sequences: they are left as before the step, the others
+    recorded (`advanced`); `failed` pairs each failed sequence with its error."""
+
+    def __init__(self, advanced: list[Sequence], failed: list[tuple[Sequence, Exception]]):
+        error = failed[0][1]
+        super().__init__(f"{len(failed)} sequence(s) failed to record a token: {type(error).__name__}: {error}")
+        self.advanced, self.failed = advanced, failed
+
+
 class LLMEngine:
     """Continuous batching over a paged KV cache, sharing weights with the policy model."""
 
@@ -265,22 +275,63 @@ class LLMEngine:
         return Sampled(seqs, host, copied, tops)
 
     def _record(self, sampled: Sampled) -> list[Sequence]:
-        """Append each sequence's token once it is on the host and end the sequences that are done."""
+        """Append each sequence's token once it is on the host and end the sequences that are done; where that
+        raises for some sequences, the others are still recorded and SequencesFailed names both."""
         if sampled.copied is not None:
             sampled.copied.synchronize()
-        advanced = []
+        advanced, failed = [], []
         for i, (seq, (token, logprob)) in enumerate(zip(sampled.seqs, sampled.host.tolist(), strict=True)):
             if seq.finished:  # ended (or aborted) before this step, which ran ahead: its token is dropped
                 continue
-            seq.output_ids.append(int(token))
-            seq.logprobs.append(logprob)
-            if seq.params.top_logprobs:
-                seq.top_logprobs.append(dict(list(sampled.tops[i].items())[: seq.params.top_logprobs]))
-            self._check_finished(seq)
+            try:
+                self._append(seq, int(token), logprob, sampled.tops[i] if seq.params.top_logprobs else None)
+            except Exception as error:  # noqa: BLE001 - one sequence's failure (its text, say) is its own
+                failed.append((seq, error))
+                continue
             if seq.finished:
                 self.scheduler.finish(seq)
             advanced.append(seq)
+        if failed:
+            raise SequencesFailed(advanced, failed)
         return advanced
+
+    def _append(self, seq: Sequence, token: int, logprob: float, tops: dict[int, float] | None) -> None:
+        """Give a sequence its token; if that raises, the sequence is left as it was (its step can be retried)."""
+        top = dict(list(tops.items())[: seq.params.top_logprobs]) if tops is not None else None
+        seq.output_ids.append(token)
+        try:
+            self._check_finished(seq)  # sets the finish reason and text together, or neither
+        except Exception:
+            seq.output_ids.pop()
+            raise
+        seq.logprobs.append(logprob)
+        if top is not None:
+            seq.top_logprobs.append(top)
+
+    def isolate_failure(self, error: Exception) -> tuple[list[Sequence], list[tuple[Sequence, Exception]]]:
+        """After a decode step raised `error`: (the sequences that got this step's token, (sequence, error) of
+        each whose own step fails). A step that failed as a whole is retried in halves until each failing
+        sequence runs alone. The failing ones stay running, for the caller to abort their requests."""
+        # the device's copy of the running set is ahead of the host's (a step launched, never recorded): the
+        # retry loads it again, and a step run ahead is dropped
+        self._ahead = self._batch = None
+        if isinstance(error, SequencesFailed):
+            return error.advanced, error.failed
+        return self._bisect(list(self.scheduler.running))
+
+    def _bisect(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[tuple[Sequence, Exception]]]:
+        """One decode step of these sequences; where it raises, one of each half, down to single sequences."""
+        try:
+            return self._record(self._launch(seqs)), []
+        except Exception as error:  # noqa: BLE001 - a failing sequence is found, not propagated
+            self._batch = None  # the step may have advanced the device's copy of sequences it did not record
+            if isinstance(error, SequencesFailed):
+                return error.advanced, error.failed
+            if len(seqs) <= 1:
+                return [], [(seq, error) for seq in seqs]
+            half = len(seqs) // 2
+            (first, failed_first), (second, failed_second) = self._bisect(seqs[:half]), self._bisect(seqs[half:])
+            return first + second, failed_first + failed_second
 
     def _history(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(s.length for s in seqs)
