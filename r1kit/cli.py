@@ -6,6 +6,7 @@ import argparse
 import difflib
 import importlib
 import json
+import os
 import sys
 
 from rich.console import Console
@@ -45,6 +46,7 @@ EPILOG = """examples:
 """
 
 
+DATA_PARALLEL = ("train", "sft", "eval")  # the commands that split their work over torchrun's processes
 INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C (it saved what it had)
 
 # command, config, what it runs ("module:function" taking the config), help, description
@@ -180,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, config_cls, target, help_, description in CONFIG_COMMANDS:
         p = sub.add_parser(name, help=help_, description=description)
         add_config_arguments(p, config_cls)
+        if name in DATA_PARALLEL:
+            p.add_argument("--nproc", type=int, metavar="N",
+                           help="run on N processes of this machine, one GPU each (torchrun --standalone)")
         p.set_defaults(func=cmd_config, config_cls=config_cls, target=target, command_parser=p)
 
     p = sub.add_parser("report", help="plots and sample pages of a training run")
@@ -220,6 +225,14 @@ def unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     return f"unrecognized arguments: {' '.join(hints)}"
 
 
+def torchrun_argv(argv: list[str], nproc: int) -> list[str]:
+    """The command line that runs the r1kit arguments argv, --nproc left out, under torchrun on nproc processes."""
+    kept = [a for i, a in enumerate(argv)
+            if a != "--nproc" and not a.startswith("--nproc=") and (i == 0 or argv[i - 1] != "--nproc")]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "r1kit.cli", *kept]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `r1kit` command; expected errors print one line and exit 2."""
     from transformers.utils import logging as hf_logging
@@ -236,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         args.command_parser.error(unrecognized(args.command_parser, stray or extra))  # with the command's usage
     if extra:
         args.overrides = [*args.overrides, *extra]
+    # torchrun takes this process's place; its own processes (LOCAL_RANK set) run the command
+    if (getattr(args, "nproc", None) or 1) > 1 and "LOCAL_RANK" not in os.environ:
+        command = torchrun_argv(sys.argv[1:] if argv is None else argv, args.nproc)
+        sys.stdout.flush()
+        os.execv(command[0], command)
     try:
         code = args.func(args)
     except (ConfigError, ModelError, DataError, ValueError) as e:

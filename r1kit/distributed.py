@@ -43,10 +43,14 @@ class World:
         """Rank 0, the one that writes the run folder and prints."""
         return self.rank == 0
 
+    def span(self, n: int) -> tuple[int, int]:
+        """[start, end) of this rank's contiguous part of n items; parts differ in length by one at most."""
+        return self.rank * n // self.size, (self.rank + 1) * n // self.size
+
     def share(self, items: list[T]) -> list[T]:
-        """This rank's contiguous slice of a list whose length the world size divides."""
-        k = len(items) // self.size
-        return items[self.rank * k : (self.rank + 1) * k]
+        """This rank's contiguous part of a list (its span); equal parts when the world size divides its length."""
+        start, end = self.span(len(items))
+        return items[start:end]
 
     def sum(self, values: list[float]) -> list[float]:
         """Each value summed over the ranks (float64, so counts stay exact)."""
@@ -73,10 +77,13 @@ class World:
         return out
 
 
+ALONE = World()  # a process outside torchrun
+
+
 def world() -> World:
     """The process group this process is in; a world of one outside torchrun."""
     if not dist.is_initialized():
-        return World()
+        return ALONE
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 

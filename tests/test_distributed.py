@@ -1,16 +1,21 @@
-"""Data-parallel GRPO under torchrun on CPU (gloo, 2 processes, the tiny random model): an update over two ranks
-equals one process's over the union batch, and a run trains, checkpoints and resumes as a one-process run does.
+"""Data-parallel GRPO, SFT and evaluation under torchrun on CPU (gloo, 2 processes, the tiny random model): an update
+over two ranks equals one process's over the union batch, a run trains, checkpoints and resumes as a one-process run
+does (on one node or two), and an evaluation split over ranks writes what one process writes.
 
-Run as a script by torchrun, this file is also the update test's worker."""
+Run as a script by torchrun (`file.py WORKER ARGS...`), this file is also the workers of the tests below."""
 
+import contextlib
+import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,10 +100,47 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(*args: str, timeout: float = 240) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(*cmd: str, timeout: float = 240) -> None:
+    """A Python command line in this checkout, one process or several, which must succeed."""
+    done = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def torchrun(*args: str, nodes: int = 1, timeout: float = 240) -> None:
+    """args under torchrun: one node of 2 processes, or `nodes` nodes of one as on a cluster, each its own torchrun
+    (here on one machine), meeting at a c10d rendezvous."""
+    if nodes == 1:
+        run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args, timeout=timeout)
+        return
+    endpoint = f"127.0.0.1:{free_port()}"
+    # no --node-rank: c10d numbers the nodes as they join (torchrun ignores it for any but a static rendezvous)
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
+                                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, *args],
+                               cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(nodes)]
+    try:
+        for agent in agents:
+            output = agent.communicate(timeout=timeout)[0]
+            assert agent.returncode == 0, output[-8000:]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+
+
+def command(name: str, cfg) -> list[str]:
+    """`-m r1kit.cli NAME --config FILE` for cfg, its YAML beside its run folder."""
+    path = Path(cfg.out).with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg.model_dump()))
+    return ["-m", "r1kit.cli", name, "--config", str(path)]
 
 
 def test_an_update_over_two_ranks_equals_one_process_on_the_union_batch(tiny_model_dir, tmp_path):
@@ -107,7 +149,7 @@ def test_an_update_over_two_ranks_equals_one_process_on_the_union_batch(tiny_mod
     batch = make_trainer(base_config(tiny_model_dir, tmp_path)).collect()
     assert len(batch.rows) == 4 and batch.rewards.std() > 0
     torch.save(batch, tmp_path / "batch.pt")
-    torchrun(__file__, str(tiny_model_dir), str(tmp_path))
+    torchrun(__file__, "update_worker", str(tiny_model_dir), str(tmp_path))
     for name, (overrides, shares) in CASES.items():
         alone = make_trainer(base_config(tiny_model_dir, tmp_path, **overrides))
         grads = recorded_grads(alone)
@@ -149,21 +191,14 @@ def assert_weights_close(a: Path, b: Path) -> None:
 
 
 def test_torchrun_train_matches_one_process_and_resumes_across_world_sizes(tiny_model_dir, tmp_path):
-    import yaml
-
     from r1kit.rl.run import run_train
-
-    def cli(cfg, *extra: str) -> list[str]:
-        path = tmp_path / f"{Path(cfg.out).name}.yaml"
-        path.write_text(yaml.safe_dump(cfg.model_dump()))
-        return ["-m", "r1kit.cli", "train", "--config", str(path), *extra]
 
     # one process, 3 steps: the reference
     one = base_config(tiny_model_dir, tmp_path, "one", prompts_per_step=2, steps=3, keep_checkpoints=3)
     run_train(one)
     # two processes, 2 steps; then one process resumes it for the 3rd
     two = base_config(tiny_model_dir, tmp_path, "two", prompts_per_step=2, steps=2, keep_checkpoints=3)
-    torchrun(*cli(two))
+    torchrun(*command("train", two))
     folder = tmp_path / "two"
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step-1", "step-2"]
     assert not list(tmp_path.glob("two.old-*")) and (folder / "final" / "model.safetensors").is_file()
@@ -175,14 +210,12 @@ def test_torchrun_train_matches_one_process_and_resumes_across_world_sizes(tiny_
     # and two processes resume a one-process checkpoint
     three = two.model_copy(update={"out": str(tmp_path / "three"), "steps": 3,
                                    "resume": str(tmp_path / "one" / "checkpoints" / "step-2")})
-    torchrun(*cli(three))
+    torchrun(*command("train", three))
     assert_rows_close(steps(tmp_path / "three"), steps(tmp_path / "one")[2:])
     assert_weights_close(tmp_path / "three" / "final", tmp_path / "one" / "final")
 
 
 def test_torchrun_sft_matches_one_process(tiny_model_dir, tmp_path):
-    import yaml
-
     from r1kit.config import SFTConfig
     from r1kit.sft.run import run_sft
 
@@ -193,9 +226,7 @@ def test_torchrun_sft_matches_one_process(tiny_model_dir, tmp_path):
     settings = dict(model=str(tiny_model_dir), data=str(data), eval_rows=2, batch_size=3, micro_batch_tokens=96,
                     steps=3, lr=1e-3, device="cpu")
     run_sft(SFTConfig(**settings, out=str(tmp_path / "one")))
-    config = tmp_path / "two.yaml"
-    config.write_text(yaml.safe_dump(SFTConfig(**settings, out=str(tmp_path / "two")).model_dump()))
-    torchrun("-m", "r1kit.cli", "sft", "--config", str(config))
+    torchrun(*command("sft", SFTConfig(**settings, out=str(tmp_path / "two"))))
     rows = [[{k: v for k, v in json.loads(line).items() if not k.endswith(TIMING)}
              for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "two")]
     assert len(rows[0]) == 5  # eval before, 3 steps, eval after
@@ -211,5 +242,89 @@ def test_prompts_per_step_must_split_over_the_ranks(tiny_model_dir, tmp_path, mo
         make_trainer(base_config(tiny_model_dir, tmp_path, prompts_per_step=3))
 
 
+def test_two_nodes_train_as_one_process(tiny_model_dir, tmp_path):
+    from r1kit.rl.run import run_train
+
+    one = base_config(tiny_model_dir, tmp_path, "one", prompts_per_step=2)
+    run_train(one)
+    torchrun(*command("train", base_config(tiny_model_dir, tmp_path, "two", prompts_per_step=2)), nodes=2)
+    assert_rows_close(steps(tmp_path / "two"), steps(tmp_path / "one"))
+    assert_weights_close(tmp_path / "two" / "final", tmp_path / "one" / "final")
+
+
+def untimed(results: dict) -> dict:
+    """An eval's results without what differs from run to run: times, the date and the output folder."""
+    metrics = {k: v for k, v in results["metrics"].items() if k not in ("generation_s", "tokens_per_s")}
+    config = {k: v for k, v in results["config"].items() if k != "out"}
+    rest = {k: v for k, v in results.items() if k not in ("created", "wall_s", "metrics", "config")}
+    return {**rest, "metrics": metrics, "config": config}
+
+
+def test_eval_over_two_processes_writes_what_one_process_writes(tiny_model_dir, tmp_path):
+    from r1kit.config import EvalConfig
+    from r1kit.eval.harness import run_eval
+
+    # chunks of 4 rows a process: 11 rows are a round of 4 + 4 rows, then one of 2 + 1
+    settings = dict(model=str(tiny_model_dir), task="addition", limit=11, samples=3, batch_size=3,
+                    max_new_tokens=8, temperature=1.0, device="cpu")
+    run_eval(EvalConfig(**settings, out=str(tmp_path / "one")))
+    run(*command("eval", EvalConfig(**settings, out=str(tmp_path / "two"))), "--nproc", "2")  # torchrun's 2
+    one, two = tmp_path / "one", tmp_path / "two"
+    expected, results = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert untimed(results) == untimed(expected) and results["metrics"]["problems"] == 11
+    assert (two / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()
+    summaries = [[line for line in (d / "summary.md").read_text().replace(r["created"], "").splitlines()
+                  if "tokens/s" not in line and "wall time" not in line] for d, r in ((one, expected), (two, results))]
+    assert summaries[0] == summaries[1]
+
+
+def test_nproc_runs_the_command_line_under_torchrun():
+    from r1kit.cli import torchrun_argv
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                "-m", "r1kit.cli"]
+    assert torchrun_argv(["train", "--nproc", "4", "--config", "a.yaml", "steps=3"], 4) == [
+        *launcher, "train", "--config", "a.yaml", "steps=3"]
+    assert torchrun_argv(["eval", "--limit", "4", "--nproc=4"], 4) == [*launcher, "eval", "--limit", "4"]
+
+
+def vowel_share(text: str, row: dict) -> float:
+    """A held-out "accuracy" that a random model scores unevenly, so the figures compared are not all 0."""
+    return sum(ch in "aeiou" for ch in text) / (1 + len(text))
+
+
+def held_out(model_dir: str, world) -> dict[str, float]:
+    """The tiny model's held-out figures on 5 addition rows (3 + 2 over 2 ranks), 3 samples a row."""
+    from r1kit.eval.held_out import HeldOut, held_out_accuracy
+    from r1kit.models import load_model
+    from r1kit.rollout import make_generator
+    from r1kit.tasks import load_task
+
+    model, tokenizer = load_model(model_dir, "cpu", "float32")
+    task = dataclasses.replace(load_task("addition").head(5), verify=vowel_share)
+    held = HeldOut(task, "r1zero", max_tokens=8, samples=3, temperature=1.0, seed=3)
+    return held_out_accuracy(model, make_generator(model, tokenizer, "hf", 4), tokenizer, held,
+                             contextlib.nullcontext(), world=world)
+
+
+def held_out_worker(model_dir: str, folder: str) -> None:
+    """torchrun's worker: each rank's held-out figures, split over the ranks."""
+    from r1kit import distributed
+
+    with distributed.launched("cpu"):
+        group = distributed.world()
+        torch.save(held_out(model_dir, group), Path(folder) / f"held-{group.rank}.pt")
+
+
+def test_held_out_accuracy_split_over_ranks_equals_one_process(tiny_model_dir, tmp_path):
+    from r1kit import distributed
+
+    expected = held_out(str(tiny_model_dir), distributed.world())
+    assert expected["eval/sampled_accuracy"] > 0
+    torchrun(__file__, "held_out_worker", str(tiny_model_dir), str(tmp_path))
+    for rank in range(2):
+        assert torch.load(tmp_path / f"held-{rank}.pt") == pytest.approx(expected, rel=1e-6)
+
+
 if __name__ == "__main__":
-    update_worker(*sys.argv[1:])
+    globals()[sys.argv[1]](*sys.argv[2:])

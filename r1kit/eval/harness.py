@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -12,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from r1kit import __version__
+from r1kit import __version__, distributed
 from r1kit.config import EvalConfig
 from r1kit.eval.metrics import cons_at_k, length_stats, pass_at_k, pass_ks
 from r1kit.eval.report import metrics_table, write_summary
@@ -24,7 +26,9 @@ from r1kit.rewards import (
     score_completions,
     tag_count_reward,
 )
+from r1kit.rl.checkpoint import StopRequest
 from r1kit.rollout import Completion, Generator, SamplingParams, make_generator, uses_engine
+from r1kit.rollout.sampler import shifted_seed
 from r1kit.tasks import Task, load_task
 
 CORRECT = 0.5  # a sample counts as correct for pass@k / cons@k when its accuracy is at least this
@@ -33,16 +37,19 @@ EXTRACTED = "extracted answers"  # what cons@k votes on unless the task's meta n
 
 @dataclass
 class EvalRun:
-    """What an evaluation produced: one record per sample and the generation time they took."""
+    """What an evaluation produced: one record per sample, the generation time they took, whether it stopped early
+    (Ctrl-C or SIGTERM)."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
     generation_s: float = 0.0
     reward_failures: dict[str, int] = field(default_factory=dict)
+    interrupted: bool = False
 
 
 def score_group(task: Task, rows: list[dict], prompts: list[str], completions: list[Completion],
-                k: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """A record per completion (k per row, in row order) with its trace, extracted answer and rewards."""
+                k: int, first: int = 0) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """A record per completion (k per row, in row order; rows[0] is the task's row `first`) with its trace,
+    extracted answer and rewards."""
     flat_rows = [row for row in rows for _ in range(k)]
     flat_prompts = [p for p in prompts for _ in range(k)]
     texts = [c.text for c in completions]
@@ -53,7 +60,7 @@ def score_group(task: Task, rows: list[dict], prompts: list[str], completions: l
     for i, (row, completion) in enumerate(zip(flat_rows, completions, strict=True)):
         reasoning, answer = split_trace(completion.text)
         records.append({
-            "problem": row.get("id", i // k), "sample": i % k, "prompt": flat_prompts[i],
+            "problem": row.get("id", first + i // k), "sample": i % k, "prompt": flat_prompts[i],
             "completion": completion.text, "reasoning": reasoning, "answer": answer,
             "extracted": task.extract(completion.text, row), "gold": row["answer"],
             "rewards": {name: s[i] for name, s in scores.per_reward.items()},
@@ -62,25 +69,50 @@ def score_group(task: Task, rows: list[dict], prompts: list[str], completions: l
     return records, scores.failures
 
 
+def sample_rows(task: Task, generator: Generator, tokenizer, params: SamplingParams, template: str,
+                rows: list[dict], first: int, progress=None) -> tuple[list[dict[str, Any]], dict[str, int], float]:
+    """Records of rows (rows[0] is the task's row `first`), their reward failures and the generation seconds. The
+    j-th sequence of row i samples as sequence i * n + j of one request over the whole task, so neither the chunk
+    nor the number of ranks changes what it draws."""
+    if not rows:  # a rank left without rows in the last round
+        return [], {}, 0.0
+    prompts = [build_prompt(row["prompt"], tokenizer, template, task.answer_format) for row in rows]
+    if params.seed is not None:
+        params = dataclasses.replace(params, seed=shifted_seed(params.seed, first * params.n))
+    t0 = time.perf_counter()
+    completions = generator.generate(prompts, params, progress=progress)
+    seconds = time.perf_counter() - t0
+    records, failures = score_group(task, rows, prompts, completions, params.n, first)
+    return records, failures, seconds
+
+
 def evaluate(task: Task, generator: Generator, tokenizer, params: SamplingParams, template: str = "auto",
-             chunk: int = 64, progress: Progress | None = None, on_records=None,
-             run: EvalRun | None = None) -> EvalRun:
-    """Generate params.n samples per row of task (chunk rows at a time) and score each, filling run."""
+             chunk: int = 64, progress: Progress | None = None, on_records=None, run: EvalRun | None = None,
+             world: distributed.World = distributed.ALONE, stop: StopRequest | None = None) -> EvalRun:
+    """Generate params.n samples per row of task and score each, filling run: rounds of chunk rows per rank of
+    world, each rank sampling its contiguous part; every rank gets every record, in row order. With `stop`, all
+    ranks stop after the round in which one of them was asked to."""
     run = run if run is not None else EvalRun()
     bar = progress.add_task(task.name, total=len(task) * params.n) if progress else None
     advance = (lambda n: progress.advance(bar, n)) if progress else None
-    for start in range(0, len(task), chunk):
-        rows = task.rows[start : start + chunk]
-        prompts = [build_prompt(row["prompt"], tokenizer, template, task.answer_format) for row in rows]
-        t0 = time.perf_counter()
-        completions = generator.generate(prompts, params, progress=advance)
-        run.generation_s += time.perf_counter() - t0
-        records, failures = score_group(task, rows, prompts, completions, params.n)
-        for name, count in failures.items():
-            run.reward_failures[name] = run.reward_failures.get(name, 0) + count
+    for start in range(0, len(task), chunk * world.size):
+        rows = task.rows[start : start + chunk * world.size]
+        first, end = world.span(len(rows))
+        parts = world.gather(sample_rows(task, generator, tokenizer, params, template, rows[first:end],
+                                         start + first, advance))
+        records = [r for part, _, _ in parts for r in part]
+        for _, failures, _ in parts:
+            for name, count in failures.items():
+                run.reward_failures[name] = run.reward_failures.get(name, 0) + count
+        run.generation_s += max(seconds for _, _, seconds in parts)  # the ranks generate side by side
         run.records.extend(records)
+        if advance and world.size > 1:
+            advance(len(records) - len(parts[world.rank][0]))  # the other ranks' samples
         if on_records:
             on_records(records)
+        if stop is not None and world.any(stop.requested)[0]:
+            run.interrupted = True
+            break
     return run
 
 
@@ -122,23 +154,30 @@ def summarize(records: list[dict[str, Any]], k: int, same_answer, generation_s: 
 
 
 def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
-    """The eval command: load model and task, evaluate with a progress bar, write the run folder."""
+    """The eval command: load model and task, evaluate with a progress bar, write the run folder. Under torchrun
+    every rank samples its part of the rows; rank 0 alone writes the run folder, as one process would."""
+    with distributed.rank_session(cfg.device, console) as (world, device, console):
+        return eval_rank(cfg, world, device, console)
+
+
+def eval_rank(cfg: EvalConfig, world: distributed.World, device: str, console: Console) -> dict[str, Any]:
+    """run_eval as one rank of `world`, generating on `device`."""
     from r1kit.models import load_model, weights_sha256
 
-    console = console or Console(stderr=True)
     started = time.perf_counter()
     task = load_task(cfg.task, cfg.data, **cfg.task_args).head(cfg.limit)
-    # vLLM loads the weights itself: the HF copy (for the results' identity) stays off the GPU
-    model, tokenizer = load_model(cfg.model, "cpu" if cfg.backend == "vllm" else cfg.device, cfg.dtype)
+    model, tokenizer = load_model(cfg.model, device, cfg.dtype)
     # the engine reserves KV per request and keeps a GPU busy with hundreds; HF pads a batch to its longest
     gpu_engine = model.device.type == "cuda" and uses_engine(cfg.backend, model)
-    batch_size = cfg.batch_size or (512 if gpu_engine or cfg.backend == "vllm" else 64)
+    batch_size = cfg.batch_size or (512 if gpu_engine else 64)
     generator = make_generator(model, tokenizer, cfg.backend, batch_size)
     params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             min_p=cfg.min_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    samples_file = (out / "samples.jsonl").open("w", encoding="utf-8")
+    samples_file = None
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        samples_file = (out / "samples.jsonl").open("w", encoding="utf-8")
 
     def save(records: list[dict]) -> None:
         samples_file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -148,16 +187,22 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
                           f"{time.perf_counter() - started:.0f} s")
 
     chunk = max(1, 4 * batch_size // cfg.samples)
-    interrupted = False
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     run = EvalRun()
-    with samples_file, Progress(*columns, console=console) as progress:
-        try:
-            evaluate(task, generator, tokenizer, params, cfg.template, chunk, progress, save, run)
-        except KeyboardInterrupt:
-            interrupted = True
-            console.print("[yellow]interrupted: writing results for the problems finished so far")
+    # one process stops at once; torchrun's ranks stop together after the round they are in
+    stop = StopRequest() if world.size > 1 else None
+    try:
+        with samples_file or contextlib.nullcontext(), Progress(*columns, console=console) as progress:
+            evaluate(task, generator, tokenizer, params, cfg.template, chunk, progress,
+                     save if world.is_main else None, run, world, stop)
+    except KeyboardInterrupt:
+        run.interrupted = True
+    finally:
+        if stop is not None:
+            stop.restore()
+    if run.interrupted:
+        console.print("[yellow]interrupted: writing results for the problems finished so far")
     results = {
         "r1kit_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -172,8 +217,10 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
                              task.meta.get("cons_grouping", EXTRACTED)),
         "reward_failures": run.reward_failures,
         "wall_s": time.perf_counter() - started,
-        "interrupted": interrupted,
+        "interrupted": run.interrupted,
     }
+    if not world.is_main:
+        return results
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_summary(results, run.records, out / "summary.md")
     console.print(metrics_table(results))

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from rich.progress import Progress
 
+from r1kit import distributed
 from r1kit.eval.harness import evaluate, summarize
 from r1kit.rollout import Generator, SamplingParams
 from r1kit.tasks import Task, load_task, task_options
@@ -41,9 +42,11 @@ def generated_rows(name: str, data: str | None, task_args: dict[str, Any], eval_
 
 
 def held_out_accuracy(model, generator: Generator, tokenizer, held: HeldOut, autocast,
-                      progress: Progress | None = None) -> dict[str, float]:
+                      progress: Progress | None = None, world: distributed.World = distributed.ALONE
+                      ) -> dict[str, float]:
     """Greedy and sampled accuracy, format rate and length on the held-out rows, the model in eval mode (a bar
-    for each on `progress`, when given); the generator must already hold the model's current weights."""
+    for each on `progress`, when given); the generator must already hold the model's current weights. Each rank
+    of world samples its part of the rows; all get the figures of the whole."""
     settings = {"greedy": SamplingParams(n=1, temperature=0.0, max_tokens=held.max_tokens),
                 "sampled": SamplingParams(n=held.samples, temperature=held.temperature, max_tokens=held.max_tokens,
                                           seed=held.seed + HELD_OUT_SEED)}
@@ -54,7 +57,8 @@ def held_out_accuracy(model, generator: Generator, tokenizer, held: HeldOut, aut
         for name, params in settings.items():
             task = held.task.with_rows(held.task.rows)
             task.name = f"held-out {name}"  # what the bar says
-            run = evaluate(task, generator, tokenizer, params, held.template, chunk=len(task), progress=progress)
+            chunk = -(-len(task) // world.size)  # one round
+            run = evaluate(task, generator, tokenizer, params, held.template, chunk, progress, world=world)
             m = summarize(run.records, params.n, held.task.same_answer, run.generation_s)
             results[f"eval/{name}_accuracy"] = m["pass@1"]
             results[f"eval/{name}_format_rate"] = m["format_rate"]

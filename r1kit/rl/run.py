@@ -103,7 +103,8 @@ def held_out_eval(trainer: GRPOTrainer, task: Task, cfg: TrainConfig, progress: 
     """Greedy and sampled (eval_temperature) accuracy on the held-out rows (with bars on `progress`)."""
     trainer.sync_generator()  # the last update came after the last rollout
     held = HeldOut(task, cfg.template, cfg.max_completion_tokens, cfg.eval_samples, cfg.eval_temperature, cfg.seed)
-    return held_out_accuracy(trainer.model, trainer.generator, trainer.tokenizer, held, trainer.autocast(), progress)
+    return held_out_accuracy(trainer.model, trainer.generator, trainer.tokenizer, held, trainer.autocast(), progress,
+                             trainer.world)
 
 
 def evaluation_bars(console: Console) -> Progress:

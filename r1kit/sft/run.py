@@ -82,7 +82,7 @@ class Evaluation:
             if sync is not None:  # the engine's bf16 copies of the weights, behind since the last update
                 sync()
             metrics.update(held_out_accuracy(self.trainer.model, self.generator, self.tokenizer, self.task,
-                                             self.trainer.autocast()))
+                                             self.trainer.autocast(), world=self.trainer.world))
         return metrics
 
 
