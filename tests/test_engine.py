@@ -459,3 +459,13 @@ def test_models_the_engine_cannot_run_are_refused_with_the_reason(tokenizer):
     assert "activation is 'gelu'" in unsupported(llama(hidden_act="gelu"))
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     assert unsupported(gpt2) == "the rollout engine runs llama, mistral, qwen2, qwen3 models, not 'gpt2'"
+
+
+def test_kv_cache_takes_a_share_of_free_memory_and_no_more_than_the_batch_fills():
+    from r1kit.rollout import kv_cache_tokens
+
+    per_token = 2 * 30 * 3 * 64 * 2  # the embedded model in bf16: 30 layers, 3 KV heads of 64
+    assert per_token == 23_040
+    assert kv_cache_tokens(10**10, per_token, 256, 1024) == 3 * 10**9 // 23_040 == 130_208  # the share binds
+    assert kv_cache_tokens(10**11, per_token, 256, 1024) == 256 * (1024 + 16) == 266_240  # the batch binds
+    assert kv_cache_tokens(10**11, per_token, 256, None) == 3 * 10**10 // 23_040  # no bound known: the share

@@ -164,7 +164,8 @@ def train(cfg: TrainConfig, world: distributed.World, device: str, console: Cons
     if world.is_main:
         open_run_folder(out, cfg.model_dump(), checkpoint is None, console)
     model, tokenizer, ref = build_policy(cfg.model_copy(update={"device": device}), checkpoint)
-    generator = make_generator(model, tokenizer, cfg.backend, cfg.batch_size)
+    generator = make_generator(model, tokenizer, cfg.backend, cfg.batch_size,
+                               cfg.max_prompt_tokens + cfg.max_completion_tokens)
     trainer = GRPOTrainer(cfg, model, tokenizer, train_task, rewards, generator, ref)
     summary: dict[str, Any] = {"model": cfg.model, "model_path": str(folder), "model_sha256": weights_sha256(folder),
                                "interrupted": False}

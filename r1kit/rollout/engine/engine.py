@@ -17,6 +17,8 @@ from r1kit.rollout.hf import eos_token_ids
 from r1kit.rollout.sampler import CHUNKED_BELOW, SamplingBatch, request_seed, sample, sequence_key, top_logprobs
 from r1kit.rollout.types import Completion, Progress, SamplingParams, cut_at_stop, encode_prompt, encode_prompts
 
+BLOCK_SIZE = 16  # tokens in a KV cache block
+
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """KV cache bytes one token takes across all layers."""
@@ -65,7 +67,7 @@ class SequencesFailed(RuntimeError):
 class LLMEngine:
     """Continuous batching over a paged KV cache, sharing weights with the policy model."""
 
-    def __init__(self, model, tokenizer, *, kv_cache_tokens: int = 65_536, block_size: int = 16,
+    def __init__(self, model, tokenizer, *, kv_cache_tokens: int = 65_536, block_size: int = BLOCK_SIZE,
                  max_num_seqs: int = 512, max_prefill_tokens: int = 16_384, dtype: torch.dtype | None = None,
                  share_prompts: bool = True, cuda_graphs: bool = True, compile: bool = True,
                  compile_prefill: bool = False, prefill_delay: float = 1.0):
