@@ -122,7 +122,9 @@ class TrainConfig(Config):
 class SFTConfig(Config):
     """`r1kit sft`: supervised fine-tuning on reasoning traces, loss on the assistant's tokens only."""
 
-    run_settings: ClassVar[frozenset[str]] = frozenset({"out", "device", "resume", "save_every", "keep_checkpoints"})
+    # parallel: a run sharded or not computes the same step (within float tolerance)
+    run_settings: ClassVar[frozenset[str]] = frozenset({"out", "device", "resume", "save_every", "keep_checkpoints",
+                                                        "parallel"})
 
     model: str = Field("default", description="'default', a .gguf file or a local HF folder")
     data: str | list[str] = Field(description="JSONL traces: `messages` (chat), or `prompt` + `reasoning` + "
@@ -146,6 +148,11 @@ class SFTConfig(Config):
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
     lora_r: int = Field(0, ge=0, description="LoRA rank; 0 trains all weights")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp keeps a whole copy of the model, gradients and Adam state on every "
+        "rank; fsdp shards them N ways (FSDP2: each decoder layer, then the rest), for full fine-tuning of a model "
+        "one GPU cannot hold (not with LoRA, nor with eval_task on several ranks). One process trains alike with "
+        "either")
     eval_task: str | None = Field(None, description="also measure held-out accuracy (greedy and sampled) on this "
                                   "task's rows, never trained on, with the evaluations (e.g. to compare with GRPO)")
     eval_task_data: str | None = Field(None, description="JSONL of those rows, for data-backed tasks")
@@ -162,6 +169,13 @@ class SFTConfig(Config):
     seed: int = Field(0, description="seed of the data order")
     device: str = Field("auto", description="auto, cpu, cuda")
     out: str = Field("runs/sft", description="run folder")
+
+    @model_validator(mode="after")
+    def _fsdp_trains_all_weights(self) -> SFTConfig:
+        if self.parallel == "fsdp" and self.lora_r:
+            raise ValueError("parallel=fsdp shards full fine-tuning; LoRA's model and adapters fit on every GPU, so "
+                             "train LoRA with parallel=ddp (the default)")
+        return self
 
 
 class FilterConfig(Config):

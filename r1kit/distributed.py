@@ -18,9 +18,19 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from rich.console import Console
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 T = TypeVar("T")
+GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU alone
 
 
 def _collective_device() -> torch.device:
@@ -156,3 +166,82 @@ def grad_sync(policy: torch.nn.Module, enabled: bool):
     if isinstance(policy, DistributedDataParallel) and not enabled:
         return policy.no_sync()
     return contextlib.nullcontext()
+
+
+def fully_sharded(model: torch.nn.Module, group: World, device: str | torch.device) -> torch.nn.Module:
+    """The model sharded over the ranks by FSDP2 (in place: each decoder layer, then the rest) and its shards moved to
+    `device` when there are several ranks, else itself.
+
+    Parameters stay fp32 and are gathered in fp32, so the trainer's bf16 autocast computes as it does under DDP (no
+    MixedPrecisionPolicy: bf16 gathers would halve traffic but round the weights the norms and the loss see)."""
+    if group.size == 1:
+        return model
+    mesh = init_device_mesh(torch.device(device).type, (group.size,))  # not the default: cuda wherever there is one
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP shards the model's parameters over the ranks."""
+    return isinstance(model, FSDPModule)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Scale gradients to a total norm of at most max_norm; their norm before, over the whole model (also when
+    FSDP shards them: each rank's partial norms are combined)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
+
+
+def full_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model to save: itself, or for an FSDP model a plain copy with its gathered weights on rank 0's CPU (None
+    on the other ranks, which must all call it): save_pretrained then writes what an unsharded run writes."""
+    if not is_sharded(model):
+        return model
+    weights = get_model_state_dict(model, options=GATHERED)
+    if not world().is_main:
+        return None
+    unsharded = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):  # no memory: the gathered tensors become its parameters
+        plain = unsharded(model.config)
+    plain.load_state_dict(weights, assign=True)
+    plain.tie_weights()  # the gathered state holds a tied weight twice
+    plain.generation_config = model.generation_config
+    return plain
+
+
+def _optimizer_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimizer's parameters, in its order (their index in optimizer.state_dict())."""
+    names = {p: name for name, p in model.named_parameters()}
+    return [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _rekeyed(state: dict[str, Any], key: dict) -> dict[str, Any]:
+    """An optimizer state dict with its parameters renamed through key (index to name, or back)."""
+    return {"state": {key[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**group, "params": [key[k] for k in group["params"]]} for group in state["param_groups"]]}
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """optimizer.state_dict(); for an FSDP model gathered whole on rank 0's CPU ({} on the other ranks, which must
+    all call it), in the same form, so that a checkpoint resumes sharded or not."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    state = get_optimizer_state_dict(model, optimizer, options=GATHERED)  # keyed by parameter name
+    if not state:
+        return {}
+    return _rekeyed(state, {name: i for i, name in enumerate(_optimizer_names(model, optimizer))})
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """optimizer.load_state_dict(state); for an FSDP model each rank keeps its shards of the whole state."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    names = dict(enumerate(_optimizer_names(model, optimizer)))
+    set_optimizer_state_dict(model, optimizer, _rekeyed(state, names), options=StateDictOptions(full_state_dict=True))

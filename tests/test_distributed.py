@@ -1,6 +1,7 @@
-"""Data-parallel GRPO, SFT and evaluation under torchrun on CPU (gloo, 2 processes, the tiny random model): an update
-over two ranks equals one process's over the union batch, a run trains, checkpoints and resumes as a one-process run
-does (on one node or two), and an evaluation split over ranks writes what one process writes.
+"""Data-parallel GRPO, SFT (DDP or FSDP) and evaluation under torchrun on CPU (gloo, 2 processes, the tiny random
+model): an update over two ranks equals one process's over the union batch, a run trains, checkpoints and resumes as
+a one-process run does (on one node or two), FSDP shards what it should, and an evaluation split over ranks writes
+what one process writes.
 
 Run as a script by torchrun (`file.py WORKER ARGS...`), this file is also the workers of the tests below."""
 
@@ -170,9 +171,10 @@ def test_an_update_over_two_ranks_equals_one_process_on_the_union_batch(tiny_mod
         assert expected["skipped"] == 0.0 and expected["grad_norm"] > 0
 
 
-def steps(run: Path) -> list[dict]:
+def steps(run: Path, metric: str = "reward") -> list[dict]:
+    """A run's rows of training steps (those with `metric`: GRPO's reward, SFT's loss), without their timings."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in rows if "reward" in r]
+    return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in rows if metric in r]
 
 
 def assert_rows_close(got: list[dict], expected: list[dict]) -> None:
@@ -215,23 +217,91 @@ def test_torchrun_train_matches_one_process_and_resumes_across_world_sizes(tiny_
     assert_weights_close(tmp_path / "three" / "final", tmp_path / "one" / "final")
 
 
-def test_torchrun_sft_matches_one_process(tiny_model_dir, tmp_path):
+def sft_settings(model_dir, folder: Path) -> dict:
+    """A small SFT run's settings, its traces in folder/traces.jsonl (written when missing): 3 examples a step in
+    micro-batches of about one, so that rank 0 trains on two and rank 1 on one."""
+    data = folder / "traces.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?",
+                                            "reasoning": f"{i} and {i} make {2 * i}" * (1 + i % 3),
+                                            "answer": f"\\boxed{{{2 * i}}}"}) + "\n" for i in range(16)))
+    return dict(model=str(model_dir), data=str(data), eval_rows=2, batch_size=3, micro_batch_tokens=96, steps=3,
+                lr=1e-3, lr_schedule="constant", warmup_steps=0, save_every=1, keep_checkpoints=3, device="cpu")
+
+
+def test_torchrun_sft_matches_one_process_with_ddp_or_fsdp_and_resumes_across_them(tiny_model_dir, tmp_path):
     from r1kit.config import SFTConfig
     from r1kit.sft.run import run_sft
 
-    data = tmp_path / "traces.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "reasoning": f"{i} and {i} make {2 * i}"
-                                        * (1 + i % 3), "answer": f"\\boxed{{{2 * i}}}"}) + "\n" for i in range(16)))
-    # 3 examples a step in micro-batches of about one: rank 0 trains on two, rank 1 on one
-    settings = dict(model=str(tiny_model_dir), data=str(data), eval_rows=2, batch_size=3, micro_batch_tokens=96,
-                    steps=3, lr=1e-3, device="cpu")
-    run_sft(SFTConfig(**settings, out=str(tmp_path / "one")))
+    settings = sft_settings(tiny_model_dir, tmp_path)
+    one = tmp_path / "one"
+    run_sft(SFTConfig(**settings, out=str(one)))
     torchrun(*command("sft", SFTConfig(**settings, out=str(tmp_path / "two"))))
     rows = [[{k: v for k, v in json.loads(line).items() if not k.endswith(TIMING)}
              for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "two")]
     assert len(rows[0]) == 5  # eval before, 3 steps, eval after
     assert_rows_close(rows[1], rows[0])
-    assert_weights_close(tmp_path / "two" / "final", tmp_path / "one" / "final")
+    assert_weights_close(tmp_path / "two" / "final", one / "final")
+    # FSDP over 2 processes for 2 steps (its final/ a plain HF folder), then one process resumes it for the 3rd
+    fsdp = SFTConfig(**{**settings, "steps": 2}, out=str(tmp_path / "fsdp"), parallel="fsdp")
+    torchrun(*command("sft", fsdp))
+    assert_rows_close(steps(tmp_path / "fsdp", "loss"), steps(one, "loss")[:2])
+    assert_weights_close(tmp_path / "fsdp" / "final", one / "checkpoints" / "step-2")
+    run_sft(fsdp.model_copy(update={"steps": 3, "resume": "latest", "parallel": "ddp"}))
+    assert_rows_close(steps(tmp_path / "fsdp", "loss"), steps(one, "loss"))
+    assert_weights_close(tmp_path / "fsdp" / "final", one / "final")
+    # and FSDP resumes a one-process checkpoint
+    resumed = fsdp.model_copy(update={"out": str(tmp_path / "resumed"), "steps": 3,
+                                      "resume": str(one / "checkpoints" / "step-2")})
+    torchrun(*command("sft", resumed))
+    assert_rows_close(steps(tmp_path / "resumed", "loss"), steps(one, "loss")[2:])
+    assert_weights_close(tmp_path / "resumed" / "final", one / "final")
+
+
+def sharding_worker(model_dir: str, folder: str) -> None:
+    """torchrun's worker: the shapes of one weight of a layer (its parameter, gradient and Adam state) on this rank,
+    whole and local, in an FSDP SFT step."""
+    from r1kit import distributed
+    from r1kit.config import SFTConfig
+    from r1kit.models import load_model
+    from r1kit.sft.data import load_examples
+    from r1kit.sft.trainer import SFTTrainer
+
+    cfg = SFTConfig(**sft_settings(model_dir, Path(folder)), parallel="fsdp")
+    with distributed.launched("cpu"):
+        model, tokenizer = load_model(model_dir, "cpu", "float32")
+        trainer = SFTTrainer(cfg, model, tokenizer, load_examples(cfg.data, tokenizer, cfg.template, 256)[0])
+        weight = model.model.layers[0].mlp.up_proj.weight
+        seen = {}
+        trainer.optimizer.register_step_pre_hook(lambda *_: seen.update(grad=weight.grad.to_local().shape))
+        trainer.step()
+        shapes = {"param": (weight.shape, weight.to_local().shape), "grad": seen["grad"],
+                  "adam": trainer.optimizer.state[weight]["exp_avg"].to_local().shape}
+        torch.save(shapes, Path(folder) / f"shapes-{distributed.world().rank}.pt")
+
+
+def test_fsdp_shards_parameters_gradients_and_adam_state(tiny_model_dir, tmp_path):
+    sft_settings(tiny_model_dir, tmp_path)  # the traces, before the workers read them
+    torchrun(__file__, "sharding_worker", str(tiny_model_dir), str(tmp_path))
+    for rank in range(2):
+        shapes = torch.load(tmp_path / f"shapes-{rank}.pt")
+        assert shapes["param"] == ((128, 64), (64, 64))  # half of the rows on each rank
+        assert shapes["grad"] == shapes["adam"] == (64, 64)
+
+
+def test_fsdp_refuses_lora_and_an_eval_task_over_several_ranks(tiny_model_dir, tmp_path):
+    from rich.console import Console
+
+    from r1kit import distributed
+    from r1kit.config import SFTConfig
+    from r1kit.sft.run import sft
+
+    settings = {**sft_settings(tiny_model_dir, tmp_path), "parallel": "fsdp", "out": str(tmp_path / "run")}
+    with pytest.raises(ValueError, match="train LoRA with parallel=ddp"):
+        SFTConfig(**settings, lora_r=4)
+    with pytest.raises(ValueError, match="eval_task does not run under parallel=fsdp on several processes"):
+        sft(SFTConfig(**settings, eval_task="addition"), distributed.World(rank=0, size=2), "cpu", Console(quiet=True))
+    assert not (tmp_path / "run").exists()
 
 
 def test_prompts_per_step_must_split_over_the_ranks(tiny_model_dir, tmp_path, monkeypatch):

@@ -152,11 +152,12 @@ class TrainerState:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything besides the weights that a resumed run needs."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "stream": self.stream.state_dict(), "step_count": self.step_count}
+        return {"optimizer": distributed.optimizer_state(self.model, self.optimizer),
+                "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
+                "step_count": self.step_count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["stream"])
         self.step_count = state["step_count"]
@@ -184,8 +185,9 @@ def resume_run(checkpoint: Path, trainer: TrainerState, summary: dict[str, Any])
 def save_run(out: Path, trainer: TrainerState, tokenizer, summary: dict[str, Any], keep: int) -> Path:
     """Checkpoint a run at its trainer's step: weights, trainer state and the run summary so far. Under torchrun
     rank 0 alone writes it (the ranks hold the same weights, optimizer state and, drawing their rollouts from one
-    seeded stream, the same data position), and every rank gets its path."""
+    seeded stream, the same data position; FSDP's shards are first gathered to it), and every rank gets its path."""
+    model, state = distributed.full_model(trainer.model), trainer.state_dict()  # on every rank: FSDP gathers
     if not distributed.world().is_main:
         return out / "checkpoints" / f"step-{trainer.step_count}"
-    return save_checkpoint(out / "checkpoints", trainer.step_count, trainer.model, tokenizer,
-                           {**trainer.state_dict(), "summary": summary}, keep)
+    return save_checkpoint(out / "checkpoints", trainer.step_count, model, tokenizer, {**state, "summary": summary},
+                           keep)

@@ -109,6 +109,10 @@ def run_sft(cfg: SFTConfig, console: Console | None = None) -> dict[str, Any]:
 def sft(cfg: SFTConfig, world: distributed.World, device: str, console: Console) -> dict[str, Any]:
     """run_sft as one rank of `world`, training on `device`."""
     out = Path(cfg.out)
+    sharded = cfg.parallel == "fsdp" and world.size > 1
+    if sharded and cfg.eval_task:  # each rank would generate its own rows, its forwards out of step with the others'
+        raise ValueError("eval_task does not run under parallel=fsdp on several processes: evaluate final/ with "
+                         "`r1kit eval`, or train with parallel=ddp")
     folder = resolve_model(cfg.model)  # a bad model or data path fails before the run folder exists
     checkpoint = find_checkpoint(cfg.resume, out)
     tokenizer = load_tokenizer(str(folder))
@@ -129,9 +133,10 @@ def sft(cfg: SFTConfig, world: distributed.World, device: str, console: Console)
                       RuntimeWarning, stacklevel=2)
     if world.is_main:
         open_run_folder(out, cfg.model_dump(), checkpoint is None, console)
-    model, tokenizer = load_policy(cfg.model, device, cfg.lora_r, cfg.lora_alpha, cfg.gradient_checkpointing,
-                                   checkpoint)
-    trainer = SFTTrainer(cfg, model, tokenizer, train)
+    # FSDP moves each layer's shard to the GPU as it shards it: the whole fp32 model there might not fit
+    model, tokenizer = load_policy(cfg.model, "cpu" if sharded else device, cfg.lora_r, cfg.lora_alpha,
+                                   cfg.gradient_checkpointing, checkpoint)
+    trainer = SFTTrainer(cfg, model, tokenizer, train, device)
     summary: dict[str, Any] = {"model": cfg.model, "model_sha256": weights_sha256(folder), "data": cfg.data,
                                "data_sha256": [file_sha256(f) for f in data_files(cfg.data)], "examples": len(train),
                                "held_out": len(held), "too_long": too_long, "steps_planned": trainer.steps,
@@ -184,9 +189,10 @@ def sft(cfg: SFTConfig, world: distributed.World, device: str, console: Console)
         console.print(f"after training: {eval_line(summary['after'])}")
     save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
     log.close()
+    model = distributed.full_model(trainer.model)  # on every rank: FSDP gathers
     if not world.is_main:
         return summary
-    final = save_model(trainer.model, tokenizer, out / FINAL, checkpoint_dtype(folder))
+    final = save_model(model, tokenizer, out / FINAL, checkpoint_dtype(folder))
     summary["final"], summary["final_sha256"] = str(final), weights_sha256(final)
     (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_training_report(out)
