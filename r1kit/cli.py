@@ -46,7 +46,9 @@ EPILOG = """examples:
 """
 
 
-DATA_PARALLEL = ("train", "sft", "eval")  # the commands that split their work over torchrun's processes
+# the commands that split their work over torchrun's processes (sample: a local teacher's; pipeline, distill: their
+# stages')
+DATA_PARALLEL = ("train", "sft", "eval", "sample", "pipeline", "distill")
 INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C (it saved what it had)
 
 # command, config, what it runs ("module:function" taking the config), help, description

@@ -78,6 +78,11 @@ class World:
         dist.all_reduce(found, op=dist.ReduceOp.MAX)
         return [bool(f) for f in found.tolist()]
 
+    def barrier(self) -> None:
+        """Wait until every rank is here: what rank 0 wrote before it, the others may read after it."""
+        if self.size > 1:
+            dist.barrier()
+
     def gather(self, value: T) -> list[T]:
         """value from every rank, in rank order (any picklable object)."""
         if self.size == 1:

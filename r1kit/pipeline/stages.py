@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,14 +145,12 @@ def write_record(folder: Path, record: dict[str, Any]) -> None:
 
 def prepare(stage: Stage, fp: dict[str, Any]) -> str:
     """`skip` (finished with this config and inputs), `resume` (interrupted, same), `run` (never run), or
-    `rerun` (its folder, from another config or other inputs, or with its output gone, is cleared first)."""
+    `rerun` (its folder, from another config or other inputs, or with its output gone, is to be cleared first).
+    It only reads, so that every rank of torchrun's decides alike before rank 0 clears anything."""
     record = read_record(stage.folder)
     same = record is not None and all(record.get(k) == v for k, v in fp.items())
     if same and record.get("status") == "done" and stage.output.exists():
         return "skip"
     if same and record.get("status") != "done":  # a finished stage whose output is gone runs again
         return "resume"
-    if not stage.folder.exists():
-        return "run"
-    shutil.rmtree(stage.folder)
-    return "rerun"
+    return "rerun" if stage.folder.exists() else "run"

@@ -5,6 +5,10 @@ synced, then the progress file (rounds done, the output's size then, the counts)
 A rerun truncates the output to the size the progress file records, dropping a half-written row or the
 rows of an unfinished round, and starts at the next round. Each round's sampling seed depends only on
 the round, so the rows come out as an uninterrupted run writes them.
+
+Under torchrun a local teacher's rounds are split over the ranks: each generates its contiguous part of the round's
+prompts, sampling each as it would at its place in a one-process round, and rank 0 writes the kept rows of all in
+prompt order, so the output is the same bytes on any number of processes (and resumes on another number).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,12 +24,14 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from r1kit import distributed
 from r1kit.config import SampleConfig
 from r1kit.models import input_sha256, load_tokenizer
 from r1kit.prompts import split_trace
 from r1kit.rollout import Completion, SamplingParams
+from r1kit.rollout.sampler import shifted_seed
 from r1kit.sample.filters import REASONS, Candidate, judge
-from r1kit.sample.teachers import LocalTeacher, SolutionsTeacher, make_teacher
+from r1kit.sample.teachers import LocalTeacher, SolutionsTeacher, Teacher, make_teacher
 from r1kit.tasks import Task, load_task
 
 
@@ -88,14 +95,34 @@ def kept_rows(task: Task, rows: list[dict], completions: list[Completion], n: in
     return out
 
 
+def sample_part(teacher: Teacher, task: Task, rows: list[dict], first: int, params: SamplingParams,
+                cfg: SampleConfig, count_tokens: Callable[[str], int], provenance: dict[str, Any],
+                progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The kept rows and verdict counts of rows, the round's rows from its `first` on: the j-th trace of row i samples
+    as trace (first + i) * n + j of the whole round, so the rows drawn do not depend on how the round is split."""
+    if not rows:  # a rank left without prompts in a short round, or one that waits for rank 0's teacher
+        return [], {}
+    completions = teacher.generate([row["prompt"] for row in rows],
+                                   replace(params, seed=shifted_seed(params.seed, first * params.n)),
+                                   [row["_index"] for row in rows], progress=progress)
+    counts: dict[str, int] = {}
+    return kept_rows(task, rows, completions, params.n, cfg, count_tokens, provenance, counts), counts
+
+
 def run_sample(cfg: SampleConfig, console: Console | None = None) -> dict[str, Any]:
-    """The sample command; returns the counts of generated, kept and rejected traces (by reason)."""
-    console = console or Console(stderr=True)
+    """The sample command; returns the counts of generated, kept and rejected traces (by reason). Under torchrun
+    every rank generates its part of each round (a local teacher); rank 0 alone writes the output and prints."""
+    with distributed.rank_session(cfg.device, console) as (world, device, console):
+        return sample(cfg.model_copy(update={"device": device}), world, console)
+
+
+def sample(cfg: SampleConfig, world: distributed.World, console: Console) -> dict[str, Any]:
+    """run_sample as one rank of `world`."""
     out = Path(cfg.out)
     task = load_task(cfg.task, cfg.data, **cfg.task_args).head(cfg.limit)
     for i, row in enumerate(task.rows):
         row["_index"] = i
-    progress = load_progress(cfg, out)
+    progress = load_progress(cfg, out)  # every rank reads it before rank 0 replaces it, after the first round
     teacher = make_teacher(cfg, task.rows, task.answer_format)
     n = 1 if isinstance(teacher, SolutionsTeacher) else cfg.samples
     params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens)
@@ -107,13 +134,21 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> dict[str, A
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    def span(size: int) -> tuple[int, int]:
+        """This rank's part of a round: the solutions and endpoint teachers are I/O bound, so rank 0 asks them for
+        the whole round while the others wait for it at the round's gather."""
+        if isinstance(teacher, LocalTeacher):
+            return world.span(size)
+        return (0, size) if world.is_main else (0, 0)
+
     size = out.stat().st_size if out.exists() else 0
     if size < progress["bytes"]:  # truncate would pad it with zero bytes
         raise ValueError(f"{out} is shorter than {progress_path(out).name} records ({size} < {progress['bytes']} "
                          "bytes): it was cut or replaced; delete both to start over")
-    with out.open("a+b") as f:
-        f.truncate(progress["bytes"])  # a half-written row, or an unfinished round's rows
+    if world.is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a+b") as f:
+            f.truncate(progress["bytes"])  # a half-written row, or an unfinished round's rows
     rounds = range(0, len(task), cfg.chunk)
     columns = (TextColumn("[bold]sample"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.description}"))
@@ -124,18 +159,24 @@ def run_sample(cfg: SampleConfig, console: Console | None = None) -> dict[str, A
             if r < progress["rounds"]:
                 continue
             rows = task.rows[start : start + cfg.chunk]
-            keys = [row["_index"] for row in rows]
-            completions = teacher.generate([row["prompt"] for row in rows],
-                                           replace(params, seed=cfg.seed * 1_000_003 + r),  # a seed per round
-                                           keys, progress=lambda k: bar_view.advance(bar, k))
+            first, end = span(len(rows))
+            parts = world.gather(sample_part(teacher, task, rows[first:end], first,
+                                             replace(params, seed=cfg.seed * 1_000_003 + r),  # a seed per round
+                                             cfg, count_tokens, provenance, lambda k: bar_view.advance(bar, k)))
+            bar_view.advance(bar, (len(rows) - (end - first)) * n)  # the other ranks' traces
             counts = progress["counts"]
-            kept = kept_rows(task, rows, completions, n, cfg, count_tokens, provenance, counts)
-            with out.open("ab") as f:
-                f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept).encode())
-                f.flush()
-                os.fsync(f.fileno())
-                progress.update(rounds=r + 1, bytes=f.tell())
-            save_progress(out, progress)
+            for _, part in parts:  # in rank order, so the counts keep a one-process run's order
+                for verdict, count in part.items():
+                    counts[verdict] = counts.get(verdict, 0) + count
+            progress["rounds"] = r + 1
+            if world.is_main:
+                with out.open("ab") as f:
+                    f.write("".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                    for kept, _ in parts for row in kept).encode())
+                    f.flush()
+                    os.fsync(f.fileno())
+                    progress["bytes"] = f.tell()
+                save_progress(out, progress)
             bar_view.update(bar, description=f"kept {counts.get('kept', 0)} of {sum(counts.values())}")
     counts = {"generated": sum(progress["counts"].values()), "kept": progress["counts"].get("kept", 0),
               **{f"rejected_{k}": progress["counts"].get(k, 0) for k in REASONS}}
