@@ -340,6 +340,9 @@ def test_a_warm_engine_compiles_no_prefill_again(tokenizer):
     graphs = counters["stats"]["unique_graphs"]
     for lengths in ([2], [16], [64], [30, 2], [16, 16, 5], [3, 40, 9, 64, 2]):
         llm.decoder.prefill([[7] * n for n in lengths], [list(range(n)) for n in lengths])
+    # chunks of longer prompts (a chunked prefill), alone and with whole prompts
+    for lengths, ends in (([2], [16]), ([16], [64]), ([5, 5], [40, 5]), ([30, 2, 16], [30, 66, 16])):
+        llm.decoder.prefill([[7] * n for n in lengths], [list(range(end)) for end in ends])
     assert counters["stats"]["unique_graphs"] == graphs
 
 

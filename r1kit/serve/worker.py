@@ -23,13 +23,19 @@ from r1kit.rollout.types import SamplingParams
 
 log = logging.getLogger("r1kit.serve")
 
+# prompt tokens a serving engine prefills per step: a longer prompt (or burst of prompts) is prefilled over
+# several steps, a decode step of the running streams between each two, so that it delays their next token by
+# one chunk's prefill rather than the whole prompt's (vLLM serves with 2048 to 8192)
+SERVE_PREFILL_TOKENS = 2048
+
 
 def warm_engine(spec: str, device: str, kv_cache_tokens: int) -> LLMEngine:
     """A serving engine for a model: loaded, its prefill layer compiled too, and warmed up."""
     from r1kit.models import load_model
 
     model, tokenizer = load_model(spec, device)
-    engine = LLMEngine(model, tokenizer, kv_cache_tokens=kv_cache_tokens, compile_prefill=True)
+    engine = LLMEngine(model, tokenizer, kv_cache_tokens=kv_cache_tokens, compile_prefill=True,
+                       max_prefill_tokens=SERVE_PREFILL_TOKENS)
     engine.warmup()
     return engine
 
@@ -292,12 +298,12 @@ class EngineWorker(Worker):
             with self.lock:
                 self._take_inbox()
                 self._admit_suspect()
-                started = time.perf_counter()
+                started, stepped = time.perf_counter(), self.engine.has_work()
                 try:
-                    advanced = self.engine.step() if self.engine.has_work() else []
+                    advanced = self.engine.step() if stepped else []
                 except Exception as error:  # noqa: BLE001 - the thread must outlive any one bad step
                     advanced = self._step_failed(error)
-                if advanced:
+                if stepped:  # a step of prompt chunks advances no sequence, and takes time all the same
                     self.stats.record(self.engine.last_step, time.perf_counter() - started, len(advanced))
                     line = self.stats.line(len(self.engine.scheduler.running), len(self.engine.scheduler.waiting))
                     if line:

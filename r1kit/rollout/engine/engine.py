@@ -1,4 +1,5 @@
-"""The engine loop: `add_request()` queues a prompt's n sequences, `step()` runs one prefill or decode."""
+"""The engine loop: `add_request()` queues a prompt's n sequences, `step()` runs one prefill (of whole prompts or
+chunks of long ones) or decode."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from r1kit.rollout.engine.attention import kernel_supports
 from r1kit.rollout.engine.block_manager import BlockManager
 from r1kit.rollout.engine.decode_step import DecodeStep
 from r1kit.rollout.engine.model import PagedDecoder
-from r1kit.rollout.engine.scheduler import Request, Scheduler
+from r1kit.rollout.engine.scheduler import Chunk, Request, Scheduler
 from r1kit.rollout.engine.sequence import Sequence
 from r1kit.rollout.hf import eos_token_ids
 from r1kit.rollout.sampler import CHUNKED_BELOW, SamplingBatch, request_seed, sample, sequence_key, top_logprobs
@@ -108,11 +109,12 @@ class LLMEngine:
         request."""
         self.decode_step.capture_all()
         self._batch = None  # the captures overwrote the running set's state on the device
-        # prefills of one prompt and of several, writing only to the scratch slot; lengths that equal no
-        # dimension of a model, or torch.compile ties them to it and compiles again for any other
+        # prefills of one prompt and of several, whole and continued (a chunk after earlier ones), writing only
+        # to the scratch slot; lengths that equal no dimension of a model, or torch.compile ties them to it and
+        # compiles again for any other
         scratch = self.decoder.scratch_slot
-        for prompts in ([[0] * 7], [[0] * 11, [0] * 13]):
-            self.decoder.prefill(prompts, [[scratch] * len(p) for p in prompts])
+        for lengths, ends in (([7], [7]), ([11, 13], [11, 13]), ([17], [29]), ([19, 11], [37, 11])):
+            self.decoder.prefill([[0] * n for n in lengths], [[scratch] * end for end in ends])
         vocab = self.decoder.w["lm_head.weight"].shape[0]
         # the sampler compiles once for one row, once for fewer rows than CHUNKED_BELOW, once for more
         for rows in (1, 2, CHUNKED_BELOW):
@@ -140,23 +142,19 @@ class LLMEngine:
 
     def abort(self, request: Request) -> None:
         """Stop a request's unfinished sequences (finish reason `abort`) and free their blocks."""
-        if request in self.scheduler.waiting:
-            self.scheduler.waiting.remove(request)
-            running = []
-        else:
-            running = [seq for seq in request.sequences if not seq.finished]
+        self.scheduler.drop(request)
         for seq in request.sequences:
             if not seq.finished:
                 seq.finish_reason = "abort"
                 seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        for seq in running:
-            self.scheduler.finish(seq)
+                self.scheduler.finish(seq)
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return bool(self.scheduler.waiting or self.scheduler.prefilling or self.scheduler.running)
 
     def step(self) -> list[Sequence]:
-        """One prefill (admitting requests) or one decode step; the sequences that got a token."""
+        """One prefill (of prompt chunks, admitting requests) or one decode step; the sequences that got a
+        token."""
         if self._ahead is not None:
             ahead, self._ahead = self._ahead, None
             self.last_step = "decode"
@@ -168,9 +166,11 @@ class LLMEngine:
         return self._decode(list(work)) if work else []
 
     def _admitting(self) -> bool:
-        """Whether the next step may prefill waiting requests: nothing runs, or the oldest has waited enough."""
-        waiting = self.scheduler.waiting
-        return bool(waiting) and (not self.scheduler.running
+        """Whether the next prefill may admit waiting requests: nothing runs, a prompt is being prefilled in
+        chunks (a prefill step comes anyway, and an arrival shares it), or the oldest has waited enough."""
+        scheduler = self.scheduler
+        waiting = scheduler.waiting
+        return bool(waiting) and (not scheduler.running or bool(scheduler.prefilling)
                                   or self.clock() - waiting[0].arrived >= self.prefill_delay * self._prefill_s)
 
     def _slot(self, seq: Sequence, position: int) -> int:
@@ -180,24 +180,30 @@ class LLMEngine:
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         return [self._slot(seq, p) for p in range(start, end)]
 
-    def _prefill(self, requests: list[Request]) -> list[Sequence]:
+    def _prefill(self, chunks: list[Chunk]) -> list[Sequence]:
+        """Run a step's prompt chunks; the sequences of the prompts it completes join the running set with their
+        first token."""
         started = self.clock()
-        prompts, slots, rows, seqs = [], [], [], []
-        for request in requests:
-            heads = request.sequences[:1] if request.shared else request.sequences
-            for seq in heads:
-                prompts.append(seq.prompt_ids)
-                slots.append(self._slots(seq, 0, len(seq.prompt_ids)))
-            first = len(prompts) - len(heads)
-            rows += [first if request.shared else first + i for i in range(len(request.sequences))]
-            seqs += request.sequences
-        logits = self.decoder.prefill(prompts, slots)
-        for request in requests:
+        tokens, slots, firsts = [], [], []
+        for chunk in chunks:
+            firsts.append(len(tokens))
+            for seq in chunk.request.sequences[: chunk.request.rows]:
+                tokens.append(seq.prompt_ids[chunk.start : chunk.end])
+                slots.append(self._slots(seq, 0, chunk.end))
+        logits = self.decoder.prefill(tokens, slots)
+        rows, seqs = [], []
+        for chunk, first in zip(chunks, firsts, strict=True):
+            request = chunk.request
+            if not self.scheduler.prefilled(chunk):
+                continue
             if request.shared:
                 self._copy_partial_block(request)
-        self.scheduler.running += seqs
+            rows += [first if request.shared else first + i for i in range(len(request.sequences))]
+            seqs += request.sequences
+        if not seqs:
+            return []
         advanced = self._record(self._first_tokens(seqs, logits[torch.tensor(rows, device=self.device)]))
-        self._prefill_s = self.clock() - started  # _record waited for the device
+        self._prefill_s = self.clock() - started  # _record waited for the device (a step of chunks alone does not)
         return advanced
 
     def _first_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> Sampled:
@@ -244,15 +250,15 @@ class LLMEngine:
 
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
         """Whether the next step may start before this one's tokens reach the host: the same sequences run it
-        (none ended or aborted, no waiting request is due to be admitted) and no setting needs the tokens on
-        the host first (the repetition penalty's history, top logprobs). Its KV writes stay within each sequence's
-        reserved blocks: a sequence's last token is written at prompt + max_tokens - 1.
+        (none ended or aborted, no prompt chunk to prefill, no waiting request is due to be admitted) and no
+        setting needs the tokens on the host first (the repetition penalty's history, top logprobs). Its KV writes
+        stay within each sequence's reserved blocks: a sequence's last token is written at prompt + max_tokens - 1.
 
         `seqs` was the running set and only a prefill adds to it (never while a step runs ahead), so the
         same count means none of them ended or was aborted: scheduler.finish() removes those."""
         batch = self._batch
-        return (not self._admitting() and len(seqs) == len(self.scheduler.running) and batch is not None
-                and batch.runs_ahead)
+        return (not self._admitting() and not self.scheduler.prefilling and len(seqs) == len(self.scheduler.running)
+                and batch is not None and batch.runs_ahead)
 
     def _running(self, seqs: list[Sequence]) -> RunningBatch:
         """The running set of these sequences, its state uploaded to the decode step if the set changed."""

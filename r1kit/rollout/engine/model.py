@@ -8,7 +8,8 @@ the policy (bf16 rollouts of fp32 master weights), it keeps preallocated buffers
 peft LoRA model one merged buffer (W + scale * B @ A) per adapted layer; `sync_weights()` refreshes them
 in place.
 
-Prefill runs layer by layer through `prefill_layer` (one padded SDPA call for all prompts), decode
+Prefill runs layer by layer through `prefill_layer` (one padded SDPA call for all prompts; a chunk of a
+prompt whose earlier chunks ran in earlier steps attends to their keys, read back from the cache), decode
 through `decode_layer`, which attends through the paged-attention op, so a whole step can be captured
 in a CUDA graph. A layer returns its output apart from the residual stream, which the next layer adds in
 its input norm (`norm.add_rms_norm`: one kernel where an add and a norm were two, as the post-attention
@@ -119,7 +120,8 @@ def layer_weights(w: dict[str, torch.Tensor], fused: dict[str, torch.Tensor], pr
 
 
 class PagedDecoder:
-    """The decoder's forward for prefill (whole prompts) and decode (one token per sequence)."""
+    """The decoder's forward for prefill (prompts, whole or a chunk at a time) and decode (one token per
+    sequence)."""
 
     def __init__(self, model, num_slots: int, block_size: int, dtype: torch.dtype | None = None):
         if (reason := unsupported(model)) is not None:
@@ -272,30 +274,46 @@ class PagedDecoder:
         return out
 
     @torch.no_grad()
-    def prefill(self, prompts: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
-        """Run whole prompts, writing their KV into the given slots; (prompts, vocab) logits of each last token."""
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        ids = torch.tensor([t for p in prompts for t in p], device=self.device)
-        slot_t = torch.tensor([s for seq in slots for s in seq], device=self.device)
+    def prefill(self, tokens: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
+        """Run prompt chunks: row i's tokens are the last of its prompt's positions whose KV slots are slots[i]
+        (from position 0: the earlier ones' KV is in the cache already). Writes the chunks' KV; returns
+        (rows, vocab) logits of each row's last token."""
+        lengths = torch.tensor([len(t) for t in tokens], device=self.device)
+        firsts = [len(s) - len(t) for s, t in zip(slots, tokens, strict=True)]
+        ids = torch.tensor([t for chunk in tokens for t in chunk], device=self.device)
+        slot_t = torch.tensor([s for seq, first in zip(slots, firsts, strict=True) for s in seq[first:]],
+                              device=self.device)
         starts = lengths.cumsum(0) - lengths
-        row = torch.repeat_interleave(torch.arange(len(prompts), device=self.device), lengths)
-        positions = torch.arange(len(ids), device=self.device) - starts[row]
-        grid = torch.empty(len(prompts), max(len(p) for p in prompts), 0, device=self.device)  # only its shape
-        x, (cos, sin) = self._embed(ids), self._rotary(positions)
+        row = torch.repeat_interleave(torch.arange(len(tokens), device=self.device), lengths)
+        offsets = torch.arange(len(ids), device=self.device) - starts[row]  # each token's place in its chunk
+        grid = torch.empty(len(tokens), max(len(t) for t in tokens), 0, device=self.device)  # only its shape
+        first_t = torch.tensor(firsts, device=self.device)
+        x, (cos, sin) = self._embed(ids), self._rotary(first_t[row] + offsets)
+        context, mask = self._context(slots, first_t, grid.shape[1]) if any(firsts) else (None, None)
         residual = torch.zeros_like(x)
         for layer, lw in enumerate(self.layer_weights):
             x, residual = self.prefill_layer(x, residual, cos, sin, lw, self.k_cache[layer], self.v_cache[layer],
-                                             slot_t, row, positions, grid)
+                                             slot_t, row, offsets, grid, context, mask)
         last = starts + lengths - 1
         return self._logits(x[last], residual[last], None)
 
+    def _context(self, slots: list[list[int]], firsts: torch.Tensor, width: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, longest) slots of every row's positions from 0, right-padded with the scratch slot, and the
+        (rows, 1, width, longest) mask where a chunk's query at position p sees the keys at positions <= p."""
+        longest = max(len(s) for s in slots)
+        context = torch.tensor([s + [self.scratch_slot] * (longest - len(s)) for s in slots], device=self.device)
+        queries = firsts[:, None] + torch.arange(width, device=self.device)
+        return context, (torch.arange(longest, device=self.device) <= queries[..., None])[:, None]
+
     def _prefill_layer(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        lw: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                       row: torch.Tensor, positions: torch.Tensor, grid: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer over the prompts' packed tokens (token i is prompt row[i]'s positions[i]), writing each
-        token's KV at its slot of the layer's caches; grid is (prompts, longest, 0). The caches are passed,
-        not indexed by layer here: a compiled layer would specialize on the index, once per layer."""
+                       row: torch.Tensor, offsets: torch.Tensor, grid: torch.Tensor, context: torch.Tensor | None,
+                       mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer over the chunks' packed tokens (token i is chunk row[i]'s offsets[i]), writing each token's KV
+        at its slot of the layer's caches; grid is (chunks, longest, 0). Chunks that continue a prompt (context
+        given) attend to all its keys so far, read back from the cache. The caches are passed, not indexed by
+        layer here: a compiled layer would specialize on the index, once per layer."""
         q, k, v, stream = self._pre_attention(x, residual, lw)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         k_cache[slots] = k
@@ -303,12 +321,19 @@ class PagedDecoder:
 
         def padded(t: torch.Tensor) -> torch.Tensor:
             out = t.new_zeros(grid.shape[0], grid.shape[1], *t.shape[1:])
-            out[row, positions] = t
+            out[row, offsets] = t
             return out.transpose(1, 2)
 
-        # right padding: with a causal mask no real query sees a pad, so one SDPA call runs every prompt
-        attention = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True, enable_gqa=True)
-        return self._post_attention(stream, attention.transpose(1, 2)[row, positions], lw)
+        if context is None:
+            # right padding: with a causal mask no real query sees a pad, so one SDPA call runs every prompt
+            attention = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True,
+                                                       enable_gqa=True)
+        else:
+            # keys repeated per query head, not enable_gqa: with a mask, that runs only SDPA's math kernel on CUDA
+            group = self.heads // self.kv_heads
+            keys, values = (cache[context].repeat_interleave(group, 2).transpose(1, 2) for cache in (k_cache, v_cache))
+            attention = F.scaled_dot_product_attention(padded(q), keys, values, attn_mask=mask)
+        return self._post_attention(stream, attention.transpose(1, 2)[row, offsets], lw)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,

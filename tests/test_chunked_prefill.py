@@ -1,0 +1,113 @@
+"""Chunked prefill (eager, on CPU): a prompt longer than the step's budget is prefilled over several steps, with the
+tokens of a whole prefill, while running sequences keep decoding."""
+
+import random
+
+import pytest
+import torch
+from conftest import hf_greedy
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from r1kit.rollout import SamplingParams
+from r1kit.rollout.engine import LLMEngine
+from r1kit.rollout.sampler import sequence_key
+
+LENGTHS = (23, 9, 17, 30, 4)  # with 4-token blocks: most prompts end in a partly filled block
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request, tokenizer):
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        request.param]
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    model = model_cls(config).eval()
+    if request.param == "qwen2":  # random biases, so the q/k/v bias path is exercised
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    return model, tokenizer
+
+
+def prompts() -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(100, 5000) for _ in range(n)] for n in LENGTHS]
+
+
+def new_engine(model, **options) -> LLMEngine:
+    return LLMEngine(*model, **{"kv_cache_tokens": 2048, "block_size": 4, **options})
+
+
+def generate(llm: LLMEngine, params: SamplingParams) -> tuple[list[tuple], list[list[int]]]:
+    """Every sequence's (tokens, logprobs) and the prompt lengths of each prefill step's rows."""
+    rows, prefill = [], llm.decoder.prefill
+
+    def counted(tokens, slots):
+        rows.append([len(t) for t in tokens])
+        return prefill(tokens, slots)
+
+    llm.decoder.prefill = counted
+    requests = [llm.add_request(ids, params, [sequence_key(7, i * params.n + s) for s in range(params.n)])
+                for i, ids in enumerate(prompts())]
+    while llm.has_work():
+        llm.step()
+    assert len(llm.blocks.free) == len(llm.blocks.refs)
+    return [(seq.output_ids, seq.logprobs) for r in requests for seq in r.sequences], rows
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0, max_tokens=12),
+                                    SamplingParams(n=3, temperature=1.0, top_k=40, max_tokens=10)],
+                         ids=["greedy", "sampled"])
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_chunked_prefill_gives_the_tokens_of_a_whole_one(model, params, share_prompts):
+    whole, whole_rows = generate(new_engine(model, share_prompts=share_prompts), params)
+    chunked, rows = generate(new_engine(model, share_prompts=share_prompts, max_prefill_tokens=5), params)
+    assert len(whole_rows) == 1  # every prompt prefilled in one step; chunked, 5 tokens a step at most
+    assert all(sum(step) <= 5 for step in rows) and sum(map(sum, rows)) == sum(map(sum, whole_rows))
+    for (tokens, logprobs), (expected, expected_logprobs) in zip(chunked, whole, strict=True):
+        assert tokens == expected
+        assert torch.allclose(torch.tensor(logprobs), torch.tensor(expected_logprobs), atol=1e-5)
+    if params.temperature == 0:
+        hf, tokenizer = model
+        for ids, (tokens, _) in zip(prompts(), chunked, strict=True):
+            assert tokens == hf_greedy(hf, ids, 12, tokenizer.pad_token_id)[: len(tokens)]
+
+
+def test_running_sequences_get_a_token_every_other_step_while_a_long_prompt_prefills(model):
+    llm = new_engine(model, max_prefill_tokens=5, prefill_delay=0.0)  # an arrival is admitted at once
+    params = SamplingParams(max_tokens=30, ignore_eos=True, seed=1)
+    short = llm.add_request(prompts()[4], params).sequences[0]
+    llm.step()
+    assert llm.last_step == "prefill" and len(short.output_ids) == 1
+    long = llm.add_request(prompts()[0], SamplingParams(n=2, max_tokens=8, ignore_eos=True, seed=2))
+    steps = []
+    while not long.sequences[0].output_ids:
+        steps.append((llm.step(), llm.last_step))
+    # 23 tokens in chunks of 5: a decode step of the running sequence before each, the first tokens after the last
+    assert [kind for _, kind in steps] == ["decode", "prefill"] * 5
+    assert [advanced for advanced, _ in steps] == [[short], []] * 4 + [[short], long.sequences]
+    assert long.prefilled == 23 and len(short.output_ids) == 6
+
+
+def test_aborting_mid_prefill_frees_every_block(model):
+    llm = new_engine(model, max_prefill_tokens=5, prefill_delay=0.0)
+    free = len(llm.blocks.free)
+    running = llm.add_request(prompts()[4], SamplingParams(max_tokens=30, ignore_eos=True))
+    llm.step()
+    held = free - len(llm.blocks.free)
+    long = llm.add_request(prompts()[3], SamplingParams(n=3, max_tokens=8))
+    waiting = llm.add_request(prompts()[2], SamplingParams(max_tokens=8))
+    for _ in range(4):  # decode, 5 prompt tokens, decode, 5 more
+        llm.step()
+    assert llm.scheduler.prefilling == [long] and long.prefilled == 10 and list(llm.scheduler.waiting) == [waiting]
+    llm.abort(long)
+    llm.abort(waiting)
+    assert not llm.scheduler.prefilling and not llm.scheduler.waiting
+    assert len(llm.blocks.free) == free - held
+    assert all(seq.finish_reason == "abort" and not seq.output_ids for r in (long, waiting) for seq in r.sequences)
+    while llm.has_work():
+        llm.step()
+    assert running.sequences[0].finish_reason == "length" and len(llm.blocks.free) == free
