@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 from conftest import hf_greedy
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from test_engine import family_model
 
 from r1kit.rollout import SamplingParams
 from r1kit.rollout.engine import LLMEngine
@@ -17,19 +17,7 @@ LENGTHS = (23, 9, 17, 30, 4)  # with 4-token blocks: most prompts end in a partl
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def model(request, tokenizer):
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
-        request.param]
-    torch.manual_seed(0)
-    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    model = model_cls(config).eval()
-    if request.param == "qwen2":  # random biases, so the q/k/v bias path is exercised
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                torch.nn.init.normal_(proj.bias, std=0.5)
-    return model, tokenizer
+    return family_model(request.param, tokenizer), tokenizer
 
 
 def prompts() -> list[list[int]]:

@@ -32,20 +32,25 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def tiny(request, tokenizer):
-    config_cls, model_cls, extra = FAMILIES[request.param]
+def family_model(family: str, tokenizer):
+    """A 2-layer random model of one of FAMILIES (seed 0) on the tokenizer's vocabulary."""
+    config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(0)
     config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id, **extra)
     model = model_cls(config).eval()
-    if request.param == "qwen2":  # random biases, so the q/k/v bias path is exercised
+    if family == "qwen2":  # random biases, so the q/k/v bias path is exercised
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(proj.bias, std=0.5)
-    return model, tokenizer
+    return model
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def tiny(request, tokenizer):
+    return family_model(request.param, tokenizer), tokenizer
 
 
 def engine(model, tokenizer, **kw):
