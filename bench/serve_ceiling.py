@@ -106,7 +106,7 @@ def main() -> None:
     from r1kit.serve.worker import EngineWorker
 
     if args.model:
-        served = load_served(args.model, None, args.device, 65_536)
+        served = load_served(args.model, None, args.device, 65_536, 2048)
         worker, tokenizer = served.worker, served.tokenizer
         setup = {"model": args.model}
     else:

@@ -334,6 +334,8 @@ class ServeConfig(Config):
     max_sequences_per_request: int = Field(16, ge=1, description="the most sequences (n x prompts) one request "
                                            "may ask for; more is refused (400)")
     kv_cache_tokens: int = Field(65_536, ge=16, description="KV cache size in tokens")
+    prefill_chunk_tokens: int = Field(2048, ge=16, description="prompt tokens prefilled a step: a longer prompt "
+                                      "is prefilled a chunk a step, the running streams decoding in between")
     device: str = Field("auto", description="auto, cpu, cuda")
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ import openai
 import pytest
 from conftest import SCRIPT, micro_llama
 
-from r1kit.config import ServeConfig
+from r1kit.config import ServeConfig, load_config
 from r1kit.models import model_info
 from r1kit.serve.app import create_app
 from r1kit.serve.server import free_port, load_served, serve_in_thread
@@ -25,7 +25,8 @@ class Server:
     def __init__(self, model_dir, api_key: str | None = KEY, log_level: str = "error", **limits):
         self.cfg = ServeConfig(model=str(model_dir), port=free_port(), device="cpu",
                                **{"kv_cache_tokens": 8192, **limits})
-        self.served = load_served(self.cfg.model, "tiny", "cpu", self.cfg.kv_cache_tokens)
+        self.served = load_served(self.cfg.model, "tiny", "cpu", self.cfg.kv_cache_tokens,
+                                  self.cfg.prefill_chunk_tokens)
         self.app = create_app([self.served], self.cfg, api_key=api_key)
         self.server, self.thread = serve_in_thread(self.app, self.cfg.port, log_level=log_level)
         self.url = f"http://127.0.0.1:{self.cfg.port}"
@@ -330,7 +331,7 @@ def test_the_engine_in_its_own_process(tiny_model_dir):
     from r1kit.serve.process import EngineProcess
 
     cfg = ServeConfig(model=str(tiny_model_dir), port=free_port(), device="cpu", kv_cache_tokens=2048)
-    served = load_served(cfg.model, "tiny", "cpu", cfg.kv_cache_tokens, engine_process=True)
+    served = load_served(cfg.model, "tiny", "cpu", cfg.kv_cache_tokens, cfg.prefill_chunk_tokens, engine_process=True)
     assert isinstance(served.worker, EngineProcess) and served.worker.max_len == 2048
     server, thread = serve_in_thread(create_app([served], cfg), cfg.port, log_level="error")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.port}/v1", api_key="none", max_retries=0)
@@ -375,7 +376,18 @@ def test_an_engine_process_that_cannot_load_says_why(tmp_path):
     from r1kit.serve.process import EngineError, EngineProcess
 
     with pytest.raises(EngineError, match=f"the engine process could not load {tmp_path}: "):
-        EngineProcess(str(tmp_path), "cpu", 1024)
+        EngineProcess(str(tmp_path), "cpu", 1024, 2048)
+
+
+def test_prefill_chunk_tokens_reaches_the_serving_engine(tiny_model_dir):
+    cfg = load_config(ServeConfig, None, {"model": str(tiny_model_dir), "device": "cpu", "kv_cache_tokens": 1024,
+                                          "prefill_chunk_tokens": 64})
+    served = load_served(cfg.model, "tiny", "cpu", cfg.kv_cache_tokens, cfg.prefill_chunk_tokens)
+    try:
+        assert served.worker.engine.scheduler.max_prefill_tokens == 64
+    finally:
+        served.worker.close()
+    assert ServeConfig().prefill_chunk_tokens == 2048
 
 
 def test_max_sequences_per_request_from_yaml_flag_and_override(tmp_path):

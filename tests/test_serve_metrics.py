@@ -40,7 +40,7 @@ def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
 @pytest.fixture(scope="module")
 def served(scripted_dir):
     cfg = ServeConfig(model=str(scripted_dir), port=free_port(), device="cpu", kv_cache_tokens=8192, max_tokens=64)
-    model = load_served(cfg.model, "tiny", "cpu", cfg.kv_cache_tokens)
+    model = load_served(cfg.model, "tiny", "cpu", cfg.kv_cache_tokens, cfg.prefill_chunk_tokens)
     server, thread = serve_in_thread(create_app([model], cfg, api_key=KEY), cfg.port, log_level="error")
     yield model, f"http://127.0.0.1:{cfg.port}"
     server.should_exit = True
@@ -92,7 +92,7 @@ def test_gauges_show_what_the_engine_holds(served):
 
 
 def test_an_engine_process_reports_its_load(scripted_dir):
-    worker = load_served(str(scripted_dir), "tiny", "cpu", 2048, engine_process=True).worker
+    worker = load_served(str(scripted_dir), "tiny", "cpu", 2048, 2048, engine_process=True).worker
 
     async def first_then_wait() -> int:
         async for _ in worker.stream([[5, 6, 7]], SamplingParams(max_tokens=1500, ignore_eos=True)):

@@ -28,7 +28,7 @@ def _as_error(kind: str, message: str) -> Exception:
     return ValueError(message) if kind == "ValueError" else EngineError(f"{kind}: {message}")
 
 
-def _engine_main(spec: str, device: str, kv_cache_tokens: int, inbox, outbox) -> None:
+def _engine_main(spec: str, device: str, kv_cache_tokens: int, prefill_chunk_tokens: int, inbox, outbox) -> None:
     """The child: load the model, warm the engine up, say ready, then serve the pipe until told to close."""
     import logging
     import signal
@@ -36,7 +36,7 @@ def _engine_main(spec: str, device: str, kv_cache_tokens: int, inbox, outbox) ->
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server shuts this down
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # the stats lines
     try:
-        engine = warm_engine(spec, device, kv_cache_tokens)
+        engine = warm_engine(spec, device, kv_cache_tokens, prefill_chunk_tokens)
     except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
         outbox.send(("failed", type(error).__name__, str(error)))
         return
@@ -82,12 +82,14 @@ def _engine_main(spec: str, device: str, kv_cache_tokens: int, inbox, outbox) ->
 class EngineProcess(Worker):
     """A Worker whose engine runs in a child process (spawned: CUDA cannot be forked)."""
 
-    def __init__(self, spec: str, device: str, kv_cache_tokens: int, start_timeout_s: float = 900):
+    def __init__(self, spec: str, device: str, kv_cache_tokens: int, prefill_chunk_tokens: int,
+                 start_timeout_s: float = 900):
         context = multiprocessing.get_context("spawn")
         self._inbox, child_inbox = context.Pipe(duplex=False)[::-1]
         child_outbox, self._outbox = context.Pipe(duplex=False)[::-1]
-        self.process = context.Process(target=_engine_main, args=(spec, device, kv_cache_tokens, child_inbox,
-                                                                    child_outbox), name="r1kit-engine", daemon=True)
+        self.process = context.Process(target=_engine_main, name="r1kit-engine", daemon=True,
+                                       args=(spec, device, kv_cache_tokens, prefill_chunk_tokens, child_inbox,
+                                             child_outbox))
         self.process.start()
         child_inbox.close()  # the child's ends: with them closed here, its exit reads as EOF and a broken pipe
         child_outbox.close()

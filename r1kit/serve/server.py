@@ -43,7 +43,7 @@ def serve_in_thread(app, port: int, log_level: str = "warning"):
     return server, thread
 
 
-def load_served(spec: str, name: str | None, device: str, kv_cache_tokens: int,
+def load_served(spec: str, name: str | None, device: str, kv_cache_tokens: int, prefill_chunk_tokens: int,
                 engine_process: bool | None = None) -> ServedModel:
     """A model ready to serve: engine running and warm (bf16 on GPU), tokenizer loaded, sha256 computed.
 
@@ -55,10 +55,10 @@ def load_served(spec: str, name: str | None, device: str, kv_cache_tokens: int,
     log = logging.getLogger("r1kit.serve")
     started = time.perf_counter()
     if engine_process if engine_process is not None else pick_device(device).type == "cuda":
-        worker = EngineProcess(str(folder), device, kv_cache_tokens)
+        worker = EngineProcess(str(folder), device, kv_cache_tokens, prefill_chunk_tokens)
         tokenizer = load_tokenizer(str(folder))
     else:
-        engine = warm_engine(str(folder), device, kv_cache_tokens)
+        engine = warm_engine(str(folder), device, kv_cache_tokens, prefill_chunk_tokens)
         worker, tokenizer = EngineWorker(engine), engine.tokenizer
     log.info("engine loaded and warmed up in %.1f s", time.perf_counter() - started)
     served_name = name or (Path(spec).name if spec != "default" else "SmolLM2-135M-Instruct")
@@ -70,7 +70,8 @@ def build_app(cfg: ServeConfig):
     """The app for a config: one model, or several with the router and gate the config names."""
     upstream = Upstream(cfg.upstream) if cfg.upstream else None  # a missing key fails before minutes of loading
     entries = [(m.model, m.name) for m in cfg.models] or [(cfg.model, cfg.name)]
-    served = [load_served(spec, name, cfg.device, cfg.kv_cache_tokens) for spec, name in entries]
+    served = [load_served(spec, name, cfg.device, cfg.kv_cache_tokens, cfg.prefill_chunk_tokens)
+              for spec, name in entries]
     app = create_app(served, cfg, api_key=cfg.api_key or os.environ.get("R1KIT_API_KEY"),
                      router=Router(cfg.route) if cfg.route else None, gate=Gate(cfg.gate) if cfg.gate else None,
                      upstream=upstream)

@@ -23,19 +23,15 @@ from r1kit.rollout.types import SamplingParams
 
 log = logging.getLogger("r1kit.serve")
 
-# prompt tokens a serving engine prefills per step: a longer prompt (or burst of prompts) is prefilled over
-# several steps, a decode step of the running streams between each two, so that it delays their next token by
-# one chunk's prefill rather than the whole prompt's (vLLM serves with 2048 to 8192)
-SERVE_PREFILL_TOKENS = 2048
-
-
-def warm_engine(spec: str, device: str, kv_cache_tokens: int) -> LLMEngine:
-    """A serving engine for a model: loaded, its prefill layer compiled too, and warmed up."""
+def warm_engine(spec: str, device: str, kv_cache_tokens: int, prefill_chunk_tokens: int) -> LLMEngine:
+    """A serving engine for a model: loaded, its prefill layer compiled too, and warmed up. It prefills at most
+    prefill_chunk_tokens prompt tokens a step: a longer prompt (or burst of prompts) takes several steps, a decode
+    step of the running streams between each two, so it delays their next token by one chunk's prefill."""
     from r1kit.models import load_model
 
     model, tokenizer = load_model(spec, device)
     engine = LLMEngine(model, tokenizer, kv_cache_tokens=kv_cache_tokens, compile_prefill=True,
-                       max_prefill_tokens=SERVE_PREFILL_TOKENS)
+                       max_prefill_tokens=prefill_chunk_tokens)
     engine.warmup()
     return engine
 
