@@ -83,6 +83,11 @@ def test_eval_backends_agree(tiny_model_dir, tmp_path):
                      "--backend", backend]) == 0
         runs[backend] = [json.loads(line)["completion"] for line in (tmp_path / backend / "samples.jsonl").open()]
     assert runs["hf"] == runs["engine"]
+    # the engine says where its time went: one prefill of the 4 prompts, then a decode step for each further token
+    results = {b: json.loads((tmp_path / b / "results.json").read_text()) for b in runs}
+    counts, longest = results["engine"]["engine_steps"], results["engine"]["metrics"]["response_tokens"]["max"]
+    assert counts["prefill_steps"] == 1 and counts["decode_steps"] == longest - 1 and counts["reloads"] >= 1
+    assert "engine_steps" not in results["hf"]
 
 
 def test_eval_command_errors_are_one_line(tmp_path, capsys):

@@ -219,6 +219,8 @@ def eval_rank(cfg: EvalConfig, world: distributed.World, device: str, console: C
         "wall_s": time.perf_counter() - started,
         "interrupted": run.interrupted,
     }
+    if hasattr(generator, "engine"):  # where the rollout engine's time went (rank 0's engine under torchrun)
+        results["engine_steps"] = dataclasses.asdict(generator.engine.counts)
     if not world.is_main:
         return results
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -55,6 +55,25 @@ class Sampled:
     tops: list[dict[int, float]] | None
 
 
+@dataclass
+class StepCounts:
+    """Where an engine's time went: steps and seconds by kind (a step's seconds include waiting for the device),
+    uploads of a changed running set, and decode steps launched ahead of the last one's recording."""
+
+    prefill_steps: int = 0
+    prefill_s: float = 0.0
+    decode_steps: int = 0
+    decode_s: float = 0.0
+    reloads: int = 0
+    reload_s: float = 0.0
+    ran_ahead: int = 0
+
+    def add(self, kind: str, seconds: float) -> None:
+        """Count a step of this kind ("prefill" or "decode")."""
+        setattr(self, f"{kind}_steps", getattr(self, f"{kind}_steps") + 1)
+        setattr(self, f"{kind}_s", getattr(self, f"{kind}_s") + seconds)
+
+
 class SequencesFailed(RuntimeError):
     """Recording a step's tokens raised for some sequences: they are left as before the step, the others
     recorded (`advanced`); `failed` pairs each failed sequence with its error."""
@@ -83,6 +102,7 @@ class LLMEngine:
         self._batch: RunningBatch | None = None  # of the last decode step
         self._ahead: Sampled | None = None  # a decode step launched before the last one was recorded
         self.last_step = ""  # "prefill" or "decode": what the last step() ran
+        self.counts = StepCounts()
         # A request that arrives while others run waits prefill_delay x the last prefill's duration before
         # it is prefilled, so that arrivals are prefilled together: a prefill of one short prompt costs
         # about as much as of several, and as much as ~10 decode steps of the running batch.
@@ -155,6 +175,12 @@ class LLMEngine:
     def step(self) -> list[Sequence]:
         """One prefill (of prompt chunks, admitting requests) or one decode step; the sequences that got a
         token."""
+        started = time.perf_counter()
+        advanced = self._step()
+        self.counts.add(self.last_step, time.perf_counter() - started)
+        return advanced
+
+    def _step(self) -> list[Sequence]:
         if self._ahead is not None:
             ahead, self._ahead = self._ahead, None
             self.last_step = "decode"
@@ -234,6 +260,7 @@ class LLMEngine:
         current = current or self._launch(seqs)
         if self._can_run_ahead(seqs):
             self._ahead = self._launch(seqs)
+            self.counts.ran_ahead += 1
         advanced = self._record(current)
         if self._ahead is not None and all(seq.finished for seq in self._ahead.seqs):
             self._ahead = None
@@ -264,7 +291,10 @@ class LLMEngine:
         """The running set of these sequences, its state uploaded to the decode step if the set changed."""
         names = [(seq.request_id, seq.index) for seq in seqs]
         if self._batch is None or names != self._batch.names:
+            started = time.perf_counter()
             self.decode_step.load(seqs)
+            self.counts.reloads += 1
+            self.counts.reload_s += time.perf_counter() - started
             params = [seq.params for seq in seqs]
             self._batch = RunningBatch(names, any(p.filtered for p in params), any(p.penalized for p in params),
                                        max(p.top_logprobs for p in params))
