@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from r1kit.config import TrainConfig, load_config
+from r1kit.config import TrainConfig, load_config, parse_overrides
 from r1kit.eval.held_out import HeldOut, held_out_accuracy
 from r1kit.models import load_model, resolve_model
 from r1kit.prompts import build_prompt
@@ -72,7 +72,7 @@ def main() -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    cfg = load_config(TrainConfig, args.config, dict(o.split("=", 1) for o in args.overrides))
+    cfg = load_config(TrainConfig, args.config, parse_overrides(args.overrides))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_dir = str(resolve_model(cfg.model))
     train_task, held_task = build_tasks(cfg)
