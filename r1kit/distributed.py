@@ -111,7 +111,9 @@ def rank_device(device: str, local_rank: int) -> str:
 @contextlib.contextmanager
 def launched(device: str) -> Iterator[str]:
     """Within: this process in torchrun's process group when torchrun started several (NCCL on GPUs, gloo on CPU),
-    left after; yields the device this rank uses (`device` itself for one process)."""
+    left after; yields the device this rank uses (`device` itself for one process). Within a group already set up
+    it does nothing: a process that runs several commands (the pipeline) holds one group for all, as a group set up
+    again after one was destroyed can read the first one's stale addresses from torchrun's store."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1 or dist.is_initialized():
         yield device

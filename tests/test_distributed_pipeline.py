@@ -31,12 +31,15 @@ def sample_settings(model_dir, folder: Path, out: str) -> SampleConfig:
 
 
 def sample_worker(*configs: str) -> None:
-    """torchrun's worker: `sample` of each config (a YAML file), every trace kept."""
+    """torchrun's worker: `sample` of each config (a YAML file), every trace kept, in one process group (a group
+    set up again after one was destroyed can read the first one's stale addresses from torchrun's store)."""
+    from r1kit import distributed
     from r1kit.sample import run as sample_run
 
     sample_run.judge = keep_all
-    for path in configs:
-        sample_run.run_sample(SampleConfig(**yaml.safe_load(Path(path).read_text())))
+    with distributed.launched("cpu"):
+        for path in configs:
+            sample_run.run_sample(SampleConfig(**yaml.safe_load(Path(path).read_text())))
 
 
 def saved(cfg: SampleConfig | PipelineConfig) -> str:
