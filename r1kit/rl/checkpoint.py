@@ -8,7 +8,6 @@ import random
 import re
 import shutil
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from r1kit import distributed
+from r1kit.models import atomic_folder, save_model
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -64,19 +64,12 @@ def plain(value: Any, where: str = "trainer state") -> Any:
 
 def save_checkpoint(folder: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoints/step-N atomically; keep only the newest `keep` checkpoints."""
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step}"
     trainer_state = plain({**state, "step": step, "rng": rng_state()})  # before writing anything
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=folder))
-    try:
+    with atomic_folder(final) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final
@@ -186,8 +179,25 @@ def save_run(out: Path, trainer: TrainerState, tokenizer, summary: dict[str, Any
     """Checkpoint a run at its trainer's step: weights, trainer state and the run summary so far. Under torchrun
     rank 0 alone writes it (the ranks hold the same weights, optimizer state and, drawing their rollouts from one
     seeded stream, the same data position; FSDP's shards are first gathered to it), and every rank gets its path."""
-    model, state = distributed.full_model(trainer.model), trainer.state_dict()  # on every rank: FSDP gathers
+    return _save_run(out, trainer, tokenizer, summary, keep)[0]
+
+
+def save_final(out: Path, trainer: TrainerState, tokenizer, summary: dict[str, Any], keep: int,
+               dtype: torch.dtype) -> tuple[Path, Path | None]:
+    """The run's last checkpoint (as save_run) and final/, the trained model as a plain HF folder in `dtype` (LoRA
+    merged), from one gathering of FSDP's shards; (the checkpoint's path, final/ on rank 0 and None elsewhere)."""
+    path, model = _save_run(out, trainer, tokenizer, summary, keep)
     if not distributed.world().is_main:
-        return out / "checkpoints" / f"step-{trainer.step_count}"
-    return save_checkpoint(out / "checkpoints", trainer.step_count, model, tokenizer, {**state, "summary": summary},
-                           keep)
+        return path, None
+    return path, save_model(model, tokenizer, out / "final", dtype)  # last: merging LoRA changes the model
+
+
+def _save_run(out: Path, trainer: TrainerState, tokenizer, summary: dict[str, Any], keep: int
+              ) -> tuple[Path, torch.nn.Module | None]:
+    """save_run's checkpoint; its path, and the whole model it was written from (None where FSDP gathers none)."""
+    model, state = distributed.full_model(trainer.model), trainer.state_dict()  # on every rank: FSDP gathers
+    path = out / "checkpoints" / f"step-{trainer.step_count}"
+    if distributed.world().is_main:
+        save_checkpoint(out / "checkpoints", trainer.step_count, model, tokenizer, {**state, "summary": summary},
+                        keep)
+    return path, model

@@ -17,9 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from r1kit import distributed
 from r1kit.config import TrainConfig
 from r1kit.eval.held_out import HeldOut, generated_rows, held_out_accuracy
-from r1kit.models import checkpoint_dtype, load_model, resolve_model, save_model, weights_sha256
+from r1kit.models import checkpoint_dtype, load_model, resolve_model, weights_sha256
 from r1kit.rewards import build_rewards
-from r1kit.rl.checkpoint import StopRequest, find_checkpoint, resume_run, save_run
+from r1kit.rl.checkpoint import StopRequest, find_checkpoint, resume_run, save_final, save_run
 from r1kit.rl.runlog import RunLog, open_run_folder
 from r1kit.rl.trainer import GRPOTrainer, Rollouts
 from r1kit.rollout import make_generator
@@ -235,11 +235,10 @@ def train(cfg: TrainConfig, world: distributed.World, device: str, console: Cons
             summary["after"] = held_out_eval(trainer, held, cfg, bars)
         log.metrics(trainer.step_count, summary["after"])
         console.print("held-out after training: " + eval_line(summary["after"]))
-    path = save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
+    path, final = save_final(out, trainer, tokenizer, summary, cfg.keep_checkpoints, checkpoint_dtype(folder))
     log.close()
-    if not world.is_main:
+    if final is None:  # not rank 0
         return summary
-    final = save_model(trainer.model, tokenizer, out / "final", checkpoint_dtype(folder))
     summary["final"], summary["final_sha256"] = str(final), weights_sha256(final)
     write_summary(out, summary)
     console.print(f"saved {path} and {final} (the trained model{', LoRA merged' if cfg.lora_r else ''})")

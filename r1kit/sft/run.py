@@ -15,16 +15,14 @@ from r1kit import distributed
 from r1kit.config import SFTConfig
 from r1kit.eval.held_out import HeldOut, generated_rows, held_out_accuracy
 from r1kit.eval.report import write_training_report
-from r1kit.models import checkpoint_dtype, file_sha256, load_tokenizer, resolve_model, save_model, weights_sha256
-from r1kit.rl.checkpoint import StopRequest, find_checkpoint, resume_run, save_run
+from r1kit.models import checkpoint_dtype, file_sha256, load_tokenizer, resolve_model, weights_sha256
+from r1kit.rl.checkpoint import StopRequest, find_checkpoint, resume_run, save_final, save_run
 from r1kit.rl.run import load_policy
 from r1kit.rl.runlog import RunLog, open_run_folder
 from r1kit.rollout import make_generator
 from r1kit.sft.data import Example, load_examples
 from r1kit.sft.trainer import SFTTrainer
 from r1kit.tasks import DataError, Task
-
-FINAL = "final"  # the run folder's trained model (LoRA merged), the input of whatever comes next
 
 
 def data_files(data: str | list[str]) -> list[str]:
@@ -187,12 +185,10 @@ def sft(cfg: SFTConfig, world: distributed.World, device: str, console: Console)
         summary["after"] = evaluation()
         log.metrics(trainer.step_count, summary["after"])
         console.print(f"after training: {eval_line(summary['after'])}")
-    save_run(out, trainer, tokenizer, summary, cfg.keep_checkpoints)
+    _, final = save_final(out, trainer, tokenizer, summary, cfg.keep_checkpoints, checkpoint_dtype(folder))
     log.close()
-    model = distributed.full_model(trainer.model)  # on every rank: FSDP gathers
-    if not world.is_main:
+    if final is None:  # not rank 0
         return summary
-    final = save_model(model, tokenizer, out / FINAL, checkpoint_dtype(folder))
     summary["final"], summary["final_sha256"] = str(final), weights_sha256(final)
     (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_training_report(out)
