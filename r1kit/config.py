@@ -60,9 +60,10 @@ class EvalConfig(Config):
 class TrainConfig(Config):
     """`r1kit train`: GRPO with rule-based rewards (R1-Zero when started from a base model)."""
 
-    # batch_size: sequences generated together; batching never changes what a sequence samples
+    # batch_size: sequences generated together; batching never changes what a sequence samples. parallel: a run
+    # sharded or not computes the same step (within float tolerance)
     run_settings: ClassVar[frozenset[str]] = frozenset({"out", "device", "resume", "save_every", "keep_checkpoints",
-                                                        "batch_size"})
+                                                        "batch_size", "parallel"})
 
     model: str = Field("default", description="'default', a .gguf file or a local HF folder")
     task: str = Field("addition", description="a built-in task (see `r1kit tasks list`)")
@@ -99,6 +100,11 @@ class TrainConfig(Config):
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
     lora_r: int = Field(0, ge=0, description="LoRA rank; 0 trains all weights")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp keeps a whole copy of the model, gradients and Adam state on every "
+        "rank; fsdp shards them N ways (FSDP2: each decoder layer, then the rest), for full fine-tuning of a model "
+        "one GPU cannot hold, each rank generating from a whole copy of the weights (bf16 on a GPU) gathered after "
+        "every update (not with LoRA). One process trains alike with either")
     steps: int = Field(100, ge=1, description="training steps")
     time_budget_s: float | None = Field(None, gt=0, description="stop after this many seconds of training")
     seed: int = Field(0, description="seed of data order and sampling")
@@ -117,6 +123,10 @@ class TrainConfig(Config):
     batch_size: int = Field(256, ge=1, description="sequences generated together")
     device: str = Field("auto", description="auto, cpu, cuda")
     out: str = Field("runs/train", description="run folder")
+
+    @model_validator(mode="after")
+    def _fsdp_trains_all_weights(self) -> TrainConfig:
+        return SFTConfig._fsdp_trains_all_weights(self)  # the same rule as sft's
 
 
 class SFTConfig(Config):

@@ -8,6 +8,7 @@ must be called by all ranks in the same order; the trainers keep their control f
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import os
 import warnings
@@ -159,17 +160,25 @@ def data_parallel(model: torch.nn.Module, group: World) -> torch.nn.Module:
                                    **no_buffer_sync)
 
 
+def idle_forward(model: torch.nn.Module, token_id: int) -> torch.Tensor:
+    """A forward that adds nothing (one token's logits times 0): a rank short of data still joins the collectives
+    of the others' forwards (FSDP gathers a layer's weights in each)."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([[token_id]], device=device), use_cache=False).logits
+    return logits.float().sum() * 0.0
+
+
 def zero_backward(policy: torch.nn.Module, token_id: int) -> None:
-    """A synchronised forward and backward that adds nothing (one token's logits times 0): a rank left without data
-    in a step still joins DDP's gradient all-reduce, which the others wait in."""
-    device = next(policy.parameters()).device
-    logits = policy(input_ids=torch.tensor([[token_id]], device=device), use_cache=False).logits
-    (logits.float().sum() * 0.0).backward()
+    """A synchronised forward and backward that adds nothing: a rank left without data in a step still joins DDP's
+    gradient all-reduce (FSDP's gathers and reduce-scatter), which the others wait in."""
+    idle_forward(policy, token_id).backward()
 
 
 def grad_sync(policy: torch.nn.Module, enabled: bool):
     """A context whose forward and backward all-reduce gradients (enabled), or only accumulate them locally
-    (DDP's no_sync: micro-batches before the last of an optimizer step)."""
+    (DDP's no_sync: micro-batches before the last of an optimizer step). FSDP reduce-scatters in every backward
+    alike: accumulating unsharded gradients (set_requires_gradient_sync(False)) would hold a whole fp32 gradient of
+    the model on every rank, the memory that sharding saves."""
     if isinstance(policy, DistributedDataParallel) and not enabled:
         return policy.no_sync()
     return contextlib.nullcontext()
@@ -203,6 +212,38 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
         norm = norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm.item()
+
+
+def nonfinite_grads(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters whose gradient holds a NaN or an infinity; for an FSDP model, in any rank's shard
+    (every rank must call it)."""
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    bad = [not torch.isfinite(g.to_local() if isinstance(g, DTensor) else g).all().item() for g in grads.values()]
+    if is_sharded(model):
+        bad = world().any(*bad)
+    return [name for name, b in zip(grads, bad, strict=True) if b]
+
+
+def unsharded_copy(model: torch.nn.Module, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen copy of a model about to be sharded, in eval mode, on `device` with its parameters in `dtype` (its
+    buffers, the rotary tables, as they are): what a rank generates with under FSDP, refreshed by gather_into."""
+    # each tensor goes straight to its place: no second whole model on the CPU on the way
+    memo = {id(p): torch.nn.Parameter(p.detach().to(device, dtype, copy=True), requires_grad=False)
+            for p in model.parameters()}
+    memo |= {id(b): b.to(device, copy=True) for b in model.buffers()}
+    return copy.deepcopy(model, memo).eval()
+
+
+@torch.no_grad()
+def gather_into(model: torch.nn.Module, plain: torch.nn.Module) -> None:
+    """Copy an FSDP model's whole weights into its unsharded_copy in place (an engine sharing the copy's storage
+    sees them), one parameter at a time: the peak is one gathered parameter, not the model, each gathered in the
+    copy's dtype (bf16: half the traffic). Every rank must call it."""
+    targets = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        target = targets[name]
+        shard = p.detach().to(target.dtype)  # rounding elementwise: before the gather as after it
+        target.copy_(shard.full_tensor() if isinstance(shard, DTensor) else shard)
 
 
 def full_model(model: torch.nn.Module) -> torch.nn.Module | None:

@@ -1,4 +1,4 @@
-"""Data-parallel GRPO, SFT (DDP or FSDP) and evaluation under torchrun on CPU (gloo, 2 processes, the tiny random
+"""Data-parallel GRPO and SFT (DDP or FSDP), and evaluation, under torchrun on CPU (gloo, 2 processes, the tiny random
 model): an update over two ranks equals one process's over the union batch, a run trains, checkpoints and resumes as
 a one-process run does (on one node or two), FSDP shards what it should, and an evaluation split over ranks writes
 what one process writes.
@@ -26,6 +26,10 @@ CASES = {
     "grpo": ({"loss_type": "grpo"}, [[0, 1], [2, 3]]),
     "dapo": ({"loss_type": "dapo", "advantage_scale": "batch", "num_iterations": 2}, [[0, 1], [2, 3]]),
     "empty_rank": ({"loss_type": "dapo"}, [[0, 1], []]),  # dynamic sampling can leave a rank no group
+    # sharded, rank 1 running idle forwards and backwards (policy and reference) to match rank 0's 4; a small lr, as
+    # Adam's first step turns float noise in a gradient near 0 into up to lr (see recorded_grads)
+    "fsdp": ({"loss_type": "dapo", "advantage_scale": "batch", "parallel": "fsdp", "beta": 0.1,
+              "old_logprobs": "recompute", "lr": 1e-3}, [[0, 1, 2], []]),
 }
 
 
@@ -50,16 +54,13 @@ def base_config(model_dir, folder: Path, out: str = "run", **kw):
 
 
 def make_trainer(cfg):
+    from r1kit import distributed
     from r1kit.rewards import build_rewards
-    from r1kit.rl.run import build_policy, build_tasks
-    from r1kit.rl.trainer import GRPOTrainer
-    from r1kit.rollout import make_generator
+    from r1kit.rl.run import build_tasks, build_trainer
 
     torch.manual_seed(cfg.seed)
     train, _ = build_tasks(cfg)
-    model, tokenizer, ref = build_policy(cfg, None)
-    generator = make_generator(model, tokenizer, cfg.backend, cfg.batch_size)
-    return GRPOTrainer(cfg, model, tokenizer, train, build_rewards(cfg.rewards, train.reward), generator, ref)
+    return build_trainer(cfg, distributed.world(), cfg.device, None, train, build_rewards(cfg.rewards, train.reward))[0]
 
 
 def groups(batch, keep: list[int], g: int):
@@ -72,12 +73,19 @@ def groups(batch, keep: list[int], g: int):
                     per_reward={name: [v[i] for i in seqs] for name, v in batch.per_reward.items()})
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor, or an FSDP shard gathered whole (every rank must call it alike)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t.clone()
+
+
 def recorded_grads(trainer) -> list[dict[str, torch.Tensor]]:
     """The gradient of each optimizer step the trainer takes, filled in as it takes them (compared rather than the
     weights: Adam's first step is lr * sign(gradient), which makes float noise in a gradient near 0 a whole step)."""
     seen: list[dict[str, torch.Tensor]] = []
     trainer.optimizer.register_step_pre_hook(
-        lambda *_: seen.append({k: p.grad.clone() for k, p in trainer.model.named_parameters()}))
+        lambda *_: seen.append({k: whole(p.grad) for k, p in trainer.model.named_parameters()}))
     return seen
 
 
@@ -92,7 +100,7 @@ def update_worker(model_dir: str, folder: str) -> None:
             trainer = make_trainer(base_config(model_dir, Path(folder), **overrides))
             grads = recorded_grads(trainer)
             update = trainer.update(groups(batch, shares[rank], 4))
-            params = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+            params = {k: whole(v.detach()) for k, v in trainer.model.named_parameters()}
             torch.save({"update": update, "grads": grads, "params": params}, Path(folder) / f"{name}-{rank}.pt")
 
 
@@ -192,7 +200,7 @@ def assert_weights_close(a: Path, b: Path) -> None:
         torch.testing.assert_close(x[key], y[key], atol=5e-5, rtol=1e-4, msg=key)  # Adam: see recorded_grads
 
 
-def test_torchrun_train_matches_one_process_and_resumes_across_world_sizes(tiny_model_dir, tmp_path):
+def test_torchrun_train_matches_one_process_with_ddp_or_fsdp_and_resumes_across_world_sizes(tiny_model_dir, tmp_path):
     from r1kit.rl.run import run_train
 
     # one process, 3 steps: the reference
@@ -215,6 +223,15 @@ def test_torchrun_train_matches_one_process_and_resumes_across_world_sizes(tiny_
     torchrun(*command("train", three))
     assert_rows_close(steps(tmp_path / "three"), steps(tmp_path / "one")[2:])
     assert_weights_close(tmp_path / "three" / "final", tmp_path / "one" / "final")
+    # FSDP over 2 processes for 2 steps (each rank's generator reading weights gathered after every update), then
+    # one process resumes it for the 3rd
+    fsdp = two.model_copy(update={"out": str(tmp_path / "fsdp"), "parallel": "fsdp"})
+    torchrun(*command("train", fsdp))
+    assert_rows_close(steps(tmp_path / "fsdp"), steps(tmp_path / "one")[:2])
+    assert_weights_close(tmp_path / "fsdp" / "final", tmp_path / "one" / "checkpoints" / "step-2")
+    run_train(fsdp.model_copy(update={"steps": 3, "resume": "latest"}))
+    assert_rows_close(steps(tmp_path / "fsdp"), steps(tmp_path / "one"))
+    assert_weights_close(tmp_path / "fsdp" / "final", tmp_path / "one" / "final")
 
 
 def sft_settings(model_dir, folder: Path) -> dict:
@@ -299,6 +316,8 @@ def test_fsdp_refuses_lora_and_an_eval_task_over_several_ranks(tiny_model_dir, t
     settings = {**sft_settings(tiny_model_dir, tmp_path), "parallel": "fsdp", "out": str(tmp_path / "run")}
     with pytest.raises(ValueError, match="train LoRA with parallel=ddp"):
         SFTConfig(**settings, lora_r=4)
+    with pytest.raises(ValueError, match="train LoRA with parallel=ddp"):  # and GRPO's
+        base_config(tiny_model_dir, tmp_path, parallel="fsdp", lora_r=4)
     with pytest.raises(ValueError, match="eval_task does not run under parallel=fsdp on several processes"):
         sft(SFTConfig(**settings, eval_task="addition"), distributed.World(rank=0, size=2), "cpu", Console(quiet=True))
     assert not (tmp_path / "run").exists()

@@ -18,7 +18,7 @@ from r1kit import distributed
 from r1kit.config import TrainConfig
 from r1kit.eval.held_out import HeldOut, generated_rows, held_out_accuracy
 from r1kit.models import checkpoint_dtype, load_model, resolve_model, weights_sha256
-from r1kit.rewards import build_rewards
+from r1kit.rewards import RewardFn, build_rewards
 from r1kit.rl.checkpoint import StopRequest, find_checkpoint, resume_run, save_final, save_run
 from r1kit.rl.runlog import RunLog, open_run_folder
 from r1kit.rl.trainer import GRPOTrainer, Rollouts
@@ -74,6 +74,23 @@ def build_policy(cfg: TrainConfig, checkpoint: Path | None):
         ref = load_model(cfg.model, cfg.device, "float32")[0] if checkpoint is not None else copy.deepcopy(model)
         ref.requires_grad_(False).eval()
     return model, tokenizer, ref
+
+
+def build_trainer(cfg: TrainConfig, world: distributed.World, device: str, checkpoint: Path | None, task: Task,
+                  rewards: dict[str, tuple[RewardFn, float]]) -> tuple[GRPOTrainer, Any]:
+    """(trainer, tokenizer) on `device`. Under parallel=fsdp over several ranks the policy is loaded on the CPU and
+    sharded by the trainer, and the generator reads an unsharded copy of its own, in the engine's dtype on a GPU so
+    that the engine shares the copy's storage rather than keeping a second one."""
+    sharded = cfg.parallel == "fsdp" and world.size > 1
+    # FSDP moves each layer's shard to the GPU as it shards it: the whole fp32 model there might not fit
+    model, tokenizer, ref = build_policy(cfg.model_copy(update={"device": "cpu" if sharded else device}), checkpoint)
+    rollout = None
+    if sharded:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        rollout = distributed.unsharded_copy(model, device, dtype)
+    generator = make_generator(model if rollout is None else rollout, tokenizer, cfg.backend, cfg.batch_size,
+                               cfg.max_prompt_tokens + cfg.max_completion_tokens)
+    return GRPOTrainer(cfg, model, tokenizer, task, rewards, generator, ref, rollout, device), tokenizer
 
 
 FEW_STEPS = 10  # fewer GRPO steps than this rarely move held-out accuracy
@@ -163,10 +180,7 @@ def train(cfg: TrainConfig, world: distributed.World, device: str, console: Cons
     rewards = build_rewards(cfg.rewards, accuracy=train_task.reward)
     if world.is_main:
         open_run_folder(out, cfg.model_dump(), checkpoint is None, console)
-    model, tokenizer, ref = build_policy(cfg.model_copy(update={"device": device}), checkpoint)
-    generator = make_generator(model, tokenizer, cfg.backend, cfg.batch_size,
-                               cfg.max_prompt_tokens + cfg.max_completion_tokens)
-    trainer = GRPOTrainer(cfg, model, tokenizer, train_task, rewards, generator, ref)
+    trainer, tokenizer = build_trainer(cfg, world, device, checkpoint, train_task, rewards)
     summary: dict[str, Any] = {"model": cfg.model, "model_path": str(folder), "model_sha256": weights_sha256(folder),
                                "interrupted": False}
     if checkpoint is not None:

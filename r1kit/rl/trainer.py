@@ -6,8 +6,9 @@ the optimizer steps. The stages pass plain data: completions, reward tensors, me
 
 Under torchrun each rank rolls out and scores its own slice of every step's prompts with its own
 generator; groups never straddle ranks, so group advantages need no communication. The update runs
-under DDP, its loss normalised by the counts of the whole step so that the averaged gradient is the
-one-process gradient of the union batch; batch statistics and metrics are computed over all ranks.
+under DDP or FSDP, its loss normalised by the counts of the whole step so that the averaged gradient is the
+one-process gradient of the union batch; batch statistics and metrics are computed over all ranks. Under
+FSDP each rank's generator reads a whole copy of the weights of its own, gathered after every update.
 A rank's sampling seed is shifted so that its sequences sample as they would at their place in the
 one-process step: a run gives the same rollouts on any number of ranks.
 """
@@ -196,17 +197,24 @@ class GRPOTrainer(TrainerState):
     """Holds the policy, its optimizer and the data stream; `step()` runs rollout, score and update once."""
 
     def __init__(self, cfg: TrainConfig, model, tokenizer, task: Task, rewards: dict[str, tuple[RewardFn, float]],
-                 generator: Generator, ref_model=None):
+                 generator: Generator, ref_model=None, rollout_model=None, device: str | None = None):
+        """Under parallel=fsdp the policy (and the reference) may come on the CPU: their shards move to `device`;
+        the generator then reads rollout_model, an unsharded copy that sync_generator refreshes."""
         self.cfg, self.model, self.tokenizer, self.task = cfg, model, tokenizer, task
-        self.rewards, self.generator, self.ref_model = rewards, generator, ref_model
-        self.device = next(model.parameters()).device
+        self.rewards, self.generator, self.ref_model, self.rollout_model = rewards, generator, ref_model, rollout_model
         self.world = distributed.world()
         if cfg.prompts_per_step % self.world.size:
             raise ValueError(f"prompts_per_step={cfg.prompts_per_step} does not split over {self.world.size} "
                              "processes; make it a multiple of the number of processes")
         self.share = cfg.prompts_per_step // self.world.size  # groups this rank rolls out and trains on per step
-        # the update's forward goes through DDP; rollouts, evaluation and checkpoints use the model itself
-        self.policy = distributed.data_parallel(model, self.world)
+        if cfg.parallel == "fsdp":  # in place: model and policy are the one sharded module
+            device = device or next(model.parameters()).device
+            self.policy = distributed.fully_sharded(model, self.world, device)
+            if ref_model is not None:
+                distributed.fully_sharded(ref_model, self.world, device)
+        else:  # the update's forward goes through DDP; rollouts, evaluation and checkpoints use the model itself
+            self.policy = distributed.data_parallel(model, self.world)
+        self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = lr_scheduler(self.optimizer, cfg.lr_schedule, cfg.warmup_steps,
@@ -240,13 +248,17 @@ class GRPOTrainer(TrainerState):
                               seed=shifted_seed(seed, self.world.rank * self.share * cfg.group_size))
 
     def sync_generator(self) -> None:
-        """Bring the generator's weight buffers (the engine's bf16 copies, merged LoRA) to the last update:
-        once per update however many rollout rounds follow it; its time adds to sync_s."""
+        """Bring the generator's weights to the last update: under FSDP its unsharded copy, gathered from the shards
+        (a collective: the first rollout round of a step runs on every rank), then the engine's buffers (bf16
+        copies, merged LoRA); once per update however many rollout rounds follow it; its time adds to sync_s."""
         sync = getattr(self.generator, "sync_weights", None)
-        if sync is None or self._synced_step == self.step_count:
+        if (sync is None and self.rollout_model is None) or self._synced_step == self.step_count:
             return
         started = time.perf_counter()
-        sync()
+        if self.rollout_model is not None:
+            distributed.gather_into(self.model, self.rollout_model)
+        if sync is not None:
+            sync()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the copies run on the GPU: time them, not their launch
         self.sync_s += time.perf_counter() - started
@@ -344,24 +356,24 @@ class GRPOTrainer(TrainerState):
     def update(self, batch: Rollouts) -> dict[str, float]:
         """num_iterations optimizer steps on the batch; the old logprobs stay those of the policy that sampled it.
 
-        Under torchrun the batch is this rank's share and DDP averages the ranks' gradients, so each rank divides
-        its loss by the normalizer of the whole step (its sequences or tokens on every rank) over the world size:
-        the average is then the gradient of the one-process loss over the union batch, for every loss_type."""
+        Under torchrun the batch is this rank's share and DDP (FSDP) averages the ranks' gradients, so each rank
+        divides its loss by the normalizer of the whole step (its sequences or tokens on every rank) over the world
+        size: the average is then the gradient of the one-process loss over the union batch, for every loss_type."""
         cfg, n = self.cfg, len(batch.completions)
-        inputs = self._loss_inputs(batch, self._batch_std(batch.rewards)) if n else None
+        passes = self._passes(n)
+        inputs = self._loss_inputs(batch, self._batch_std(batch.rewards), passes)
         total_n, total_tokens = self.world.sum([n, inputs.mask.sum().item() if inputs else 0.0])
         if total_n == 0:
             return {"skipped": 1.0}
         tokens = max(total_tokens, 1.0)
         normalizer = {"grpo": total_n, "bnpo": tokens, "dapo": tokens,
                       "dr_grpo": total_n * cfg.max_completion_tokens}[cfg.loss_type] / self.world.size
-        accumulate = functools.partial(self._accumulate, inputs, normalizer, tokens)
+        accumulate = functools.partial(self._accumulate, inputs, passes, normalizer, tokens)
         totals: dict[str, float] = {}
         skipped = 0
         for _ in range(cfg.num_iterations):
             sums, bad_loss = accumulate()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item() if bad_loss is None
-                         else math.nan)
+            grad_norm = distributed.clip_grad_norm(self.params, cfg.max_grad_norm) if bad_loss is None else math.nan
             # one bad batch (overflow, a degenerate sequence) must not turn the weights into NaN; the ranks skip
             # together, or their weights would part
             if self.world.any(not math.isfinite(grad_norm))[0]:
@@ -380,6 +392,12 @@ class GRPOTrainer(TrainerState):
         totals["lr"] = self.scheduler.get_last_lr()[0]
         return totals
 
+    def _passes(self, n: int) -> int:
+        """Micro-batches this rank runs over its n sequences. FSDP gathers weights in every forward and backward, a
+        collective, so there every rank runs as many as the busiest (a rank short of sequences runs idle ones)."""
+        mine = math.ceil(n / self.cfg.micro_batch_size)
+        return max(self.world.gather(mine)) if distributed.is_sharded(self.model) else mine
+
     def _batch_std(self, rewards: torch.Tensor) -> torch.Tensor | None:
         """For advantage_scale=batch over several ranks, the std of the whole step's rewards (None: the batch's)."""
         if self.cfg.advantage_scale != "batch" or self.world.size == 1:
@@ -387,54 +405,60 @@ class GRPOTrainer(TrainerState):
         everything = torch.cat(self.world.gather(rewards))
         return everything.std() if everything.numel() > 1 else torch.tensor(0.0)
 
-    def _loss_inputs(self, batch: Rollouts, batch_std: torch.Tensor | None) -> LossInputs:
-        """The batch as padded tensors, with its loss mask, advantages, and old and reference logprobs."""
+    def _loss_inputs(self, batch: Rollouts, batch_std: torch.Tensor | None, passes: int) -> LossInputs | None:
+        """The batch as padded tensors, with its loss mask, advantages, and old and reference logprobs, these in
+        `passes` forwards; None for a rank without sequences (which still runs its forwards, idle)."""
         cfg, g = self.cfg, self.cfg.group_size
         tensors = pad_sequences([p for p in batch.prompt_ids for _ in range(g)],
-                                [c.token_ids for c in batch.completions], self.pad_id, self.device)
+                                [c.token_ids for c in batch.completions], self.pad_id,
+                                self.device) if batch.completions else None
+        old_logp = self._old_logprobs(batch, tensors, passes)
+        ref_logp = self._ref_logprobs(tensors, passes) if cfg.beta > 0 else None
+        if tensors is None:
+            return None
         mask = tensors["mask"]
         if cfg.mask_truncated:
             truncated = torch.tensor([c.finish_reason == "length" for c in batch.completions], device=self.device)
             mask = mask * (~truncated)[:, None]
         advantages = group_advantages(batch.rewards, g, cfg.advantage_scale, batch_std).to(self.device)
-        old_logp = self._old_logprobs(batch, tensors)
-        ref_logp = self._ref_logprobs(tensors) if cfg.beta > 0 else None
         return LossInputs(tensors, mask, advantages, old_logp, ref_logp)
 
-    def _accumulate(self, inputs: LossInputs | None, normalizer: float, tokens: float, sync: bool = True,
-                    after_backward: Callable[[int], None] | None = None) -> tuple[dict, int | None]:
+    def _accumulate(self, inputs: LossInputs | None, passes: int, normalizer: float, tokens: float,
+                    sync: bool = True, after_backward: Callable[[int], None] | None = None
+                    ) -> tuple[dict, int | None]:
         """Forward/backward every micro-batch, the gradients all-reduced over the ranks in the last one's backward
-        when `sync`; metrics are this rank's share of the step's (weighted by the step's tokens), so the ranks'
-        shares add up to them. Also returns the index of the first micro-batch whose loss is non-finite (else None):
-        one process stops there, a rank of several goes on to join the all-reduce. after_backward(index) follows
-        each backward."""
-        if inputs is None:  # dynamic sampling left this rank no group: it joins the all-reduce with zeros
-            if sync:
-                distributed.zero_backward(self.policy, self.pad_id)
-            return {"loss": 0.0}, None
-        cfg, n = self.cfg, inputs.mask.shape[0]
-        starts = range(0, n, cfg.micro_batch_size)
+        when `sync` (FSDP reduce-scatters in each); metrics are this rank's share of the step's (weighted by the
+        step's tokens), so the ranks' shares add up to them. A rank with fewer than `passes` micro-batches (at least
+        one) runs idle ones, which add nothing: dynamic sampling can leave a rank short of groups or without any,
+        and the all-reduce (FSDP's every pass) waits for every rank. Also returns the index of the first
+        micro-batch whose loss is non-finite (else None): one process stops there, a rank of several goes on to
+        join the collectives. after_backward(index) follows each backward."""
+        n, size = 0 if inputs is None else inputs.mask.shape[0], self.cfg.micro_batch_size
+        count = max(1, passes)
         sums: dict[str, float] = {"loss": 0.0}
         bad = None
-        for index, start in enumerate(starts):
-            rows = slice(start, start + cfg.micro_batch_size)
-            with distributed.grad_sync(self.policy, sync and index == len(starts) - 1):
-                loss, metrics = self._micro_loss(inputs, rows, normalizer)
-                if not torch.isfinite(loss):
-                    bad = index if bad is None else bad
-                    if self.world.size == 1:
-                        break
-                loss.backward()
+        for index in range(count):
+            rows = slice(index * size, (index + 1) * size)
+            with distributed.grad_sync(self.policy, sync and index == count - 1):
+                if rows.start >= n:
+                    distributed.zero_backward(self.policy, self.pad_id)
+                else:
+                    loss, metrics = self._micro_loss(inputs, rows, normalizer)
+                    if not torch.isfinite(loss):
+                        bad = index if bad is None else bad
+                        if self.world.size == 1:
+                            break
+                    loss.backward()
+                    sums["loss"] += loss.item() / self.world.size
+                    share = inputs.mask[rows].sum().item() / tokens
+                    for key, value in metrics.items():
+                        sums[key] = sums.get(key, 0.0) + value * share
             if after_backward is not None:
                 after_backward(index)
-            sums["loss"] += loss.item() / self.world.size
-            share = inputs.mask[rows].sum().item() / tokens
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value * share
         return sums, bad
 
     def _micro_loss(self, inputs: LossInputs, rows: slice, normalizer: float) -> tuple[torch.Tensor, dict]:
-        """The policy loss of one micro-batch and its metrics, through the (DDP-wrapped) policy."""
+        """The policy loss of one micro-batch and its metrics, through the (DDP-wrapped or sharded) policy."""
         cfg = self.cfg
         with self.autocast():
             logp, entropy = token_logprobs(self.policy, inputs.tensors, rows, cfg.temperature, with_entropy=True)
@@ -448,54 +472,61 @@ class GRPOTrainer(TrainerState):
         """Why an update of n sequences is skipped: the micro-batch of a non-finite loss, or which parameter tensors
         got a non-finite gradient and after which micro-batch first. Only a skipped update pays for the search:
         its micro-batches run again, the gradients checked after each backward (not all-reduced: on this rank's
-        sequences alone)."""
+        sequences alone; under FSDP, reduce-scattered in each backward, on every rank's)."""
         size = self.cfg.micro_batch_size
         if bad_loss is not None:
             return f"non-finite loss, update skipped: in {micro_batch_text(bad_loss, n, size)}"
         first: list[int] = []
 
         def check(index: int) -> None:
-            if not first and self._nonfinite_grads():
+            if not first and distributed.nonfinite_grads(self.model):
                 first.append(index)
 
         self.optimizer.zero_grad(set_to_none=True)
         accumulate(sync=False, after_backward=check)
-        names = self._nonfinite_grads()
+        names = distributed.nonfinite_grads(self.model)
         what = "non-finite gradient, update skipped"
         if not first:
-            cause = "a nondeterministic kernel" + (", or another rank's sequences" if self.world.size > 1 else "")
+            alone = self.world.size == 1 or distributed.is_sharded(self.model)  # checked on every rank's sequences
+            cause = "a nondeterministic kernel" + ("" if alone else ", or another rank's sequences")
             return f"{what}; not reproduced when its micro-batches ran again ({cause}?)"
         shown = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
         return (f"{what}: in {len(names)} of {len(self.params)} parameter tensors ({shown}), first after "
                 f"{micro_batch_text(first[0], n, size)}")
 
-    def _nonfinite_grads(self) -> list[str]:
-        """Names of the parameters whose gradient holds a NaN or an infinity."""
-        return [name for name, p in self.model.named_parameters()
-                if p.grad is not None and not torch.isfinite(p.grad).all()]
-
     @torch.no_grad()
-    def _old_logprobs(self, batch: Rollouts, tensors) -> torch.Tensor:
+    def _old_logprobs(self, batch: Rollouts, tensors, passes: int) -> torch.Tensor | None:
         if self.cfg.old_logprobs == "recompute":
-            return self._forward_logprobs(self.model, tensors)
+            return self._forward_logprobs(self.model, tensors, passes)
+        if tensors is None:
+            return None
         width = tensors["targets"].shape[1]
         rows = [c.logprobs + [0.0] * (width - len(c.logprobs)) for c in batch.completions]
         return torch.tensor(rows, device=self.device, dtype=torch.float32)
 
     @torch.no_grad()
-    def _ref_logprobs(self, tensors) -> torch.Tensor:
+    def _ref_logprobs(self, tensors, passes: int) -> torch.Tensor | None:
         if self.ref_model is not None:
-            return self._forward_logprobs(self.ref_model, tensors)
+            logp = self._forward_logprobs(self.ref_model, tensors, passes)
+            if distributed.is_sharded(self.ref_model):  # FSDP keeps a root's weights gathered for its backward
+                self.ref_model.reshard()
+            return logp
         with self.model.disable_adapter():  # LoRA: the reference is the base model, adapters off
-            return self._forward_logprobs(self.model, tensors)
+            return self._forward_logprobs(self.model, tensors, passes)
 
-    def _forward_logprobs(self, model, tensors) -> torch.Tensor:
+    def _forward_logprobs(self, model, tensors, passes: int) -> torch.Tensor | None:
+        """The completion tokens' logprobs under model in `passes` micro-batch forwards (None without tensors): a
+        rank short of sequences runs idle ones, as FSDP gathers weights in every forward."""
+        size, n = self.cfg.micro_batch_size, 0 if tensors is None else tensors["targets"].shape[0]
         parts = []
-        for start in range(0, tensors["targets"].shape[0], self.cfg.micro_batch_size):
+        for start in range(0, passes * size, size):
             with self.autocast():
-                parts.append(token_logprobs(model, tensors, slice(start, start + self.cfg.micro_batch_size),
-                                            self.cfg.temperature)[0].float())
-        return torch.cat(parts)
+                if start < n:
+                    parts.append(token_logprobs(model, tensors, slice(start, start + size),
+                                                self.cfg.temperature)[0].float())
+                else:
+                    distributed.idle_forward(model, self.pad_id)
+        return torch.cat(parts) if parts else None
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> tuple[dict[str, Any], Rollouts]:
