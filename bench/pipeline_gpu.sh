@@ -4,13 +4,15 @@
 # finished stages and resumes the interrupted one. Stage records, metrics, evaluations and the report go to
 # $OUT/NAME.tgz (NAME: the config's file name without .yaml), the log to $OUT/NAME.log, the curves to
 # $OUT/NAME_curves.png. With SECONDS_LEFT under 30 it does nothing, so calls can chain pipelines on one deadline.
+# RUNS (default runs) is where the run folder goes: a folder outside the checkout (RUNS=/tmp/runs) survives a
+# call that replaces the checkout's copy, as a carried snapshot of the code does (the run then starts over).
 # Usage (after the two unpack calls): source bench/device_env.sh && bash bench/pipeline_gpu.sh CONFIG [key=value ...]
 #   bash bench/pipeline_gpu.sh examples/r1_distill_vs_rl.yaml
 #   bash bench/pipeline_gsm8k.sh            # the GSM8K pipelines, with the staged data
 set -uo pipefail
 config=$1; shift
 name=$(basename "$config" .yaml)
-run=runs/$name
+run=${RUNS:-runs}/$name
 left=${SECONDS_LEFT:-540}
 if (( left < 30 )); then echo "$name: ${left}s left, not started"; exit 0; fi
 timeout -s TERM "$left" python -m r1kit.cli pipeline --config "$config" out="$run" "$@" \

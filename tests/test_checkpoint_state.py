@@ -93,3 +93,23 @@ def test_a_checkpoint_with_a_pickled_object_is_refused_without_running_it(tmp_pa
     with pytest.raises(ValueError, match=f"resume: {checkpoint / STATE_FILE} holds a reference to .*open; .*refused"):
         resume_run(checkpoint, None, {})
     assert not marker.exists()
+
+
+def test_a_stop_signalled_twice_at_once_checkpoints_and_a_later_second_one_aborts():
+    """GNU timeout signals the child and then its process group: one stop, delivered twice."""
+    import os
+    import signal
+
+    from r1kit.rl.checkpoint import StopRequest
+
+    now = [100.0]
+    stop = StopRequest(clock=lambda: now[0])
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the same instant: the process group's copy
+        assert stop.requested
+        now[0] += StopRequest.REPEAT_S
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C, a second later
+    finally:
+        stop.restore()

@@ -307,7 +307,7 @@ def test_running_ahead_changes_no_token_and_leaks_no_block(tiny, monkeypatch):
 
     def run(ahead: bool):
         if not ahead:
-            monkeypatch.setattr(LLMEngine, "_can_run_ahead", lambda self, seqs: False)
+            monkeypatch.setattr(LLMEngine, "_can_run_ahead", lambda self: False)
         llm = LLMEngine(model, tokenizer, kv_cache_tokens=96, block_size=4, max_num_seqs=4)
         launched = []
         launch = llm._launch
@@ -329,6 +329,29 @@ def test_running_ahead_changes_no_token_and_leaks_no_block(tiny, monkeypatch):
     plain, plain_launches = run(False)
     assert ahead == plain
     assert launches > plain_launches  # it did run ahead: steps were launched that some ended sequences drop
+
+
+def test_ended_sequences_are_retired_without_an_upload_and_arrivals_wait_for_seats(tiny, monkeypatch):
+    # an eval's shape: more requests than seats, lengths that vary (~5% of tokens end a sequence here)
+    from r1kit.rollout.engine import engine as engine_module
+
+    model, tokenizer = tiny
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=40, seed=7)
+
+    def run(max_num_seqs: int):
+        gen = engine(model, tokenizer, max_num_seqs=max_num_seqs)
+        gen.engine.eos_ids = set(range(0, len(tokenizer), 20))
+        return [c.token_ids for c in gen.generate(PROMPTS * 6, params)], gen.engine.counts
+
+    tokens, counts = run(32)
+    assert tokens == run(64)[0]  # all 48 sequences at once: no queue, nothing retired early
+    assert len({len(t) for t in tokens}) > 10 and counts.retired > 0
+    # the first prefill seats 16 requests; the other 8 come in prefills that wait for 4 free seats (not 2)
+    assert counts.prefill_steps <= 1 + 8 // 2
+    monkeypatch.setattr(engine_module, "RETIRED_SHARE", 0.0)  # an upload whenever a sequence has ended
+    uploading, every_end = run(32)
+    assert uploading == tokens and every_end.retired == 0
+    assert counts.reloads < every_end.reloads and counts.ran_ahead > every_end.ran_ahead
 
 
 def test_a_warm_engine_compiles_no_prefill_again(tokenizer):

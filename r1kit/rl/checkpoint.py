@@ -8,6 +8,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,18 +115,25 @@ def find_checkpoint(resume: str | None, out: Path) -> Path | None:
 
 class StopRequest:
     """First Ctrl-C (or SIGTERM, as schedulers send before a kill) asks the loop to checkpoint and stop
-    after the current step; a second one aborts."""
+    after the current step; a second one, at least REPEAT_S later, aborts.
+
+    A signal again within REPEAT_S is the same stop delivered twice, not a second request: GNU `timeout`
+    signals its child and then the child's process group, and a run stopped that way aborted in the
+    middle of its step's grading instead of checkpointing (seen on the GPU machine, 2026-12-01)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_S = 1.0
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, clock=time.monotonic):
+        self.requested, self.clock, self._first = False, clock, 0.0
         self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        now = self.clock()
+        if self.requested and now - self._first >= self.REPEAT_S:
             raise KeyboardInterrupt
-        self.requested = True
+        if not self.requested:
+            self.requested, self._first = True, now
 
     def restore(self) -> None:
         for s, handler in self.previous.items():

@@ -86,6 +86,12 @@ class DecodeStep:
         self.live[:batch], self.live[batch:] = 1, 0
         self.lens[batch:], self.tables[batch:] = 1, self.scratch_block
 
+    def retire(self, rows: list[int]) -> None:
+        """Make these rows padding (their sequences ended): they attend to the scratch slot, write their KV there
+        and never advance. No upload of the others."""
+        index = torch.tensor(rows, device=self.tokens.device)
+        self.live[index], self.lens[index], self.tables[index] = 0, 1, self.scratch_block
+
     def sampling(self, rows: int, filtered: bool, penalized: bool = False) -> SamplingBatch:
         """The first rows' sampling settings."""
         return SamplingBatch(self.temperature[:rows], self.top_k[:rows], self.top_p[:rows], self.min_p[:rows],

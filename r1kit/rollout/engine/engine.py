@@ -19,6 +19,12 @@ from r1kit.rollout.sampler import CHUNKED_BELOW, SamplingBatch, request_seed, sa
 from r1kit.rollout.types import Completion, Progress, SamplingParams, cut_at_stop, encode_prompt, encode_prompts
 
 BLOCK_SIZE = 16  # tokens in a KV cache block
+# While sequences run, a prefill waits until this share of the batch's seats is free (or every waiting sequence
+# fits): an eager prefill of a few short prompts costs ~50 ms on an H200, as much as ~8 decode steps of a full
+# batch, and admitting each request as soon as its seats freed made half of a GSM8K eval's generation time
+# prefill steps (911 of them for 1,319 prompts)
+ADMIT_SHARE = 1 / 8
+RETIRED_SHARE = 1 / 4  # retired rows past this share of the batch: compact it (upload the live rows)
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -30,14 +36,16 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 @dataclass
 class RunningBatch:
-    """The running set, whose state the decode step holds on the device (uploaded when the set changes), and
-    what its sampling needs from the host. The set is named by (request, index) of its sequences: a finished
-    sequence's id() is reused by the next one's."""
+    """The sequences whose state the decode step holds on the device, one a row, and what their sampling needs
+    from the host. A sequence that ends keeps its row, retired (a padding row on the device), until the next
+    upload: uploading the whole set costs the host milliseconds, and a set that changed cannot run a step ahead.
+    Uploaded again when sequences join (a prefill) or when retired rows pass RETIRED_SHARE of the rows."""
 
-    names: list[tuple[int, int]]
+    rows: list[Sequence]
     filtered: bool  # some sequence keeps fewer than all tokens (top-k, top-p or min-p)
     penalized: bool  # some sequence has a repetition penalty: its sampler needs the token history
     top_n: int  # the most top logprobs a sequence asks for
+    retired: int = 0  # rows of ended sequences made padding on the device
 
     @property
     def runs_ahead(self) -> bool:
@@ -58,7 +66,8 @@ class Sampled:
 @dataclass
 class StepCounts:
     """Where an engine's time went: steps and seconds by kind (a step's seconds include waiting for the device),
-    uploads of a changed running set, and decode steps launched ahead of the last one's recording."""
+    uploads of a changed running set, decode steps launched ahead of the last one's recording, and rows of ended
+    sequences retired without an upload."""
 
     prefill_steps: int = 0
     prefill_s: float = 0.0
@@ -67,6 +76,7 @@ class StepCounts:
     reloads: int = 0
     reload_s: float = 0.0
     ran_ahead: int = 0
+    retired: int = 0
 
     def add(self, kind: str, seconds: float) -> None:
         """Count a step of this kind ("prefill" or "decode")."""
@@ -95,6 +105,7 @@ class LLMEngine:
         self.decoder = PagedDecoder(model, num_blocks * block_size, block_size, dtype)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_prefill_tokens)
+        self.admit_seats = max(1, int(ADMIT_SHARE * max_num_seqs))
         self.tokenizer, self.share_prompts = tokenizer, share_prompts
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.block_size, self.device = block_size, self.decoder.device
@@ -184,7 +195,7 @@ class LLMEngine:
         if self._ahead is not None:
             ahead, self._ahead = self._ahead, None
             self.last_step = "decode"
-            return self._decode(ahead.seqs, ahead) if self._can_run_ahead(ahead.seqs) else self._record(ahead)
+            return self._decode(self.scheduler.running, ahead) if self._can_run_ahead() else self._record(ahead)
         kind, work = self.scheduler.schedule(self._admitting())
         self.last_step = kind
         if kind == "prefill":
@@ -193,11 +204,17 @@ class LLMEngine:
 
     def _admitting(self) -> bool:
         """Whether the next prefill may admit waiting requests: nothing runs, a prompt is being prefilled in
-        chunks (a prefill step comes anyway, and an arrival shares it), or the oldest has waited enough."""
+        chunks (a prefill step comes anyway, and an arrival shares it), or the oldest has waited enough and
+        enough seats are free (admit_seats, or all that the waiting requests need)."""
         scheduler = self.scheduler
         waiting = scheduler.waiting
-        return bool(waiting) and (not scheduler.running or bool(scheduler.prefilling)
-                                  or self.clock() - waiting[0].arrived >= self.prefill_delay * self._prefill_s)
+        if not waiting:
+            return False
+        if not scheduler.running or scheduler.prefilling:
+            return True
+        free = scheduler.max_num_seqs - len(scheduler.running)
+        wanted = min(self.admit_seats, len(waiting) * len(waiting[0].sequences))  # requests of one n, mostly
+        return free >= wanted and self.clock() - waiting[0].arrived >= self.prefill_delay * self._prefill_s
 
     def _slot(self, seq: Sequence, position: int) -> int:
         """The KV cache slot of a sequence's token at this position."""
@@ -258,7 +275,7 @@ class LLMEngine:
         sequences will run the next step, that one is launched first, so the GPU computes it while the host
         records this one (a sequence that ends here has its row of it dropped)."""
         current = current or self._launch(seqs)
-        if self._can_run_ahead(seqs):
+        if self._can_run_ahead():
             self._ahead = self._launch(seqs)
             self.counts.ran_ahead += 1
         advanced = self._record(current)
@@ -267,38 +284,50 @@ class LLMEngine:
         return advanced
 
     def _launch(self, seqs: list[Sequence]) -> Sampled:
-        batch, state, n = self._running(seqs), self.decode_step, len(seqs)
+        """Start a decode step of these sequences (and of the loaded batch's retired rows, which it carries)."""
+        batch, state = self._running(seqs), self.decode_step
+        rows, n = batch.rows, len(batch.rows)
         if batch.penalized:
             sampling = state.sampling(n, batch.filtered, penalized=True)
-            drawn = sample(state.forward(n), sampling, state.keys[:n], state.steps[:n], self._history(seqs))
-            return self._to_host(seqs, state.advance(n, *drawn), state.logits[:n], sampling, batch.top_n)
-        return self._to_host(seqs, state.step(n, batch.filtered), state.logits[:n], state.sampling(n, batch.filtered),
+            drawn = sample(state.forward(n), sampling, state.keys[:n], state.steps[:n], self._history(rows))
+            return self._to_host(rows, state.advance(n, *drawn), state.logits[:n], sampling, batch.top_n)
+        return self._to_host(rows, state.step(n, batch.filtered), state.logits[:n], state.sampling(n, batch.filtered),
                              batch.top_n)
 
-    def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
-        """Whether the next step may start before this one's tokens reach the host: the same sequences run it
-        (none ended or aborted, no prompt chunk to prefill, no waiting request is due to be admitted) and no
-        setting needs the tokens on the host first (the repetition penalty's history, top logprobs). Its KV writes
-        stay within each sequence's reserved blocks: a sequence's last token is written at prompt + max_tokens - 1.
-
-        `seqs` was the running set and only a prefill adds to it (never while a step runs ahead), so the
-        same count means none of them ended or was aborted: scheduler.finish() removes those."""
+    def _can_run_ahead(self) -> bool:
+        """Whether the next step may start before this one's tokens reach the host: the loaded batch runs it
+        without an upload (no sequence joined, few enough rows retired; an upload reads the host's state, which
+        a step in flight has moved past), no prompt chunk is to be prefilled, no waiting request is due to be
+        admitted, and no setting needs the tokens on the host first (the repetition penalty's history, top
+        logprobs). A sequence that ends in the step being recorded runs one step more, whose token is dropped:
+        its KV writes stay within its reserved blocks (its last token is written at prompt + max_tokens - 1)."""
         batch = self._batch
-        return (not self._admitting() and not self.scheduler.prefilling and len(seqs) == len(self.scheduler.running)
-                and batch is not None and batch.runs_ahead)
+        return (not self._admitting() and not self.scheduler.prefilling and batch is not None and batch.runs_ahead
+                and not self._stale(batch, self.scheduler.running))
+
+    def _stale(self, batch: RunningBatch, seqs: list[Sequence]) -> bool:
+        """Whether running `seqs` needs an upload: some of them are not among the batch's rows (only prefills
+        add to the running set, and ended sequences leave it), or too many rows are retired."""
+        ended = sum(seq.finished for seq in batch.rows)
+        return len(seqs) != len(batch.rows) - ended or ended > RETIRED_SHARE * len(batch.rows)
 
     def _running(self, seqs: list[Sequence]) -> RunningBatch:
-        """The running set of these sequences, its state uploaded to the decode step if the set changed."""
-        names = [(seq.request_id, seq.index) for seq in seqs]
-        if self._batch is None or names != self._batch.names:
+        """The loaded batch, its rows of ended sequences retired; uploaded again with `seqs` where it is stale."""
+        batch = self._batch
+        if batch is None or self._stale(batch, seqs):
             started = time.perf_counter()
             self.decode_step.load(seqs)
             self.counts.reloads += 1
             self.counts.reload_s += time.perf_counter() - started
             params = [seq.params for seq in seqs]
-            self._batch = RunningBatch(names, any(p.filtered for p in params), any(p.penalized for p in params),
-                                       max(p.top_logprobs for p in params))
-        return self._batch
+            self._batch = batch = RunningBatch(list(seqs), any(p.filtered for p in params),
+                                               any(p.penalized for p in params), max(p.top_logprobs for p in params))
+        ended = [i for i, seq in enumerate(batch.rows) if seq.finished]
+        if len(ended) > batch.retired:
+            self.decode_step.retire(ended)  # the earlier ones again: no bookkeeping of which are new
+            self.counts.retired += len(ended) - batch.retired
+            batch.retired = len(ended)
+        return batch
 
     def _to_host(self, seqs: list[Sequence], pair: torch.Tensor, logits: torch.Tensor, sampling: SamplingBatch,
                  top_n: int) -> Sampled:
@@ -359,6 +388,7 @@ class LLMEngine:
 
     def _bisect(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[tuple[Sequence, Exception]]]:
         """One decode step of these sequences; where it raises, one of each half, down to single sequences."""
+        self._batch = None  # a part of the running set: uploaded for this step (staleness is judged on the whole)
         try:
             return self._record(self._launch(seqs)), []
         except Exception as error:  # noqa: BLE001 - a failing sequence is found, not propagated
