@@ -57,6 +57,14 @@ class EvalConfig(Config):
     out: str = Field("runs/eval", description="output folder for results.json, samples.jsonl, summary.md")
 
 
+def fsdp_trains_all_weights(cfg: TrainConfig | SFTConfig) -> TrainConfig | SFTConfig:
+    """The config, unless it asks FSDP to shard a LoRA run (train's and sft's rule alike)."""
+    if cfg.parallel == "fsdp" and cfg.lora_r:
+        raise ValueError("parallel=fsdp shards full fine-tuning; LoRA's model and adapters fit on every GPU, so "
+                         "train LoRA with parallel=ddp (the default)")
+    return cfg
+
+
 class TrainConfig(Config):
     """`r1kit train`: GRPO with rule-based rewards (R1-Zero when started from a base model)."""
 
@@ -126,7 +134,7 @@ class TrainConfig(Config):
 
     @model_validator(mode="after")
     def _fsdp_trains_all_weights(self) -> TrainConfig:
-        return SFTConfig._fsdp_trains_all_weights(self)  # the same rule as sft's
+        return fsdp_trains_all_weights(self)
 
 
 class SFTConfig(Config):
@@ -182,10 +190,7 @@ class SFTConfig(Config):
 
     @model_validator(mode="after")
     def _fsdp_trains_all_weights(self) -> SFTConfig:
-        if self.parallel == "fsdp" and self.lora_r:
-            raise ValueError("parallel=fsdp shards full fine-tuning; LoRA's model and adapters fit on every GPU, so "
-                             "train LoRA with parallel=ddp (the default)")
-        return self
+        return fsdp_trains_all_weights(self)
 
 
 class FilterConfig(Config):

@@ -305,16 +305,22 @@ class LLMEngine:
         return (not self._admitting() and not self.scheduler.prefilling and batch is not None and batch.runs_ahead
                 and not self._stale(batch, self.scheduler.running))
 
-    def _stale(self, batch: RunningBatch, seqs: list[Sequence]) -> bool:
+    def _stale(self, batch: RunningBatch, seqs: list[Sequence], ended: list[int] | None = None) -> bool:
         """Whether running `seqs` needs an upload: some of them are not among the batch's rows (only prefills
-        add to the running set, and ended sequences leave it), or too many rows are retired."""
-        ended = sum(seq.finished for seq in batch.rows)
-        return len(seqs) != len(batch.rows) - ended or ended > RETIRED_SHARE * len(batch.rows)
+        add to the running set, and ended sequences leave it), or too many rows are retired. `ended`: the rows of
+        ended sequences, where the caller has them."""
+        count = len(self._ended(batch) if ended is None else ended)
+        return len(seqs) != len(batch.rows) - count or count > RETIRED_SHARE * len(batch.rows)
+
+    @staticmethod
+    def _ended(batch: RunningBatch) -> list[int]:
+        return [i for i, seq in enumerate(batch.rows) if seq.finished]
 
     def _running(self, seqs: list[Sequence]) -> RunningBatch:
         """The loaded batch, its rows of ended sequences retired; uploaded again with `seqs` where it is stale."""
         batch = self._batch
-        if batch is None or self._stale(batch, seqs):
+        ended = self._ended(batch) if batch is not None else []
+        if batch is None or self._stale(batch, seqs, ended):
             started = time.perf_counter()
             self.decode_step.load(seqs)
             self.counts.reloads += 1
@@ -322,7 +328,7 @@ class LLMEngine:
             params = [seq.params for seq in seqs]
             self._batch = batch = RunningBatch(list(seqs), any(p.filtered for p in params),
                                                any(p.penalized for p in params), max(p.top_logprobs for p in params))
-        ended = [i for i, seq in enumerate(batch.rows) if seq.finished]
+            ended = []  # a new batch: its sequences run
         if len(ended) > batch.retired:
             self.decode_step.retire(ended)  # the earlier ones again: no bookkeeping of which are new
             self.counts.retired += len(ended) - batch.retired
