@@ -13,6 +13,7 @@ from r1kit.eval.harness import evaluate, summarize
 from r1kit.eval.held_out import HELD_OUT_SEED, generated_rows
 from r1kit.rewards import build_rewards, code_reward, score_completions
 from r1kit.rollout import Completion, SamplingParams
+from r1kit.rollout.types import RoundByRound
 from r1kit.sandbox import SandboxUnavailable, check_sandbox
 from r1kit.tasks import DataError, load_task
 from r1kit.tasks import code as code_module
@@ -250,7 +251,7 @@ def test_code_reward_by_name_in_a_weighted_sum():
 # --- evaluation ---------------------------------------------------------------------------------------------
 
 
-class ScriptedGenerator:
+class ScriptedGenerator(RoundByRound):
     """Returns fixed texts, k per prompt."""
 
     def __init__(self, texts: list[list[str]]):

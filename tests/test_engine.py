@@ -354,6 +354,31 @@ def test_ended_sequences_are_retired_without_an_upload_and_arrivals_wait_for_sea
     assert counts.reloads < every_end.reloads and counts.ran_ahead > every_end.ran_ahead
 
 
+def test_rounds_run_into_each_other_and_each_draws_what_it_draws_alone(tiny):
+    # an eval's rounds: the next round's prompts take the seats that this round's last sequences leave free
+    model, tokenizer = tiny
+    rounds = [(PROMPTS * 3, SamplingParams(n=2, temperature=1.0, max_tokens=40, seed=seed)) for seed in (7, 8, 9)]
+
+    def generator():
+        gen = engine(model, tokenizer, max_num_seqs=16)
+        gen.engine.eos_ids = set(range(0, len(tokenizer), 20))  # lengths that vary, as an eval's do
+        return gen
+
+    alone = generator()
+    each_alone = [[c.token_ids for c in alone.generate(prompts, params)] for prompts, params in rounds]
+    gen = generator()
+    together = [[c.token_ids for c in completions] for completions in gen.generate_rounds(rounds)]
+    assert together == each_alone
+    assert len({len(t) for t in together[0]}) > 5
+    assert gen.engine.counts.decode_steps < alone.engine.counts.decode_steps  # no round drains to its longest
+    # closed after the first round: the round queued behind it leaves the engine, with every block
+    gen = generator()
+    running = gen.generate_rounds(rounds)
+    assert [c.token_ids for c in next(running)] == each_alone[0]
+    running.close()
+    assert not gen.engine.has_work() and len(gen.engine.blocks.free) == len(gen.engine.blocks.refs)
+
+
 def test_a_warm_engine_compiles_no_prefill_again(tokenizer):
     # a server prefills whatever arrives: after warmup() no prompt count or length may recompile (a stall
     # of seconds), including lengths that equal one of the model's dimensions (here 2 KV heads, 16 head_dim)

@@ -6,10 +6,11 @@ from r1kit.cli import main
 from r1kit.eval.harness import evaluate, summarize
 from r1kit.models import weights_sha256
 from r1kit.rollout import Completion, SamplingParams
+from r1kit.rollout.types import RoundByRound
 from r1kit.tasks import Task
 
 
-class ScriptedGenerator:
+class ScriptedGenerator(RoundByRound):
     """Returns fixed texts, k per prompt, so metrics can be checked by hand."""
 
     def __init__(self, texts):

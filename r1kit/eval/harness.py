@@ -69,51 +69,55 @@ def score_group(task: Task, rows: list[dict], prompts: list[str], completions: l
     return records, scores.failures
 
 
-def sample_rows(task: Task, generator: Generator, tokenizer, params: SamplingParams, template: str,
-                rows: list[dict], first: int, progress=None) -> tuple[list[dict[str, Any]], dict[str, int], float]:
-    """Records of rows (rows[0] is the task's row `first`), their reward failures and the generation seconds. The
-    j-th sequence of row i samples as sequence i * n + j of one request over the whole task, so neither the chunk
-    nor the number of ranks changes what it draws."""
-    if not rows:  # a rank left without rows in the last round
-        return [], {}, 0.0
-    prompts = [build_prompt(row["prompt"], tokenizer, template, task.answer_format) for row in rows]
-    if params.seed is not None:
-        params = dataclasses.replace(params, seed=shifted_seed(params.seed, first * params.n))
-    t0 = time.perf_counter()
-    completions = generator.generate(prompts, params, progress=progress)
-    seconds = time.perf_counter() - t0
-    records, failures = score_group(task, rows, prompts, completions, params.n, first)
-    return records, failures, seconds
-
-
 def evaluate(task: Task, generator: Generator, tokenizer, params: SamplingParams, template: str = "auto",
              chunk: int = 64, progress: Progress | None = None, on_records=None, run: EvalRun | None = None,
              world: distributed.World = distributed.ALONE, stop: StopRequest | None = None) -> EvalRun:
     """Generate params.n samples per row of task and score each, filling run: rounds of chunk rows per rank of
-    world, each rank sampling its contiguous part; every rank gets every record, in row order. With `stop`, all
-    ranks stop after the round in which one of them was asked to."""
+    world, each rank sampling its contiguous part (the generator may run the next round while this one is scored);
+    every rank gets every record, in row order. With `stop`, all ranks stop after the round in which one of them
+    was asked to."""
     run = run if run is not None else EvalRun()
     bar = progress.add_task(task.name, total=len(task) * params.n) if progress else None
     advance = (lambda n: progress.advance(bar, n)) if progress else None
+    parts = []  # (this rank's rows of a round, the task's index of the first, their prompts)
     for start in range(0, len(task), chunk * world.size):
-        rows = task.rows[start : start + chunk * world.size]
-        first, end = world.span(len(rows))
-        parts = world.gather(sample_rows(task, generator, tokenizer, params, template, rows[first:end],
-                                         start + first, advance))
-        records = [r for part, _, _ in parts for r in part]
-        for _, failures, _ in parts:
-            for name, count in failures.items():
-                run.reward_failures[name] = run.reward_failures.get(name, 0) + count
-        run.generation_s += max(seconds for _, _, seconds in parts)  # the ranks generate side by side
-        run.records.extend(records)
-        if advance and world.size > 1:
-            advance(len(records) - len(parts[world.rank][0]))  # the other ranks' samples
-        if on_records:
-            on_records(records)
-        if stop is not None and world.any(stop.requested)[0]:
-            run.interrupted = True
-            break
+        first, end = world.span(len(task.rows[start : start + chunk * world.size]))
+        rows = task.rows[start + first : start + end]
+        parts.append((rows, start + first,
+                      [build_prompt(row["prompt"], tokenizer, template, task.answer_format) for row in rows]))
+    # the j-th sequence of row i samples as sequence i * n + j of one request over the whole task, so neither the
+    # chunk nor the number of ranks changes what it draws
+    rounds = ((prompts, params if params.seed is None else
+               dataclasses.replace(params, seed=shifted_seed(params.seed, first * params.n)))
+              for _, first, prompts in parts)
+    generated = generator.generate_rounds(rounds, advance)
+    try:
+        for rows, first, prompts in parts:
+            t0 = time.perf_counter()
+            completions = next(generated)
+            seconds = time.perf_counter() - t0
+            records, failures = score_group(task, rows, prompts, completions, params.n, first) if rows else ([], {})
+            _gather(run, world.gather((records, failures, seconds)), world, advance, on_records)
+            if stop is not None and world.any(stop.requested)[0]:
+                run.interrupted = True
+                break
+    finally:
+        generated.close()  # a round queued ahead is dropped from the engine
     return run
+
+
+def _gather(run: EvalRun, parts: list, world: distributed.World, advance, on_records) -> None:
+    """Add a round's records, reward failures and generation seconds from every rank (in rank order) to run."""
+    records = [r for part, _, _ in parts for r in part]
+    for _, failures, _ in parts:
+        for name, count in failures.items():
+            run.reward_failures[name] = run.reward_failures.get(name, 0) + count
+    run.generation_s += max(seconds for _, _, seconds in parts)  # the ranks generate side by side
+    run.records.extend(records)
+    if advance and world.size > 1:
+        advance(len(records) - len(parts[world.rank][0]))  # the other ranks' samples
+    if on_records:
+        on_records(records)
 
 
 def vote_keys(records: list[dict[str, Any]], same_answer, grouping: str = EXTRACTED

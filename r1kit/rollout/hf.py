@@ -6,7 +6,15 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from r1kit.rollout.sampler import SamplingBatch, request_seed, sample, sequence_key, top_logprobs
-from r1kit.rollout.types import Completion, Progress, SamplingParams, cut_at_stop, encode_prompt, encode_prompts
+from r1kit.rollout.types import (
+    Completion,
+    Progress,
+    RoundByRound,
+    SamplingParams,
+    cut_at_stop,
+    encode_prompt,
+    encode_prompts,
+)
 
 
 class _Sampler(LogitsProcessor):
@@ -42,7 +50,7 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-class HFGenerator:
+class HFGenerator(RoundByRound):
     """Generator backed by `model.generate`, batching prompts of similar length together."""
 
     def __init__(self, model, tokenizer, batch_size: int = 64):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
@@ -94,10 +94,28 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     return ids
 
 
+Round = tuple[list[str], SamplingParams]  # one generate() call's prompts and settings
+
+
 class Generator(Protocol):
-    """Anything that turns prompts into completions: HF generate today, the rollout engine next."""
+    """Anything that turns prompts into completions: HF generate or the rollout engine."""
 
     def generate(self, prompts: list[str], params: SamplingParams, progress: Progress | None = None
                  ) -> list[Completion]:
         """n completions per prompt, grouped by prompt in prompt order; progress(k) after k more finish."""
         ...
+
+    def generate_rounds(self, rounds: Iterable[Round], progress: Progress | None = None
+                        ) -> Iterator[list[Completion]]:
+        """generate() of each round in turn (a generator may start the next before it yields this one)."""
+        ...
+
+
+class RoundByRound:
+    """generate_rounds for a generator that has no queue to start the next round in while this one runs."""
+
+    def generate_rounds(self, rounds: Iterable[Round], progress: Progress | None = None
+                        ) -> Iterator[list[Completion]]:
+        """generate() of each round in turn."""
+        for prompts, params in rounds:
+            yield self.generate(prompts, params, progress)

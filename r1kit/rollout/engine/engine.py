@@ -4,6 +4,8 @@ chunks of long ones) or decode."""
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +18,15 @@ from r1kit.rollout.engine.scheduler import Chunk, Request, Scheduler
 from r1kit.rollout.engine.sequence import Sequence
 from r1kit.rollout.hf import eos_token_ids
 from r1kit.rollout.sampler import CHUNKED_BELOW, SamplingBatch, request_seed, sample, sequence_key, top_logprobs
-from r1kit.rollout.types import Completion, Progress, SamplingParams, cut_at_stop, encode_prompt, encode_prompts
+from r1kit.rollout.types import (
+    Completion,
+    Progress,
+    Round,
+    SamplingParams,
+    cut_at_stop,
+    encode_prompt,
+    encode_prompts,
+)
 
 BLOCK_SIZE = 16  # tokens in a KV cache block
 # While sequences run, a prefill waits until this share of the batch's seats is free (or every waiting sequence
@@ -441,15 +451,63 @@ class EngineGenerator:
     def generate(self, prompts: list[str], params: SamplingParams, progress: Progress | None = None
                  ) -> list[Completion]:
         """n completions per prompt, grouped by prompt in prompt order."""
+        return next(self.generate_rounds([(prompts, params)], progress))
+
+    def generate_rounds(self, rounds: Iterable[Round], progress: Progress | None = None
+                        ) -> Iterator[list[Completion]]:
+        """generate() of each round in turn, the next round queued while this one runs: its prompts take the
+        seats this round's last sequences leave free, so the batch stays full across rounds instead of draining
+        to the longest sample of each (a GSM8K eval's round ends with hundreds of decode steps of a few rows)."""
+        rounds = iter(rounds)
+        queued: deque[_Round] = deque()
+        owner: dict[int, _Round] = {}  # request id -> its round
+
+        def queue_next() -> None:
+            if (item := next(rounds, None)) is not None:
+                queued.append(self._queue(*item))
+                owner.update((request.id, queued[-1]) for request in queued[-1].requests)
+
+        queue_next()
+        try:
+            while queued:
+                queue_next()
+                current = queued[0]
+                while current.pending:
+                    if not self.engine.has_work():
+                        raise RuntimeError(f"the engine ran out of work with {current.pending} sequences unfinished")
+                    finished = [seq for seq in self.engine.step() if seq.finished]
+                    for seq in finished:
+                        owner[seq.request_id].pending -= 1
+                    if progress and finished:
+                        progress(len(finished))
+                queued.popleft()
+                for request in current.requests:
+                    del owner[request.id]
+                yield current.completions()
+        finally:  # closed early (a stop, an error): what was queued ahead leaves the engine
+            for request in (r for round_ in queued for r in round_.requests):
+                self.engine.abort(request)
+
+    def _queue(self, prompts: list[str], params: SamplingParams) -> _Round:
+        """Add a round's requests to the engine."""
         seed = request_seed(params.seed)
         keys = [[sequence_key(seed, i * params.n + s) for s in range(params.n)] for i in range(len(prompts))]
         requests = [self.engine.add_request(ids, params, keys[i])
                     for i, ids in enumerate(encode_prompts(self.tokenizer, prompts))]
-        while self.engine.has_work():
-            done = sum(seq.finished for seq in self.engine.step())
-            if progress and done:
-                progress(done)
+        return _Round(requests, params, pending=len(prompts) * params.n)
+
+
+@dataclass
+class _Round:
+    """A round of generate_rounds in the engine: its requests and how many of their sequences run still."""
+
+    requests: list[Request]
+    params: SamplingParams
+    pending: int
+
+    def completions(self) -> list[Completion]:
+        """n completions per prompt, grouped by prompt in prompt order."""
         return [Completion(text=seq.text, token_ids=seq.output_ids, logprobs=seq.logprobs,
                            finish_reason=seq.finish_reason, prompt_index=i,
-                           top_logprobs=seq.top_logprobs if params.top_logprobs else None)
-                for i, request in enumerate(requests) for seq in request.sequences]
+                           top_logprobs=seq.top_logprobs if self.params.top_logprobs else None)
+                for i, request in enumerate(self.requests) for seq in request.sequences]
