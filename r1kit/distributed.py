@@ -188,13 +188,18 @@ def fully_sharded(model: torch.nn.Module, group: World, device: str | torch.devi
     """The model sharded over the ranks by FSDP2 (in place: each decoder layer, then the rest) and its shards moved to
     `device` when there are several ranks, else itself.
 
-    Parameters stay fp32 and are gathered in fp32, so the trainer's bf16 autocast computes as it does under DDP (no
-    MixedPrecisionPolicy: bf16 gathers would halve traffic but round the weights the norms and the loss see)."""
+    Parameters become fp32 (master weights) a layer at a time as they are sharded, so a model loaded in bf16 is
+    never whole in fp32 on the host; they are gathered in fp32, so the trainer's bf16 autocast computes as it does
+    under DDP (no MixedPrecisionPolicy: bf16 gathers would halve traffic but round the weights the norms and the
+    loss see)."""
     if group.size == 1:
         return model
     mesh = init_device_mesh(torch.device(device).type, (group.size,))  # not the default: cuda wherever there is one
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer.float(), mesh=mesh)  # the layer's full fp32 tensors are freed once its shards are made
+    for p in model.parameters():  # what no layer holds: embeddings, final norm, head (tied: one parameter)
+        if not isinstance(p, DTensor):
+            p.data = p.data.float()
     fully_shard(model, mesh=mesh)
     return model
 

@@ -184,7 +184,8 @@ def peak_host_rss_gb() -> float:
 
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) for a spec; the model in eval mode, `model.name_or_path` its local folder.
+    """(model, tokenizer) for a spec; the model in eval mode, `model.name_or_path` its local folder. dtype: a name
+    of DTYPES, `auto` (bf16 on a GPU, else fp32) or `stored` (the checkpoint's own).
 
     Each tensor is read from its safetensors shard in the target dtype and placed on the device as it is read
     (`device_map`), so a 32B bf16 checkpoint never has a float32 copy, nor a whole copy in host memory on the
@@ -195,7 +196,8 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
     started = time.perf_counter()
     folder = resolve_model(spec)
     dev = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=pick_dtype(dtype, dev), device_map=dev).eval()
+    torch_dtype = checkpoint_dtype(folder) if dtype == "stored" else pick_dtype(dtype, dev)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=dev).eval()
     log.info("loaded %s on %s in %.1f s (peak host RSS %.2f GB)", folder, dev, time.perf_counter() - started,
              peak_host_rss_gb())
     return model, load_tokenizer(str(folder))

@@ -277,7 +277,7 @@ def test_torchrun_sft_matches_one_process_with_ddp_or_fsdp_and_resumes_across_th
 
 def sharding_worker(model_dir: str, folder: str) -> None:
     """torchrun's worker: the shapes of one weight of a layer (its parameter, gradient and Adam state) on this rank,
-    whole and local, in an FSDP SFT step."""
+    whole and local, in an FSDP SFT step of a model loaded in bf16, and whether sharding made it fp32 unchanged."""
     from r1kit import distributed
     from r1kit.config import SFTConfig
     from r1kit.models import load_model
@@ -286,24 +286,29 @@ def sharding_worker(model_dir: str, folder: str) -> None:
 
     cfg = SFTConfig(**sft_settings(model_dir, Path(folder)), parallel="fsdp")
     with distributed.launched("cpu"):
-        model, tokenizer = load_model(model_dir, "cpu", "float32")
+        model, tokenizer = load_model(model_dir, "cpu", "bfloat16")  # as a big checkpoint loads under FSDP
+        loaded = {name: p.detach().float() for name, p in model.named_parameters()}
         trainer = SFTTrainer(cfg, model, tokenizer, load_examples(cfg.data, tokenizer, cfg.template, 256)[0])
+        fp32 = {name: p.dtype == torch.float32 and torch.equal(p.full_tensor(), loaded[name])
+                for name, p in model.named_parameters()}
         weight = model.model.layers[0].mlp.up_proj.weight
         seen = {}
         trainer.optimizer.register_step_pre_hook(lambda *_: seen.update(grad=weight.grad.to_local().shape))
         trainer.step()
         shapes = {"param": (weight.shape, weight.to_local().shape), "grad": seen["grad"],
-                  "adam": trainer.optimizer.state[weight]["exp_avg"].to_local().shape}
+                  "adam": trainer.optimizer.state[weight]["exp_avg"].to_local().shape, "fp32": fp32}
         torch.save(shapes, Path(folder) / f"shapes-{distributed.world().rank}.pt")
 
 
-def test_fsdp_shards_parameters_gradients_and_adam_state(tiny_model_dir, tmp_path):
+def test_fsdp_shards_parameters_gradients_and_adam_state_in_fp32_from_a_bf16_load(tiny_model_dir, tmp_path):
     sft_settings(tiny_model_dir, tmp_path)  # the traces, before the workers read them
     torchrun(__file__, "sharding_worker", str(tiny_model_dir), str(tmp_path))
     for rank in range(2):
         shapes = torch.load(tmp_path / f"shapes-{rank}.pt")
         assert shapes["param"] == ((128, 64), (64, 64))  # half of the rows on each rank
         assert shapes["grad"] == shapes["adam"] == (64, 64)
+        # every parameter (the tied embedding and head included) fp32 master weights, equal to what was loaded
+        assert len(shapes["fp32"]) == 20 and all(shapes["fp32"].values()), shapes["fp32"]
 
 
 def test_fsdp_refuses_lora_and_an_eval_task_over_several_ranks(tiny_model_dir, tmp_path):

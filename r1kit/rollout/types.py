@@ -112,10 +112,11 @@ class Generator(Protocol):
 
 
 class RoundByRound:
-    """generate_rounds for a generator that has no queue to start the next round in while this one runs."""
+    """generate_rounds for a generator (or a sample teacher) that has no queue to start the next round in while
+    this one runs: a round is generate()'s arguments before `progress`."""
 
-    def generate_rounds(self, rounds: Iterable[Round], progress: Progress | None = None
+    def generate_rounds(self, rounds: Iterable[tuple], progress: Progress | None = None
                         ) -> Iterator[list[Completion]]:
-        """generate() of each round in turn."""
-        for prompts, params in rounds:
-            yield self.generate(prompts, params, progress)
+        """generate(*round) of each round in turn."""
+        for args in rounds:
+            yield self.generate(*args, progress=progress)

@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from r1kit.rollout.types import Completion, SamplingParams
+from r1kit.rollout.types import Completion, RoundByRound, SamplingParams
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_BACKOFF_S = 60.0
@@ -44,7 +44,7 @@ def _retry_after(headers) -> float | None:
         return None
 
 
-class EndpointTeacher:
+class EndpointTeacher(RoundByRound):
     """An OpenAI-compatible chat endpoint as teacher: bounded concurrency, retries with backoff, a request timeout."""
 
     def __init__(self, url: str, model: str, api_key: str | None = None, concurrency: int = 8,

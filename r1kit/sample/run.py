@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from r1kit.prompts import split_trace
 from r1kit.rollout import Completion, SamplingParams
 from r1kit.rollout.sampler import shifted_seed
 from r1kit.sample.filters import REASONS, Candidate, judge
-from r1kit.sample.teachers import LocalTeacher, SolutionsTeacher, Teacher, make_teacher
+from r1kit.sample.teachers import LocalTeacher, SolutionsTeacher, make_teacher
 from r1kit.tasks import Task, load_task
 
 
@@ -95,18 +94,21 @@ def kept_rows(task: Task, rows: list[dict], completions: list[Completion], n: in
     return out
 
 
-def sample_part(teacher: Teacher, task: Task, rows: list[dict], first: int, params: SamplingParams,
-                cfg: SampleConfig, count_tokens: Callable[[str], int], provenance: dict[str, Any],
-                progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """The kept rows and verdict counts of rows, the round's rows from its `first` on: the j-th trace of row i samples
-    as trace (first + i) * n + j of the whole round, so the rows drawn do not depend on how the round is split."""
-    if not rows:  # a rank left without prompts in a short round, or one that waits for rank 0's teacher
-        return [], {}
-    completions = teacher.generate([row["prompt"] for row in rows],
-                                   replace(params, seed=shifted_seed(params.seed, first * params.n)),
-                                   [row["_index"] for row in rows], progress=progress)
-    counts: dict[str, int] = {}
-    return kept_rows(task, rows, completions, params.n, cfg, count_tokens, provenance, counts), counts
+def record_round(out: Path, progress: dict[str, Any], r: int, parts: list, world: distributed.World) -> None:
+    """Round r done: add every rank's verdict counts (in rank order, so they keep a one-process run's order) to
+    progress; rank 0 appends the kept rows, syncs them, and replaces the progress file."""
+    counts = progress["counts"]
+    for _, part in parts:
+        for verdict, count in part.items():
+            counts[verdict] = counts.get(verdict, 0) + count
+    progress["rounds"] = r + 1
+    if world.is_main:
+        with out.open("ab") as f:
+            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for kept, _ in parts for row in kept).encode())
+            f.flush()
+            os.fsync(f.fileno())
+            progress["bytes"] = f.tell()
+        save_progress(out, progress)
 
 
 def run_sample(cfg: SampleConfig, console: Console | None = None) -> dict[str, Any]:
@@ -152,32 +154,31 @@ def sample(cfg: SampleConfig, world: distributed.World, console: Console) -> dic
     rounds = range(0, len(task), cfg.chunk)
     columns = (TextColumn("[bold]sample"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.description}"))
+    parts = []  # (round, its rows, this rank's part of them: rows[first:end])
+    for r, start in enumerate(rounds):
+        if r >= progress["rounds"]:
+            rows = task.rows[start : start + cfg.chunk]
+            parts.append((r, rows, *span(len(rows))))
+    # the j-th trace of row i samples as trace (first + i) * n + j of its round (a seed per round), so the rows
+    # drawn depend neither on how a round is split over ranks nor on where a run resumed
+    teacher_rounds = (([row["prompt"] for row in rows[first:end]],
+                       replace(params, seed=shifted_seed(cfg.seed * 1_000_003 + r, first * n)),
+                       [row["_index"] for row in rows[first:end]]) for r, rows, first, end in parts)
     with Progress(*columns, console=console) as bar_view:
         done = min(len(task), progress["rounds"] * cfg.chunk)
         bar = bar_view.add_task("", total=len(task) * n, completed=done * n)
-        for r, start in enumerate(rounds):
-            if r < progress["rounds"]:
-                continue
-            rows = task.rows[start : start + cfg.chunk]
-            first, end = span(len(rows))
-            parts = world.gather(sample_part(teacher, task, rows[first:end], first,
-                                             replace(params, seed=cfg.seed * 1_000_003 + r),  # a seed per round
-                                             cfg, count_tokens, provenance, lambda k: bar_view.advance(bar, k)))
-            bar_view.advance(bar, (len(rows) - (end - first)) * n)  # the other ranks' traces
-            counts = progress["counts"]
-            for _, part in parts:  # in rank order, so the counts keep a one-process run's order
-                for verdict, count in part.items():
-                    counts[verdict] = counts.get(verdict, 0) + count
-            progress["rounds"] = r + 1
-            if world.is_main:
-                with out.open("ab") as f:
-                    f.write("".join(json.dumps(row, ensure_ascii=False) + "\n"
-                                    for kept, _ in parts for row in kept).encode())
-                    f.flush()
-                    os.fsync(f.fileno())
-                    progress["bytes"] = f.tell()
-                save_progress(out, progress)
-            bar_view.update(bar, description=f"kept {counts.get('kept', 0)} of {sum(counts.values())}")
+        generated = teacher.generate_rounds(teacher_rounds, lambda k: bar_view.advance(bar, k))
+        try:
+            for r, rows, first, end in parts:
+                mine, part_counts = rows[first:end], {}
+                kept = kept_rows(task, mine, next(generated), n, cfg, count_tokens, provenance, part_counts)
+                gathered = world.gather((kept, part_counts))
+                bar_view.advance(bar, (len(rows) - len(mine)) * n)  # the other ranks' traces
+                record_round(out, progress, r, gathered, world)
+                counts = progress["counts"]
+                bar_view.update(bar, description=f"kept {counts.get('kept', 0)} of {sum(counts.values())}")
+        finally:
+            generated.close()  # a round queued ahead is dropped from the engine
     counts = {"generated": sum(progress["counts"].values()), "kept": progress["counts"].get("kept", 0),
               **{f"rejected_{k}": progress["counts"].get(k, 0) for k in REASONS}}
     rejected = ", ".join(f"{k.removeprefix('rejected_')} {v}" for k, v in counts.items()

@@ -4,17 +4,21 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from r1kit.config import SampleConfig
 from r1kit.prompts import BOXED, build_prompt
 from r1kit.rollout import Completion, SamplingParams, make_generator
+from r1kit.rollout.types import RoundByRound
 from r1kit.sample.endpoint import EndpointTeacher
 from r1kit.sft.data import trace_completion
 from r1kit.tasks import DataError, Row
 
 CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: 16-3-4=<<16-3-4=9>>9
+
+
+TeacherRound = tuple[list[str], SamplingParams, list[int]]  # one generate() call's questions, settings and keys
 
 
 class Teacher(Protocol):
@@ -23,6 +27,11 @@ class Teacher(Protocol):
     def generate(self, questions: list[str], params: SamplingParams, keys: list[int],
                  progress: Callable[[int], None] | None = None) -> list[Completion]:
         """params.n completions per question, group-major; keys are the questions' row indices in the task."""
+        ...
+
+    def generate_rounds(self, rounds: Iterable[TeacherRound], progress: Callable[[int], None] | None = None
+                        ) -> Iterator[list[Completion]]:
+        """generate() of each round in turn (a teacher may start the next before it yields this one)."""
         ...
 
     def identity(self) -> dict[str, str]: ...
@@ -42,18 +51,23 @@ class LocalTeacher:
     def generate(self, questions: list[str], params: SamplingParams, keys: list[int],
                  progress: Callable[[int], None] | None = None) -> list[Completion]:
         """params.n traces per question; the caller's params.seed fixes them (keys are unused: one call, one seed)."""
-        import torch
+        return self.generator.generate(self._prompts(questions), params, progress=progress)
 
-        prompts = [build_prompt(q, self.tokenizer, self.template, self.answer_format) for q in questions]
-        with torch.no_grad():
-            return self.generator.generate(prompts, params, progress=progress)
+    def generate_rounds(self, rounds: Iterable[TeacherRound], progress: Callable[[int], None] | None = None
+                        ) -> Iterator[list[Completion]]:
+        """generate() of each round in turn, the next queued in the engine while this one runs (its prompts take
+        the seats this round's last traces free)."""
+        return self.generator.generate_rounds(((self._prompts(q), params) for q, params, _ in rounds), progress)
+
+    def _prompts(self, questions: list[str]) -> list[str]:
+        return [build_prompt(q, self.tokenizer, self.template, self.answer_format) for q in questions]
 
     def identity(self) -> dict[str, str]:
         """The teacher's spec and weight sha256."""
         return {"teacher": self.spec, "teacher_sha256": self.sha256}
 
 
-class SolutionsTeacher:
+class SolutionsTeacher(RoundByRound):
     """No model: each row's own worked solution becomes the trace, `<think>{solution}</think>` then
     `\\boxed{answer}` (a cold start from a task's data, as GSM8K's training set allows)."""
 
