@@ -1,7 +1,7 @@
 """A checkpoint at a distilled model's shape, written as sharded bf16 safetensors and served by `r1kit serve`:
 time to ready, the load's own time and peak host RSS, and one answer's time to first token (serving issue).
 
-The shapes are DeepSeek-R1-Distill-Qwen-7B, -14B and -32B's configs (Qwen2: biased q/k/v projections, untied
+The shapes are DeepSeek-R1-Distill-Qwen-1.5B, -7B, -14B and -32B's configs (Qwen2: biased q/k/v projections, untied
 embeddings) with the vocabulary cut to the embedded model's 49,152 so its tokenizer serves them; the weights are
 random (normal, std 0.02; norms 1, biases 0), made layer by layer (on the GPU when there is one) and written with
 the GGUF import's shard writer, so the writer never holds more than one shard either.
@@ -24,6 +24,7 @@ from serve_load import start_local
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, rope theta, rms eps
     "tiny": (64, 128, 2, 4, 2, 1e6, 1e-6),
+    "1.5b": (1536, 8960, 28, 12, 2, 1e4, 1e-6),
     "7b": (3584, 18944, 28, 28, 4, 1e4, 1e-6),
     "14b": (5120, 13824, 48, 40, 8, 1e6, 1e-5),
     "32b": (5120, 27648, 64, 40, 8, 1e6, 1e-5),
