@@ -1,5 +1,5 @@
 """Host memory of loading a bf16 checkpoint for FSDP training (scale-out issue): each rank's peak resident memory
-from `load_policy` through `fully_sharded`, with the policy loaded in fp32 (r1kit before session 12: every rank a
+from `load_policy` through `fully_sharded`, with the policy loaded in fp32 (r1kit before commit 6ea3911: every rank a
 whole fp32 copy) against its stored dtype (now: bf16, each layer made fp32 as it is sharded).
 
 The checkpoint is big_checkpoint.py's random Qwen2 at a shape; the ranks are torchrun's, on the CPU (gloo), where

@@ -193,7 +193,7 @@ def fully_sharded(model: torch.nn.Module, group: World, device: str | torch.devi
     under DDP (no MixedPrecisionPolicy: bf16 gathers would halve traffic but round the weights the norms and the
     loss see)."""
     if group.size == 1:
-        return model
+        return model.float()
     mesh = init_device_mesh(torch.device(device).type, (group.size,))  # not the default: cuda wherever there is one
     for layer in model.model.layers:
         fully_shard(layer.float(), mesh=mesh)  # the layer's full fp32 tensors are freed once its shards are made

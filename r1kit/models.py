@@ -7,6 +7,7 @@ import functools
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -203,12 +204,26 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
     return model, load_tokenizer(str(folder))
 
 
-def checkpoint_dtype(folder: str | Path) -> torch.dtype:
-    """The precision a checkpoint is stored in (config.json's dtype; float32 when it says none)."""
-    import json
+SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
-    config = json.loads((Path(folder) / "config.json").read_text())
-    return DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)
+
+def tensor_headers(folder: str | Path) -> Iterator[tuple[list[int], str]]:
+    """(shape, safetensors dtype such as "BF16") of every tensor in a checkpoint folder, read from the file
+    headers without loading a tensor."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                t = f.get_slice(name)
+                yield t.get_shape(), t.get_dtype()
+
+
+def checkpoint_dtype(folder: str | Path) -> torch.dtype:
+    """The precision a checkpoint's weights are stored in, read from its tensors (not config.json, which a writer
+    may get wrong): float32 when any floating tensor is, or when they mix bf16 and fp16."""
+    floats = {SAFETENSORS_FLOATS[dtype] for _, dtype in tensor_headers(folder) if dtype in SAFETENSORS_FLOATS}
+    return floats.pop() if len(floats) == 1 else torch.float32
 
 
 def load_tokenizer(spec: str):
@@ -223,21 +238,14 @@ def load_tokenizer(spec: str):
 
 def model_info(spec: str) -> dict:
     """Architecture, parameter count, dtype, folder and weight sha256 of a model, without loading it."""
-    from safetensors import safe_open
     from transformers import AutoConfig
 
     folder = resolve_model(spec)
     config = AutoConfig.from_pretrained(folder)
     params, dtypes = 0, set()
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                t = f.get_slice(name)
-                n = 1
-                for d in t.get_shape():
-                    n *= d
-                params += n
-                dtypes.add(t.get_dtype())
+    for shape, dtype in tensor_headers(folder):
+        params += math.prod(shape)
+        dtypes.add(dtype)
     return {
         "spec": spec,
         "path": str(folder),

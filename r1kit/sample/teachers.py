@@ -55,8 +55,8 @@ class LocalTeacher:
 
     def generate_rounds(self, rounds: Iterable[TeacherRound], progress: Callable[[int], None] | None = None
                         ) -> Iterator[list[Completion]]:
-        """generate() of each round in turn, the next queued in the engine while this one runs (its prompts take
-        the seats this round's last traces free)."""
+        """generate() of each round in turn; through the engine (on a GPU) the next is queued while this one runs,
+        its prompts taking the seats this round's last traces free."""
         return self.generator.generate_rounds(((self._prompts(q), params) for q, params, _ in rounds), progress)
 
     def _prompts(self, questions: list[str]) -> list[str]:

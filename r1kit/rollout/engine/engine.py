@@ -165,13 +165,17 @@ class LLMEngine:
                 sample(torch.zeros(rows, vocab, device=self.device), SamplingBatch.of([params] * rows, self.device),
                        keys, steps)
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, keys: list[int] | None = None) -> Request:
-        """Queue params.n sequences of a prompt; `keys` seeds each one's sampling (random when None)."""
+    def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError, saying why, for a request that could never run in this engine."""
         if len(prompt_ids) + params.max_tokens > self.decoder.max_len:
             window = (" (the model's sliding attention window, which the engine does not run past; backend=hf does)"
                       if self.decoder.max_len == self.decoder.window else "")
             raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens} exceed the "
                              f"engine's context of {self.decoder.max_len} tokens{window}")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, keys: list[int] | None = None) -> Request:
+        """Queue params.n sequences of a prompt; `keys` seeds each one's sampling (random when None)."""
+        self.check_fits(prompt_ids, params)
         if keys is None:
             base = request_seed(params.seed)
             keys = [sequence_key(base, i) for i in range(params.n)]
@@ -451,24 +455,35 @@ class EngineGenerator:
     def generate(self, prompts: list[str], params: SamplingParams, progress: Progress | None = None
                  ) -> list[Completion]:
         """n completions per prompt, grouped by prompt in prompt order."""
-        return next(self.generate_rounds([(prompts, params)], progress))
+        rounds = self.generate_rounds([(prompts, params)], progress)
+        try:
+            return next(rounds)
+        finally:
+            rounds.close()
 
     def generate_rounds(self, rounds: Iterable[Round], progress: Progress | None = None
                         ) -> Iterator[list[Completion]]:
         """generate() of each round in turn, the next round queued while this one runs: its prompts take the
         seats this round's last sequences leave free, so the batch stays full across rounds instead of draining
-        to the longest sample of each (a GSM8K eval's round ends with hundreds of decode steps of a few rows)."""
+        to the longest sample of each (a GSM8K eval's round ends with hundreds of decode steps of a few rows).
+        A round that cannot be queued (a prompt too long) raises once the rounds before it are yielded."""
         rounds = iter(rounds)
-        queued: deque[_Round] = deque()
-        owner: dict[int, _Round] = {}  # request id -> its round
+        queued: deque[_EngineRound] = deque()
+        owner: dict[int, _EngineRound] = {}  # request id -> its round
+        refused: Exception | None = None
 
         def queue_next() -> None:
-            if (item := next(rounds, None)) is not None:
-                queued.append(self._queue(*item))
+            nonlocal refused
+            if refused is None and (item := next(rounds, None)) is not None:
+                try:
+                    queued.append(self._queue(*item))
+                except ValueError as error:
+                    refused = error
+                    return
                 owner.update((request.id, queued[-1]) for request in queued[-1].requests)
 
-        queue_next()
         try:
+            queue_next()
             while queued:
                 queue_next()
                 current = queued[0]
@@ -477,28 +492,33 @@ class EngineGenerator:
                         raise RuntimeError(f"the engine ran out of work with {current.pending} sequences unfinished")
                     finished = [seq for seq in self.engine.step() if seq.finished]
                     for seq in finished:
-                        owner[seq.request_id].pending -= 1
+                        if (round_ := owner.get(seq.request_id)) is not None:  # not a request left by another caller
+                            round_.pending -= 1
                     if progress and finished:
                         progress(len(finished))
                 queued.popleft()
                 for request in current.requests:
                     del owner[request.id]
                 yield current.completions()
+            if refused is not None:
+                raise refused
         finally:  # closed early (a stop, an error): what was queued ahead leaves the engine
             for request in (r for round_ in queued for r in round_.requests):
                 self.engine.abort(request)
 
-    def _queue(self, prompts: list[str], params: SamplingParams) -> _Round:
-        """Add a round's requests to the engine."""
+    def _queue(self, prompts: list[str], params: SamplingParams) -> _EngineRound:
+        """Add a round's requests to the engine: all of them, or (ValueError) none."""
+        encoded = encode_prompts(self.tokenizer, prompts)
+        for ids in encoded:
+            self.engine.check_fits(ids, params)
         seed = request_seed(params.seed)
-        keys = [[sequence_key(seed, i * params.n + s) for s in range(params.n)] for i in range(len(prompts))]
-        requests = [self.engine.add_request(ids, params, keys[i])
-                    for i, ids in enumerate(encode_prompts(self.tokenizer, prompts))]
-        return _Round(requests, params, pending=len(prompts) * params.n)
+        keys = [[sequence_key(seed, i * params.n + s) for s in range(params.n)] for i in range(len(encoded))]
+        requests = [self.engine.add_request(ids, params, keys[i]) for i, ids in enumerate(encoded)]
+        return _EngineRound(requests, params, pending=len(prompts) * params.n)
 
 
 @dataclass
-class _Round:
+class _EngineRound:
     """A round of generate_rounds in the engine: its requests and how many of their sequences run still."""
 
     requests: list[Request]
