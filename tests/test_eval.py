@@ -68,6 +68,9 @@ def test_eval_command_writes_results_samples_and_summary(tiny_model_dir, tmp_pat
     assert results["sampling"]["top_p"] == 0.95 and results["sampling"]["max_tokens"] == 6
     assert results["task"] == {"name": "arithmetic", "rows": 3, "digits": 2, "ops": "+-*", "terms": 2, "seed": 0}
     assert results["r1kit_version"] and not results["interrupted"]
+    timings = results["timings"]
+    assert timings["generation_s"] == results["metrics"]["generation_s"] and timings["scoring_s"] > 0
+    assert timings["load_s"] + timings["generation_s"] + timings["scoring_s"] < results["wall_s"]
     assert {"pass@1", "pass@2", "cons@2", "format_rate", "truncation_rate", "tokens_per_s"} <= set(results["metrics"])
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6

@@ -37,11 +37,12 @@ EXTRACTED = "extracted answers"  # what cons@k votes on unless the task's meta n
 
 @dataclass
 class EvalRun:
-    """What an evaluation produced: one record per sample, the generation time they took, whether it stopped early
-    (Ctrl-C or SIGTERM)."""
+    """What an evaluation produced: one record per sample, the seconds spent generating them and (this rank)
+    scoring them, whether it stopped early (Ctrl-C or SIGTERM)."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
     generation_s: float = 0.0
+    scoring_s: float = 0.0
     reward_failures: dict[str, int] = field(default_factory=dict)
     interrupted: bool = False
 
@@ -97,6 +98,7 @@ def evaluate(task: Task, generator: Generator, tokenizer, params: SamplingParams
             completions = next(generated)
             seconds = time.perf_counter() - t0
             records, failures = score_group(task, rows, prompts, completions, params.n, first) if rows else ([], {})
+            run.scoring_s += time.perf_counter() - t0 - seconds
             _add_round(run, world.gather((records, failures, seconds)), world, advance, on_records)
             if stop is not None and world.any(stop.requested)[0]:
                 run.interrupted = True
@@ -171,6 +173,7 @@ def eval_rank(cfg: EvalConfig, world: distributed.World, device: str, console: C
     started = time.perf_counter()
     task = load_task(cfg.task, cfg.data, **cfg.task_args).head(cfg.limit)
     model, tokenizer = load_model(cfg.model, device, cfg.dtype)
+    loaded_s = time.perf_counter() - started
     # the engine reserves KV per request and keeps a GPU busy with hundreds; HF pads a batch to its longest
     gpu_engine = model.device.type == "cuda" and uses_engine(cfg.backend, model)
     batch_size = cfg.batch_size or (512 if gpu_engine else 64)
@@ -221,6 +224,8 @@ def eval_rank(cfg: EvalConfig, world: distributed.World, device: str, console: C
                              task.meta.get("cons_grouping", EXTRACTED)),
         "reward_failures": run.reward_failures,
         "wall_s": time.perf_counter() - started,
+        # where the wall time went besides (the rest: the engine's setup, gathers, writing samples)
+        "timings": {"load_s": loaded_s, "generation_s": run.generation_s, "scoring_s": run.scoring_s},
         "interrupted": run.interrupted,
     }
     if hasattr(generator, "engine"):  # where the rollout engine's time went (rank 0's engine under torchrun)
