@@ -59,8 +59,9 @@ def random_tensors(config, device: torch.device):
         yield name, tensor
 
 
-def write_checkpoint(shape: str, out: Path, device: torch.device) -> dict:
-    """The shape's random checkpoint in out (5 GB shards, config, the embedded model's tokenizer)."""
+def write_checkpoint(shape: str, out: Path, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The shape's random checkpoint in out, stored in dtype (5 GB shards, config, the embedded model's
+    tokenizer)."""
     from transformers import AutoTokenizer
 
     from r1kit.gguf_import import SHARD_BYTES, write_shards
@@ -69,8 +70,8 @@ def write_checkpoint(shape: str, out: Path, device: torch.device) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     config = shape_config(shape)
     started = time.perf_counter()
-    total = write_shards(random_tensors(config, device), out, torch.bfloat16, frozenset(), SHARD_BYTES)
-    config.architectures = ["Qwen2ForCausalLM"]
+    total = write_shards(random_tensors(config, device), out, dtype, frozenset(), SHARD_BYTES)
+    config.architectures, config.dtype = ["Qwen2ForCausalLM"], dtype
     config.save_pretrained(out)
     AutoTokenizer.from_pretrained(resolve_model("default")).save_pretrained(out)
     return {"shape": shape, "weights_gb": round(total / 1e9, 2), "shards": len(list(out.glob("*.safetensors"))),

@@ -1,10 +1,13 @@
 """Host memory of loading a bf16 checkpoint for FSDP training (scale-out issue): each rank's peak resident memory
 from `load_policy` through `fully_sharded`, with the policy loaded in fp32 (r1kit before commit 6ea3911: every rank a
-whole fp32 copy) against its stored dtype (now: bf16, each layer made fp32 as it is sharded).
+whole fp32 copy) against its stored dtype (now: each layer made fp32 as it is sharded). A checkpoint loaded in its own
+dtype is memory-mapped (file pages the ranks share) until sharding copies each layer out.
 
 The checkpoint is big_checkpoint.py's random Qwen2 at a shape; the ranks are torchrun's, on the CPU (gloo), where
 the shards stay in host memory, so a rank's peak also holds its fp32 shards: on a GPU they leave the host.
   python bench/fsdp_host_memory.py --shape 1.5b --out /tmp/q1b --json bench/results/fsdp_host_memory_cpu.json
+  python bench/fsdp_host_memory.py --shape 1.5b --stored float32 --out /tmp/q1b32 \
+      --json bench/results/fsdp_host_memory_fp32_checkpoint_cpu.json     # as a resume reads r1kit's checkpoints
 """
 
 from __future__ import annotations
@@ -62,13 +65,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1.5b")
     parser.add_argument("--out", type=Path, required=True, help="the checkpoint folder (kept if it exists)")
+    parser.add_argument("--stored", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the checkpoint's dtype (r1kit's own checkpoints, which a resume reads, are float32)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     import torch
 
-    result: dict = {"shape": args.shape, "ranks": 2, "device": "cpu (gloo)"}
+    result: dict = {"shape": args.shape, "stored": args.stored, "ranks": 2, "device": "cpu (gloo)"}
     if not (args.out / "config.json").is_file():
-        result |= write_checkpoint(args.shape, args.out, torch.device("cpu"))
+        result |= write_checkpoint(args.shape, args.out, torch.device("cpu"), getattr(torch, args.stored))
     figures = args.out.with_suffix(".figures")
     figures.mkdir(exist_ok=True)
     for dtype in ("float32", "stored"):

@@ -350,7 +350,7 @@ def untimed(results: dict) -> dict:
     """An eval's results without what differs from run to run: times, the date and the output folder."""
     metrics = {k: v for k, v in results["metrics"].items() if k not in ("generation_s", "tokens_per_s")}
     config = {k: v for k, v in results["config"].items() if k != "out"}
-    rest = {k: v for k, v in results.items() if k not in ("created", "wall_s", "metrics", "config")}
+    rest = {k: v for k, v in results.items() if k not in ("created", "wall_s", "timings", "metrics", "config")}
     return {**rest, "metrics": metrics, "config": config}
 
 
