@@ -99,3 +99,17 @@ def test_aborting_mid_prefill_frees_every_block(model):
     while llm.has_work():
         llm.step()
     assert running.sequences[0].finish_reason == "length" and len(llm.blocks.free) == free
+
+
+def test_aborting_a_sequence_that_ended_before_its_blocks_went_back_frees_them(model):
+    # an interrupt (Ctrl-C) between a sequence's last token and the return of its blocks leaves it ended but
+    # holding them; aborting its request must free them, or the engine keeps a row that never leaves
+    llm = new_engine(model, prefill_delay=0.0)
+    free = len(llm.blocks.free)
+    request = llm.add_request(prompts()[2], SamplingParams(n=2, max_tokens=30, ignore_eos=True))
+    llm.step()
+    ended = request.sequences[0]
+    ended.finish_reason = "length"  # as the interrupted recording left it
+    llm.abort(request)
+    assert not llm.has_work() and len(llm.blocks.free) == free
+    assert ended.finish_reason == "length" and request.sequences[1].finish_reason == "abort"

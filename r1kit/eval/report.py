@@ -23,6 +23,10 @@ def metric_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         ("tokens/s", f"{m['tokens_per_s']:.0f}"),
         ("wall time", f"{results['wall_s']:.1f} s"),
     ]
+    if "timings" in results:  # results.json written before it had them lack them
+        t = results["timings"]
+        rows.append(("wall time: load / generation / scoring",
+                     f"{t['load_s']:.1f} / {t['generation_s']:.1f} / {t['scoring_s']:.1f} s"))
     return rows
 
 

@@ -193,6 +193,8 @@ class LLMEngine:
                 seq.finish_reason = "abort"
                 seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
                 self.scheduler.finish(seq)
+            elif seq.block_table:  # it ended, but an interrupt came before its blocks went back
+                self.scheduler.finish(seq)
 
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.prefilling or self.scheduler.running)
