@@ -99,3 +99,25 @@ def test_eval_command_errors_are_one_line(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     assert main(["eval", "--samples", "0"]) == 2
     assert "samples: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_an_engine_eval_draws_the_same_samples_in_rounds_of_any_size(tiny_model_dir):
+    # the engine runs the next round while this one ends: rounds of 2 rows, of 3, or one of all 7 must draw the
+    # same completions for each row (each sampled as its place in one request over the whole task)
+    from r1kit.models import load_model
+    from r1kit.rollout.engine import EngineGenerator
+    from r1kit.tasks import load_task
+
+    model, tokenizer = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    task = load_task("arithmetic", n=7)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=3)
+
+    def completions(chunk: int) -> list[str]:
+        generator = EngineGenerator(model, tokenizer, kv_cache_tokens=2048, block_size=4, max_num_seqs=4)
+        run = evaluate(task, generator, tokenizer, params, template="raw", chunk=chunk)
+        assert not generator.engine.has_work()
+        return [(r["problem"], r["sample"], r["completion"]) for r in run.records]
+
+    whole = completions(7)
+    assert len(whole) == 14 and len({c for _, _, c in whole}) > 7
+    assert completions(2) == whole and completions(3) == whole
