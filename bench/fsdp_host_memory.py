@@ -31,7 +31,7 @@ def peak_rss_gb() -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) / 1e6
 
 
-def worker(folder: str, dtype: str, out: str) -> None:
+def worker(folder: str, load: str, out: str) -> None:
     """torchrun's worker: load the policy as the trainers do under FSDP and shard it; write this rank's figures."""
     from r1kit import distributed
     from r1kit.rl.run import load_policy
@@ -39,7 +39,8 @@ def worker(folder: str, dtype: str, out: str) -> None:
     with distributed.launched("cpu"):
         world = distributed.world()
         started = time.perf_counter()
-        model, _ = load_policy(folder, "cpu", 0, 32, False, None, dtype)
+        # "float32": the whole model in fp32 on every rank's host, as before; "stored": as the trainers load for FSDP
+        model, _ = load_policy(folder, "cpu", 0, 32, False, None, sharded=load == "stored")
         loaded_gb, loaded_s = peak_rss_gb(), time.perf_counter() - started
         distributed.fully_sharded(model, world, "cpu")
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
@@ -48,7 +49,7 @@ def worker(folder: str, dtype: str, out: str) -> None:
         figures = {"rank": world.rank, "peak_rss_after_load_gb": round(loaded_gb, 2), "load_s": round(loaded_s, 1),
                    "peak_rss_after_shard_gb": round(peak_rss_gb(), 2), "shard_s": round(shard_s, 1),
                    "parameter_dtypes": dtypes, "local_shard_gb": round(local, 2)}
-        Path(out, f"{dtype}-{world.rank}.json").write_text(json.dumps(figures))
+        Path(out, f"{load}-{world.rank}.json").write_text(json.dumps(figures))
 
 
 def run(folder: Path, dtype: str, out: Path) -> list[dict]:

@@ -55,7 +55,7 @@ def main() -> None:
                         batch_size=args.batch_size, micro_batch_tokens=args.micro_batch_tokens,
                         max_seq_len=args.tokens + 256, steps=args.steps, lr=1e-5, warmup_steps=0, device=device)
         started = time.perf_counter()
-        model, tokenizer = load_policy(args.model, "cpu", 0, 32, True, None, "stored")  # as sft loads under FSDP
+        model, tokenizer = load_policy(args.model, device, 0, 32, True, sharded=world.size > 1)  # as sft loads
         examples = load_examples(cfg.data, tokenizer, cfg.template, cfg.max_seq_len)[0]
         trainer = SFTTrainer(cfg, model, tokenizer, examples, device)
         ready_s = time.perf_counter() - started

@@ -43,13 +43,20 @@ def build_tasks(cfg: TrainConfig) -> tuple[Task, Task | None]:
     return train, held
 
 
+def policy_placement(device: str, sharded: bool) -> tuple[str, str]:
+    """(device, dtype) a model to train loads in: fp32 master weights on `device`, or for FSDP over several ranks
+    (`sharded`) the checkpoint's own dtype on the CPU, memory-mapped. FSDP moves each layer's shard to the GPU as it
+    shards it, where the whole fp32 model might not fit, and makes it fp32 then (distributed.fully_sharded), so no
+    rank holds a whole fp32 copy on its host either."""
+    return ("cpu", "stored") if sharded else (device, "float32")
+
+
 def load_policy(spec: str, device: str, lora_r: int, lora_alpha: int, gradient_checkpointing: bool,
-                checkpoint: Path | None = None, dtype: str = "float32"):
-    """(model, tokenizer) to train: fp32 master weights (dtype `stored` for FSDP, which makes them fp32 a layer at a
-    time as it shards them), LoRA adapters on every linear layer when lora_r > 0, from `checkpoint` when resuming
-    (its full weights, or its adapters on the base model)."""
+                checkpoint: Path | None = None, sharded: bool = False):
+    """(model, tokenizer) to train, placed by policy_placement: LoRA adapters on every linear layer when lora_r > 0,
+    from `checkpoint` when resuming (its full weights, or its adapters on the base model)."""
     full_resume = checkpoint is not None and lora_r == 0
-    model, tokenizer = load_model(str(checkpoint) if full_resume else spec, device, dtype)
+    model, tokenizer = load_model(str(checkpoint) if full_resume else spec, *policy_placement(device, sharded))
     if lora_r:
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -66,14 +73,15 @@ def load_policy(spec: str, device: str, lora_r: int, lora_alpha: int, gradient_c
     return model, tokenizer
 
 
-def build_policy(cfg: TrainConfig, checkpoint: Path | None, dtype: str = "float32"):
-    """(policy, tokenizer, reference or None), loaded in dtype (see load_policy); the reference is a frozen copy of
-    the starting model."""
+def build_policy(cfg: TrainConfig, checkpoint: Path | None, sharded: bool = False):
+    """(policy, tokenizer, reference or None), placed by policy_placement; the reference is a frozen copy of the
+    starting model."""
     model, tokenizer = load_policy(cfg.model, cfg.device, cfg.lora_r, cfg.lora_alpha, cfg.gradient_checkpointing,
-                                   checkpoint, dtype)
+                                   checkpoint, sharded)
     ref = None
     if cfg.beta > 0 and cfg.lora_r == 0:
-        ref = load_model(cfg.model, cfg.device, dtype)[0] if checkpoint is not None else copy.deepcopy(model)
+        ref = (load_model(cfg.model, *policy_placement(cfg.device, sharded))[0] if checkpoint is not None
+               else copy.deepcopy(model))
         ref.requires_grad_(False).eval()
     return model, tokenizer, ref
 
@@ -84,10 +92,7 @@ def build_trainer(cfg: TrainConfig, world: distributed.World, device: str, check
     sharded by the trainer, and the generator reads an unsharded copy of its own, in the engine's dtype on a GPU so
     that the engine shares the copy's storage rather than keeping a second one."""
     sharded = cfg.parallel == "fsdp" and world.size > 1
-    # FSDP moves each layer's shard to the GPU as it shards it: the whole fp32 model there might not fit; on the
-    # host it stays in the checkpoint's dtype (bf16 for a big one) until each layer is made fp32 as it is sharded
-    model, tokenizer, ref = build_policy(cfg.model_copy(update={"device": "cpu" if sharded else device}), checkpoint,
-                                         "stored" if sharded else "float32")
+    model, tokenizer, ref = build_policy(cfg.model_copy(update={"device": device}), checkpoint, sharded)
     rollout = None
     if sharded:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32

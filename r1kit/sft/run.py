@@ -131,10 +131,8 @@ def sft(cfg: SFTConfig, world: distributed.World, device: str, console: Console)
                       RuntimeWarning, stacklevel=2)
     if world.is_main:
         open_run_folder(out, cfg.model_dump(), checkpoint is None, console)
-    # FSDP moves each layer's shard to the GPU as it shards it: the whole fp32 model there might not fit; on the
-    # host it stays in the checkpoint's dtype (bf16 for a big one) until each layer is made fp32 as it is sharded
-    model, tokenizer = load_policy(cfg.model, "cpu" if sharded else device, cfg.lora_r, cfg.lora_alpha,
-                                   cfg.gradient_checkpointing, checkpoint, "stored" if sharded else "float32")
+    model, tokenizer = load_policy(cfg.model, device, cfg.lora_r, cfg.lora_alpha, cfg.gradient_checkpointing,
+                                   checkpoint, sharded)
     trainer = SFTTrainer(cfg, model, tokenizer, train, device)
     summary: dict[str, Any] = {"model": cfg.model, "model_sha256": weights_sha256(folder), "data": cfg.data,
                                "data_sha256": [file_sha256(f) for f in data_files(cfg.data)], "examples": len(train),
