@@ -14,7 +14,7 @@ own held-out evaluation (greedy, and sampled at the config's eval temperature). 
 steps only. Writes a JSON of the settings, steps, step times, rewards and held-out figures.
 
   python bench/trl_grpo.py examples/train_addition.yaml --preset defaults --out trl_defaults.json
-  python bench/trl_grpo.py examples/train_addition.yaml --preset matched time_budget_s=330 --out trl_matched.json
+  python bench/trl_grpo.py examples/train_addition.yaml --preset matched time_budget_s=240 --out trl_matched.json
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=["defaults", "matched"], default="matched")
     parser.add_argument("--out", default="trl_grpo.json")
     parser.add_argument("--work", default="/tmp/trl_grpo", help="TRL's output folder")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # key=value settings may come before or after the options
 
     from datasets import Dataset
     from transformers import TrainerCallback
