@@ -15,7 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from r1kit.sandbox import Job, Outcome, SandboxUnavailable, check_sandbox, jail, run_candidate, score_many, seccomp
+from r1kit.sandbox import (
+    Job,
+    Outcome,
+    SandboxUnavailable,
+    check_sandbox,
+    jail,
+    run_batch,
+    run_candidate,
+    score_many,
+    seccomp,
+)
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval.jsonl"
 LIMITS = {"timeout_s": 3.0, "memory_mb": 256, "max_processes": 8, "max_output_bytes": 1 << 20}
@@ -28,11 +38,19 @@ def sandbox_works():
     check_sandbox()  # fails the module with the setting to change when the kernel refuses
 
 
+INNOCENT = Job("def f():\n    return 1\n", "assert f() == 1")
+
+
 def run(program: str, tests: str = "assert False, 'only an escape passes'", **limits) -> Outcome:
-    """Score an attack; its tests pass only if the attack got out, so a contained attack scores 0."""
-    outcome = run_candidate(program, tests, **{**LIMITS, **limits})
-    assert outcome.seconds < limits.get("timeout_s", LIMITS["timeout_s"]) + SLACK_S, outcome
-    assert not outcome.passed and outcome.fraction == 0.0, outcome
+    """Score an attack alone, then first in a batch; its tests pass only if the attack got out, so a contained
+    attack scores 0; in the batch, the candidate after it must still pass (it reached neither it nor the batch)."""
+    limits = {**LIMITS, **limits}
+    outcome = run_candidate(program, tests, **limits)
+    batched, innocent = run_batch([Job(program, tests), INNOCENT], **limits)
+    for attack in (outcome, batched):
+        assert attack.seconds < limits["timeout_s"] + SLACK_S, attack
+        assert not attack.passed and attack.fraction == 0.0, attack
+    assert batched.status == outcome.status and innocent.passed, (batched, innocent)
     return outcome
 
 
@@ -229,6 +247,60 @@ def test_background_process_is_gone_after_return():
     assert outcome.ran and outcome.seconds < LIMITS["timeout_s"]  # returned without waiting for its daemons
     if ROOT:
         assert processes_of(sandbox_uid(outcome)) == []
+
+
+# --- many candidates in one sandbox ------------------------------------------------------------------------
+
+
+def test_batch_scores_each_candidate_as_its_own_sandbox_would():
+    jobs = [Job("def add(a, b):\n    return a + b\n", "assert add(2, 3) == 5\n"),
+            Job("def add(a, b):\n    return a - b\n", "assert add(2, 3) == 5\n"),
+            Job("def sq(x):\n    return x * x\n", ["assert sq(2) == 4", "assert sq(3) == 9", "assert sq(-1) == -1"]),
+            Job("import sys\nprint(sum(map(int, sys.stdin.read().split())))\nexit(0)\n", (), "1 2 3\n"),
+            Job("def f():\n    return 1\nimport os\nos._exit(0)\n", "assert f() == 2"),
+            Job("while True:\n    pass\n", "assert True"),
+            Job("import os\nopen('scratch.txt', 'w').write('x')\nprint(os.getcwd(), sorted(os.listdir('.')))"),
+            Job("import os\nprint(os.getcwd(), sorted(os.listdir('.')))")]
+    limits = {**LIMITS, "timeout_s": 1.0}
+    batched = run_batch(jobs, **limits)
+    alone = [run_candidate(job.program, job.tests, stdin=job.stdin, **limits) for job in jobs]
+    fields = [(o.status, o.tests_passed, o.tests_total, o.ran, o.stdout) for o in batched]
+    assert fields == [(o.status, o.tests_passed, o.tests_total, o.ran, o.stdout) for o in alone]
+    assert [f[0] for f in fields] == ["passed", "failed", "failed", "passed", "failed", "timeout", "passed", "passed"]
+    assert fields[6][4] == "/tmp ['scratch.txt']\n" and fields[7][4] == "/tmp []\n"  # the file was wiped
+
+
+@pytest.mark.skipif(not ROOT, reason="as a normal user every candidate runs in a sandbox of its own")
+def test_batch_candidates_cannot_reach_each_other():
+    """The first candidate leaves processes and files, forges verdicts on every descriptor and kills whatever it
+    can; the second (wrong) must still fail, see none of it and run under another uid; the third passes."""
+    attack = ("import os, signal, time\nprint(os.getuid(), flush=True)\n"
+              "for top in ('/tmp', '/dev/shm'):\n    open(top + '/left', 'w').write('x')\n"
+              "    os.makedirs(top + '/deep/er', exist_ok=True)\n    os.chmod(top + '/deep', 0)\n"
+              "if os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+              "for fd in range(3, 1024):\n    try:\n        os.write(fd, b'0' * 32 + b' 1 1\\n')\n"
+              "    except OSError:\n        pass\n"
+              "for pid in [1, -1, os.getppid()] + [int(p) for p in os.listdir('/proc') if p.isdigit()]:\n"
+              "    try:\n        os.kill(pid, signal.SIGKILL) if pid != os.getpid() else None\n"
+              "    except OSError:\n        pass\n")
+    spy = ("import json, os\nuids = set()\nfor pid in os.listdir('/proc'):\n    try:\n"
+           "        uids.add(int(open(f'/proc/{pid}/status').read().split('Uid:')[1].split()[0]))\n"
+           "    except (OSError, IndexError, ValueError):\n        pass\n"
+           "print(json.dumps([os.getuid(), os.listdir('/tmp'), os.listdir('/dev/shm'), sorted(uids)]))\n")
+    outcomes = run_batch([Job(attack, "assert False"), Job(spy, "assert False"), INNOCENT], **LIMITS)
+    assert [o.status for o in outcomes] == ["failed", "failed", "passed"], outcomes
+    first_uid = sandbox_uid(outcomes[0])
+    spy_uid, tmp, shm, uids = json.loads(outcomes[1].stdout)
+    assert spy_uid != first_uid and tmp == [] and shm == [] and first_uid not in uids, outcomes[1].stdout
+    assert processes_of(first_uid) == [] and processes_of(spy_uid) == []
+
+
+def test_batch_hung_candidate_costs_only_its_time_limit():
+    jobs = [Job("while True:\n    pass\n", "assert True"), INNOCENT, Job("import time\ntime.sleep(30)\n"), INNOCENT]
+    start = time.monotonic()
+    outcomes = run_batch(jobs, **{**LIMITS, "timeout_s": 1.0})
+    assert [o.status for o in outcomes] == ["timeout", "passed", "timeout", "passed"]
+    assert time.monotonic() - start < 2 * 1.0 + 2 * SLACK_S
 
 
 # --- pool, errors, internals --------------------------------------------------------------------------------

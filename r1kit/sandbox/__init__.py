@@ -12,7 +12,7 @@ with site-packages (.pth files) the same interpreter starts in 45 ms instead of 
 standard library only.
 """
 
-from r1kit.sandbox.jail import Outcome, SandboxUnavailable, check_sandbox, run_candidate
-from r1kit.sandbox.pool import Job, score_many
+from r1kit.sandbox.jail import Job, Outcome, SandboxUnavailable, check_sandbox, run_batch, run_candidate
+from r1kit.sandbox.pool import score_many
 
-__all__ = ["Job", "Outcome", "SandboxUnavailable", "check_sandbox", "run_candidate", "score_many"]
+__all__ = ["Job", "Outcome", "SandboxUnavailable", "check_sandbox", "run_batch", "run_candidate", "score_many"]

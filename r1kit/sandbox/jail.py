@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,7 @@ def run_candidate(program: str, tests: str | Sequence[str] = (), *, stdin: str =
     `check(entry_point)`). With no tests, `passed` means the program ran; compare `stdout` for stdin/stdout tasks.
     `max_processes` counts the candidate's own process; `max_output_bytes` caps stdout, stderr and any file.
     """
-    chunks = ([tests] if tests.strip() else []) if isinstance(tests, str) else list(tests)
+    chunks = _chunks(tests)
     start = time.monotonic()
     if "\0" in program or any("\0" in t for t in chunks):  # NUL separates the chunks; Python source has none
         return Outcome("failed", 0, len(chunks), False, "", "source contains a NUL byte", 0.0)
@@ -90,6 +91,19 @@ def run_candidate(program: str, tests: str | Sequence[str] = (), *, stdin: str =
                         unsafe_no_sandbox)
     except Exception as e:  # the sandbox's own failure (out of fds, fork refused...) scores 0, never crashes
         return Outcome("error", 0, len(chunks), False, "", f"{type(e).__name__}: {e}", time.monotonic() - start)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One candidate: the program, its test chunks and its stdin."""
+
+    program: str
+    tests: str | Sequence[str] = ()
+    stdin: str = ""
+
+
+def _chunks(tests: str | Sequence[str]) -> list[str]:
+    return ([tests] if tests.strip() else []) if isinstance(tests, str) else list(tests)
 
 
 @functools.cache
@@ -205,6 +219,13 @@ def _memfd(data: bytes, opened: list[int]) -> int:
     return fd
 
 
+def _readable(fd: int, timeout_s: float) -> bool:
+    """Wait until fd is readable (a pidfd: its process exited), at most timeout_s; poll, as select stops at 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, math.ceil(1000 * timeout_s))))
+
+
 def _init_pidfd(info: int, timeout_s: float) -> int | None:
     """A pidfd for the sandbox's pid-namespace init, from bwrap's --info-fd JSON (None if bwrap never got there).
 
@@ -213,7 +234,7 @@ def _init_pidfd(info: int, timeout_s: float) -> int | None:
     proves that nothing of the candidate is left. It is opened while bwrap, the init's parent, still runs.
     """
     data, deadline = b"", time.monotonic() + timeout_s
-    while select.select([info], [], [], max(0.0, deadline - time.monotonic()))[0]:
+    while _readable(info, deadline - time.monotonic()):
         chunk = os.read(info, 4096)
         if not chunk:
             break
@@ -227,95 +248,205 @@ def _init_pidfd(info: int, timeout_s: float) -> int | None:
 
 def _reap(pidfd: int) -> None:
     """Wait until the namespace's init has exited, killing it if it lingers."""
-    if not select.select([pidfd], [], [], 5.0)[0]:
+    if not _readable(pidfd, 5.0):
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        select.select([pidfd], [], [], 10.0)
+        _readable(pidfd, 10.0)
+
+
+@dataclass
+class _Files:
+    """One candidate's descriptors: its nonce pipe, program, stdin, captured stdout/stderr and verdict."""
+
+    nonce: bytes
+    nonce_r: int
+    code: int
+    stdin: int
+    out: int
+    err: int
+    result: int
+    tests: int  # how many test chunks
+    uid: int  # as root: a uid of its own (RLIMIT_NPROC counts per uid); otherwise 0
+
+    def fds(self) -> list[int]:
+        return [self.nonce_r, self.code, self.result, self.stdin, self.out, self.err]
+
+
+def _files(program: str, tests: list[str], stdin: str, root: bool, opened: list[int]) -> _Files:
+    nonce = secrets.token_hex(16).encode()
+    nonce_r, nonce_w = os.pipe()  # a pipe, not a file: once the harness has read it, it is empty
+    opened.append(nonce_r)
+    os.write(nonce_w, nonce)
+    os.close(nonce_w)
+    code = _memfd("\0".join([program, *tests]).encode(), opened)
+    stdin_fd, out, err, result = (_memfd(stdin.encode(), opened), _memfd(b"", opened), _memfd(b"", opened),
+                                  _memfd(b"", opened))
+    uid = (1 << 30) + secrets.randbelow(1 << 24) if root else 0
+    return _Files(nonce, nonce_r, code, stdin_fd, out, err, result, len(tests), uid)
+
+
+def _limits(timeout_s: float, memory_mb: int, max_processes: int, max_output_bytes: int, root: bool,
+            unsafe: bool) -> list[str]:
+    """The harness's limit arguments: CPU seconds, address space, processes, file and output size."""
+    processes = max_processes if root or unsafe else max_processes + 1  # non-root: bwrap's init shares the uid
+    return [str(math.ceil(timeout_s) + 1), str(memory_mb << 20), str(processes), str(max_output_bytes)]
+
+
+def _launch(harness_args: list[str], pass_fds: list[int], stdio: tuple[int, int, int], unsafe: bool,
+            opened: list[int]) -> tuple[subprocess.Popen, int | None, str | None]:
+    """Start the harness in a fresh sandbox; return the process, a pidfd of the sandbox's init and any workdir."""
+    info = workdir = None
+    pass_fds = list(pass_fds)
+    if unsafe:
+        workdir = tempfile.mkdtemp(prefix="r1kit-unsafe-")
+        argv = [_interpreter()[0], "-I", "-S", "-B", "-c", HARNESS, *harness_args]
+        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8"}
+    else:
+        argv = list(_bwrap_argv(os.geteuid() == 0))
+        rules = seccomp.filter_bytes()
+        if rules is not None:
+            filter_fd = _memfd(rules, opened)
+            pass_fds.append(filter_fd)
+            argv += ["--seccomp", str(filter_fd)]
+        info, info_w = os.pipe()  # bwrap writes the host pid of the namespace's init here, then closes it
+        opened.append(info)
+        pass_fds.append(info_w)
+        argv += ["--info-fd", str(info_w), "--", _interpreter()[0], "-I", "-S", "-B", "-c", HARNESS, *harness_args]
+        env = {}
+    try:
+        proc = subprocess.Popen(argv, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], pass_fds=pass_fds,
+                                env=env, cwd=workdir or "/", start_new_session=True)
+    finally:
+        if info is not None:
+            os.close(info_w)
+    init = _init_pidfd(info, 30.0) if info is not None else None
+    if init is not None:
+        opened.append(init)
+    return proc, init, workdir
+
+
+def _finish(proc: subprocess.Popen, init: int | None, deadline: float, opened: list[int]) -> bool:
+    """Wait for the sandbox until the deadline, then make sure nothing of it is left; True if it timed out."""
+    # a pidfd wakes us the moment bwrap exits; Popen.wait(timeout) polls with sleeps of up to 50 ms
+    exited = os.pidfd_open(proc.pid)
+    opened.append(exited)
+    timed_out = not _readable(exited, deadline - time.monotonic())
+    if timed_out and init is not None:
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(init, signal.SIGKILL)
+    # this ends bwrap itself on timeout, and the whole process group in the unsafe mode
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if init is not None:
+        _reap(init)
+    return timed_out
+
+
+def _outcome(files: _Files, timed_out: bool, returncode: int, seconds: float, max_output_bytes: int) -> Outcome:
+    """Read a finished candidate's verdict (only the line with its nonce counts), stdout and stderr."""
+    verdict = None
+    for line in os.pread(files.result, 1 << 16, 0).splitlines():
+        fields = line.split()
+        if len(fields) == 3 and secrets.compare_digest(fields[0], files.nonce):
+            verdict = (fields[1] == b"1", int(fields[2]))
+    stdout = os.pread(files.out, max_output_bytes, 0).decode(errors="replace")
+    err_size = os.fstat(files.err).st_size
+    stderr = os.pread(files.err, STDERR_TAIL, max(0, err_size - STDERR_TAIL)).decode(errors="replace")
+    ran, passed = verdict or (False, 0)
+    if timed_out or returncode in (128 + signal.SIGXCPU, -signal.SIGXCPU):
+        status: Status = "timeout"
+    elif verdict is not None:
+        status = "passed" if ran and passed == files.tests else "failed"
+    elif stderr.startswith("bwrap:"):
+        status = "error"
+    else:
+        status = "failed"
+    return Outcome(status, passed if ran else 0, files.tests, ran, stdout, stderr, seconds)
+
+
+def _close(opened: list[int], workdir: str | None) -> None:
+    for fd in opened:
+        os.close(fd)
+    if workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _execute(program: str, tests: list[str], stdin: str, timeout_s: float, memory_mb: int, max_processes: int,
              max_output_bytes: int, unsafe: bool) -> Outcome:
     start = time.monotonic()
     root = os.geteuid() == 0 and not unsafe
-    nonce = secrets.token_hex(16).encode()
     opened: list[int] = []
     workdir = None
     try:
-        nonce_r, nonce_w = os.pipe()  # a pipe, not a file: once the harness has read it, it is empty
-        opened.append(nonce_r)
-        os.write(nonce_w, nonce)
-        os.close(nonce_w)
-        code = _memfd("\0".join([program, *tests]).encode(), opened)
-        stdin_fd, out, err, result = (_memfd(stdin.encode(), opened), _memfd(b"", opened), _memfd(b"", opened),
-                                      _memfd(b"", opened))
-        uid = (1 << 30) + secrets.randbelow(1 << 24) if root else 0  # a uid of its own: NPROC counts per uid
-        # the bwrap init shares the user-namespace uid with the candidate in non-root mode
-        processes = max_processes if root or unsafe else max_processes + 1
-        harness_args = [str(nonce_r), str(code), str(result), str(math.ceil(timeout_s) + 1),
-                        str(memory_mb << 20), str(processes), str(max_output_bytes), str(uid)]
-        pass_fds = [nonce_r, code, result]
-        info = None
-        if unsafe:
-            workdir = tempfile.mkdtemp(prefix="r1kit-unsafe-")
-            argv = [_interpreter()[0], "-I", "-S", "-B", "-c", HARNESS, *harness_args]
-            env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8"}
-        else:
-            argv = list(_bwrap_argv(root))
-            rules = seccomp.filter_bytes()
-            if rules is not None:
-                filter_fd = _memfd(rules, opened)
-                pass_fds.append(filter_fd)
-                argv += ["--seccomp", str(filter_fd)]
-            info, info_w = os.pipe()  # bwrap writes the host pid of the namespace's init here, then closes it
-            opened.append(info)
-            pass_fds.append(info_w)
-            argv += ["--info-fd", str(info_w), "--", _interpreter()[0], "-I", "-S", "-B", "-c", HARNESS,
-                     *harness_args]
-            env = {}
-        try:
-            proc = subprocess.Popen(argv, stdin=stdin_fd, stdout=out, stderr=err, pass_fds=pass_fds, env=env,
-                                    cwd=workdir or "/", start_new_session=True)
-        finally:
-            if info is not None:
-                os.close(info_w)
-        init = _init_pidfd(info, timeout_s) if info is not None else None
-        if init is not None:
-            opened.append(init)
-        # a pidfd wakes us the moment bwrap exits; Popen.wait(timeout) polls with sleeps of up to 50 ms
-        exited = os.pidfd_open(proc.pid)
-        opened.append(exited)
-        timed_out = not select.select([exited], [], [], max(0.0, timeout_s - (time.monotonic() - start)))[0]
-        if timed_out and init is not None:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(init, signal.SIGKILL)
-        # this ends bwrap itself on timeout, and the whole process group in the unsafe mode
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        if init is not None:
-            _reap(init)
-        seconds = time.monotonic() - start
-
-        verdict = None
-        for line in os.pread(result, 1 << 16, 0).splitlines():
-            fields = line.split()
-            if len(fields) == 3 and secrets.compare_digest(fields[0], nonce):
-                verdict = (fields[1] == b"1", int(fields[2]))
-        stdout = os.pread(out, max_output_bytes, 0).decode(errors="replace")
-        err_size = os.fstat(err).st_size
-        stderr = os.pread(err, STDERR_TAIL, max(0, err_size - STDERR_TAIL)).decode(errors="replace")
-        ran, passed = verdict or (False, 0)
-        if timed_out or proc.returncode in (128 + signal.SIGXCPU, -signal.SIGXCPU):
-            status: Status = "timeout"
-        elif verdict is not None:
-            status = "passed" if ran and passed == len(tests) else "failed"
-        elif stderr.startswith("bwrap:"):
-            status = "error"
-        else:
-            status = "failed"
-        return Outcome(status, passed if ran else 0, len(tests), ran, stdout, stderr, seconds)
+        files = _files(program, tests, stdin, root, opened)
+        args = ["one", str(files.nonce_r), str(files.code), str(files.result),
+                *_limits(timeout_s, memory_mb, max_processes, max_output_bytes, root, unsafe), str(files.uid)]
+        proc, init, workdir = _launch(args, [files.nonce_r, files.code, files.result],
+                                      (files.stdin, files.out, files.err), unsafe, opened)
+        timed_out = _finish(proc, init, start + timeout_s, opened)
+        return _outcome(files, timed_out, proc.returncode, time.monotonic() - start, max_output_bytes)
     finally:
-        for fd in opened:
-            os.close(fd)
-        if workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+        _close(opened, workdir)
+
+
+def run_batch(jobs: Sequence[Job], *, timeout_s: float = 5.0, memory_mb: int = 512, max_processes: int = 8,
+              max_output_bytes: int = 1 << 20) -> list[Outcome]:
+    """Run candidates one after another in one sandbox, each scored as `run_candidate` would score it.
+
+    Only as root, where each candidate gets a uid of its own (the harness's `batch` says what that buys); a
+    normal user's candidates would share one uid, so there each runs in a sandbox of its own. A candidate the
+    batch did not get to (the sandbox failed, or a candidate's files could not be wiped) runs in one of its own.
+    """
+    limits = {"timeout_s": timeout_s, "memory_mb": memory_mb, "max_processes": max_processes,
+              "max_output_bytes": max_output_bytes}
+    together = [i for i, job in enumerate(jobs) if "\0" not in job.program + "".join(_chunks(job.tests))]
+    done = _batch([jobs[i] for i in together], **limits) if os.geteuid() == 0 and len(together) > 1 else {}
+    done = {together[i]: outcome for i, outcome in done.items()}
+    return [done[i] if i in done else run_candidate(job.program, job.tests, stdin=job.stdin, **limits)
+            for i, job in enumerate(jobs)]
+
+
+def _batch(jobs: Sequence[Job], timeout_s: float, memory_mb: int, max_processes: int,
+           max_output_bytes: int) -> dict[int, Outcome]:
+    """The outcomes of the candidates that one sandbox running the harness's `batch` reported, by index."""
+    check_sandbox()
+    start = time.monotonic()
+    opened: list[int] = []
+    try:
+        files = [_files(job.program, _chunks(job.tests), job.stdin, True, opened) for job in jobs]
+        progress, progress_w = os.pipe()
+        opened.append(progress)
+        args = ["batch", str(progress_w), str(int(1000 * timeout_s)),
+                *_limits(timeout_s, memory_mb, max_processes, max_output_bytes, True, False),
+                *(",".join(map(str, [*f.fds(), f.uid])) for f in files)]
+        try:
+            proc, init, _ = _launch(args, [progress_w, *(fd for f in files for fd in f.fds())],
+                                    (subprocess.DEVNULL, subprocess.DEVNULL, subprocess.DEVNULL), False, opened)
+        finally:
+            os.close(progress_w)
+        deadline = start + len(jobs) * (timeout_s + 2.0) + 10.0
+        try:
+            reports = [[int(x) for x in line.split()] for line in _lines(progress, deadline)]
+        finally:  # whatever happened, nothing of the sandbox outlives this call
+            _finish(proc, init, deadline, opened)
+        return {index: _outcome(files[index], bool(timed_out), os.waitstatus_to_exitcode(status), ms / 1000,
+                                max_output_bytes) for index, timed_out, status, ms in reports}
+    except Exception as e:  # the batch's own failure (out of descriptors, say): its candidates run one sandbox each
+        warnings.warn(f"a sandbox batch failed ({type(e).__name__}: {e}); its {len(jobs)} candidates run one "
+                      "sandbox each", RuntimeWarning, stacklevel=2)
+        return {}
+    finally:
+        _close(opened, None)
+
+
+def _lines(fd: int, deadline: float):
+    """Lines from a pipe until it closes or the deadline passes."""
+    buffer = b""
+    while _readable(fd, deadline - time.monotonic()):
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        yield from lines
