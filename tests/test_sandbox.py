@@ -316,6 +316,15 @@ def test_pool_keeps_order_and_survives_hung_and_crashing_jobs():
     assert [o.status for o in outcomes] == ["passed", "timeout", "passed", "passed", "failed", "passed"]
 
 
+def test_batch_size_spreads_jobs_within_the_descriptors(monkeypatch):
+    from r1kit.sandbox import pool
+
+    monkeypatch.setattr(pool.resource, "getrlimit", lambda _: (1 << 20, 1 << 20))
+    assert [pool.batch_size(n, 8) for n in (1, 10, 100, 10_000)] == [1, 2, 13, 32]
+    monkeypatch.setattr(pool.resource, "getrlimit", lambda _: (1024, 4096))
+    assert pool.batch_size(100, 8) == 9 and pool.batch_size(100, 100) == 1  # 1024 // 2 // (7 x workers)
+
+
 def test_refused_kernel_names_the_setting(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setattr(jail, "_sysctl", lambda name: {"kernel.apparmor_restrict_unprivileged_userns": "1"}.get(name))

