@@ -193,6 +193,15 @@ def test_no_nested_namespaces_or_mounts():
     assert outcome.stdout.strip() == "[-1, -1, -1, -1]"
 
 
+def test_no_system_v_ipc_or_message_queues():
+    """They outlive their creator, uncounted by RLIMIT_AS: a batch's next candidate could read what one left."""
+    program = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+               "results = [libc.shmget(0, 4096, 0o1600), libc.semget(0, 1, 0o1600), libc.msgget(0, 0o1600),\n"
+               "           libc.mq_open(b'/q', 0o100 | 2, 0o600, None)]\nprint(results)\n")
+    outcome = run(program, "assert results != [-1, -1, -1, -1]")
+    assert outcome.stdout.strip() == "[-1, -1, -1, -1]"
+
+
 def test_killing_the_parent():
     canary = subprocess.Popen(["sleep", "30"])
     try:
@@ -293,6 +302,34 @@ def test_batch_candidates_cannot_reach_each_other():
     spy_uid, tmp, shm, uids = json.loads(outcomes[1].stdout)
     assert spy_uid != first_uid and tmp == [] and shm == [] and first_uid not in uids, outcomes[1].stdout
     assert processes_of(first_uid) == [] and processes_of(spy_uid) == []
+
+
+@pytest.mark.skipif(not ROOT, reason="as a normal user every candidate runs in a sandbox of its own")
+def test_batch_leftovers_cannot_kill_the_wipe():
+    """Pids run in order in the sandbox: the candidate's leftovers spin on killing the pids the wipe that follows
+    it will get. They must never win: the wipe kills them and the next candidate runs alone and passes."""
+    attack = ("import ctypes, os\nkill = ctypes.CDLL(None).kill\nme = os.getpid()\nfor _ in range(7):\n"
+              "    if os.fork() == 0:\n        for _ in range(3_000_000):\n"
+              "            if kill(me + 8, 9) == 0 or kill(me + 9, 9) == 0:\n"
+              "                os.write(1, b'won\\n')\n                break\n        os._exit(0)\n")
+    for _ in range(6):  # each round was won about a time in four while the wipe could be signalled
+        attacked, innocent = run_batch([Job(attack, "assert False"), INNOCENT], **LIMITS)
+        assert "won" not in attacked.stdout and innocent.passed, (attacked, innocent)
+
+
+def test_batch_verdict_counts_beyond_the_tests_are_ignored():
+    opened: list[int] = []
+    try:
+        files = jail._files("pass", ["assert True"], "", False, opened)
+        for line in (b"%s 1 1000000" % files.nonce, b"%s 2 1" % files.nonce, b"%s 1 x" % files.nonce):
+            os.pwrite(files.result, line + b"\n", 0)
+            outcome = jail._outcome(files, False, 0, 0.0, 1 << 10)
+            assert (outcome.status, outcome.tests_passed, outcome.ran) == ("failed", 0, False), line
+        os.pwrite(files.result, b"%s 1 1\n" % files.nonce, 0)
+        assert jail._outcome(files, False, 0, 0.0, 1 << 10).passed
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 def test_batch_hung_candidate_costs_only_its_time_limit():

@@ -97,12 +97,12 @@ def batch(args: list[str]) -> None:
     Forking this warm interpreter replaces a sandbox and an interpreter start a candidate. Started as root with
     CAP_SETUID/SETGID only, this process cannot be signalled, traced or read by the children (other uids), and it
     never reads a nonce or a program. After each child it kills every process of that uid and deletes the uid's
-    files in /tmp and /dev/shm, so the next candidate finds them empty; if they are not, it stops and the host
-    runs the rest one sandbox each. Reports `<index> <timed out> <wait status> <ms>` a line on the progress fd.
+    files in /tmp and /dev/shm, so the next candidate finds them empty and alone; if the wipe overruns or leaves
+    anything, it stops and the host runs the rest one sandbox each. Reports `<index> <timed out> <wait status>
+    <ms>` a line on the progress fd.
     """
     import builtins  # noqa: F401 (imported once here, found by every child)
     import resource  # noqa: F401
-    import select
     import time
     import traceback  # noqa: F401 (a failing candidate's report needs it)
     import types  # noqa: F401
@@ -123,40 +123,55 @@ def batch(args: list[str]) -> None:
                 candidate(nonce, code, result, tuple(limits), uid)
             finally:
                 os._exit(1)
-        exited = os.pidfd_open(pid)
-        poller = select.poll()  # not select.select: the descriptors passed in may be numbered above 1024
-        poller.register(exited, select.POLLIN)
-        timed_out = not poller.poll(timeout_ms)
-        os.close(exited)
-        wipe_uid(uid)
-        status = os.waitpid(pid, 0)[1]
+        timed_out = not wait_for(pid, timeout_ms)
+        wiped = wipe_uid(uid)
+        reaped = wait_for(pid, 1000)  # killed by the wipe if it was still running
+        status = os.waitpid(pid, 0)[1] if reaped else 9  # as if killed: SIGKILL's wait status
         for fd in (nonce, code, result, stdin, out, err):
             os.close(fd)
             held.discard(fd)
         elapsed = int(1000 * (time.monotonic() - start))
-        os.write(progress, b"%d %d %d %d\n" % (index, timed_out, status, elapsed))
-        if os.listdir("/tmp") or os.listdir("/dev/shm"):
+        os.write(progress, b"%d %d %d %d\n" % (index, timed_out or not reaped, status, elapsed))
+        if not (wiped and reaped) or os.listdir("/tmp") or os.listdir("/dev/shm") or strays():
             break
     os._exit(0)
 
 
-def wipe_uid(uid: int) -> None:
-    """Kill every process of `uid` and delete its files, from a child that becomes `uid` (no CAP_KILL here)."""
+def wait_for(pid: int, timeout_ms: int) -> bool:
+    """Whether the process exited within timeout_ms (poll on a pidfd: the fds here may be numbered above 1024)."""
+    import select
+
+    exited = os.pidfd_open(pid)
+    try:
+        poller = select.poll()
+        poller.register(exited, select.POLLIN)
+        return bool(poller.poll(timeout_ms))
+    finally:
+        os.close(exited)
+
+
+def wipe_uid(uid: int) -> bool:
+    """Kill every process of `uid` and delete its files, from a child acting as `uid` (there is no CAP_KILL here);
+    whether that ended within two seconds."""
     import signal
 
+    outsider = (1 << 30) - 1  # real and saved ids no candidate has, so no candidate may signal the wipe
     pid = os.fork()
     if pid == 0:
         try:
             os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            os.kill(-1, signal.SIGKILL)  # every process this uid may signal but this one, atomically
+            os.setresgid(outsider, uid, outsider)
+            os.setresuid(outsider, uid, outsider)
+            os.kill(-1, signal.SIGKILL)  # every process whose real uid is `uid`, atomically
             for top in ("/tmp", "/dev/shm"):
                 for name in os.listdir(top):
                     wipe(os.path.join(top, name))
         finally:
             os._exit(0)
+    if not wait_for(pid, 2000):  # a tree built to be slow to delete: stop here, the sandbox's end takes it all
+        return False
     os.waitpid(pid, 0)
+    return True
 
 
 def wipe(path: str) -> None:
@@ -171,6 +186,25 @@ def wipe(path: str) -> None:
             os.unlink(path)
     except Exception:  # noqa: BLE001 (too deep, or gone: the emptiness check decides)
         pass
+
+
+def strays() -> bool:
+    """Whether a process other than this sandbox's root ones is alive (zombies waiting for init aside)."""
+    import time
+
+    for _ in range(3):  # a process killed a moment ago may not have exited yet
+        alive = False
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+            except OSError:
+                continue
+            alive |= fields.get("State", "Z").split()[0] not in ("Z", "X") and fields["Uid"].split()[0] != "0"
+        if not alive:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 if __name__ == "__main__":

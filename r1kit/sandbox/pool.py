@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from r1kit.sandbox.jail import Job, Outcome, check_sandbox, run_batch, run_candidate
 
-BATCH = 32  # candidates a sandbox at most: a hung one delays the rest of its batch by its time limit
+BATCH = 32  # candidates a sandbox at most: a hung one delays the rest of its batch by its time limit (2 s more
+# if its wipe overruns, after which the rest run one sandbox each)
 FDS_PER_JOB = 7  # a batch holds six descriptors a candidate until it ends (jail._Files), and a few of its own
 
 

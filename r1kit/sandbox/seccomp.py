@@ -2,9 +2,9 @@
 
 Namespaces do the isolation; this filter narrows the kernel surface inside them, in the spirit of Docker's
 default profile: no nested namespaces (and so no nested user namespace), no mounts, ptrace, BPF, perf,
-io_uring, keyrings or module loading, and sockets of no family but AF_UNIX (with the empty network namespace
-this makes even loopback fail at `socket()`). Syscalls of another ABI (i386 or x32 on x86_64) kill the process,
-so the deny list cannot be walked around by number.
+io_uring, keyrings, module loading, System V IPC or POSIX message queues, and sockets of no family but AF_UNIX
+(with the empty network namespace this makes even loopback fail at `socket()`). Syscalls of another ABI (i386 or
+x32 on x86_64) kill the process, so the deny list cannot be walked around by number.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ _DENIED = {
     "move_mount": (429, 429), "fsopen": (430, 430), "fsconfig": (431, 431), "fsmount": (432, 432),
     "fspick": (433, 433), "mount_setattr": (442, 442), "swapon": (167, 224), "swapoff": (168, 225),
     "reboot": (169, 142), "acct": (163, 89), "quotactl": (179, 60),
+    # System V IPC and POSIX message queues outlive their creator, uncounted by RLIMIT_AS and unseen by a wipe of
+    # files: one candidate could leave memory or messages for the next of its batch (POSIX shm is /dev/shm files)
+    "shmget": (29, 194), "semget": (64, 190), "msgget": (68, 186), "mq_open": (240, 180),
 }
 _CLONE, _CLONE3, _SOCKET = (56, 220), (435, 435), (41, 198)
 _ARCHES = {"x86_64": (0, 0xC000003E), "amd64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7), "arm64": (1, 0xC00000B7)}
