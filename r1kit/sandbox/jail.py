@@ -294,7 +294,7 @@ def _limits(timeout_s: float, memory_mb: int, max_processes: int, max_output_byt
 
 
 def _launch(harness_args: list[str], pass_fds: list[int], stdio: tuple[int, int, int], unsafe: bool,
-            opened: list[int]) -> tuple[subprocess.Popen, int | None, str | None]:
+            opened: list[int], timeout_s: float) -> tuple[subprocess.Popen, int | None, str | None]:
     """Start the harness in a fresh sandbox; return the process, a pidfd of the sandbox's init and any workdir."""
     info = workdir = None
     pass_fds = list(pass_fds)
@@ -320,7 +320,7 @@ def _launch(harness_args: list[str], pass_fds: list[int], stdio: tuple[int, int,
     finally:
         if info is not None:
             os.close(info_w)
-    init = _init_pidfd(info, 30.0) if info is not None else None
+    init = _init_pidfd(info, timeout_s) if info is not None else None
     if init is not None:
         opened.append(init)
     return proc, init, workdir
@@ -386,7 +386,7 @@ def _execute(program: str, tests: list[str], stdin: str, timeout_s: float, memor
         args = ["one", str(files.nonce_r), str(files.code), str(files.result),
                 *_limits(timeout_s, memory_mb, max_processes, max_output_bytes, root, unsafe), str(files.uid)]
         proc, init, workdir = _launch(args, [files.nonce_r, files.code, files.result],
-                                      (files.stdin, files.out, files.err), unsafe, opened)
+                                      (files.stdin, files.out, files.err), unsafe, opened, timeout_s)
         timed_out = _finish(proc, init, start + timeout_s, opened)
         return _outcome(files, timed_out, proc.returncode, time.monotonic() - start, max_output_bytes)
     finally:
@@ -425,7 +425,8 @@ def _batch(jobs: Sequence[Job], timeout_s: float, memory_mb: int, max_processes:
                 *(",".join(map(str, [*f.fds(), f.uid])) for f in files)]
         try:
             proc, init, _ = _launch(args, [progress_w, *(fd for f in files for fd in f.fds())],
-                                    (subprocess.DEVNULL, subprocess.DEVNULL, subprocess.DEVNULL), False, opened)
+                                    (subprocess.DEVNULL, subprocess.DEVNULL, subprocess.DEVNULL), False, opened,
+                                    timeout_s)
         finally:
             os.close(progress_w)
         deadline = start + len(jobs) * (timeout_s + 2.0) + 10.0
