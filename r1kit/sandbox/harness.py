@@ -14,7 +14,7 @@ import sys
 
 
 def main() -> None:
-    """`one LIMITS FDS`: run one candidate in this process; `batch ...`: run many, a forked child each."""
+    """`one FDS LIMITS UID`: run one candidate in this process; `batch ...`: run many, a forked child each."""
     mode, *args = sys.argv[1:]
     if mode == "batch":
         batch(args)
@@ -90,7 +90,6 @@ def candidate(nonce_fd: int, code_fd: int, result_fd: int, limits: tuple[int, in
     quit_(0)  # no atexit hooks, no waiting on the candidate's threads
 
 
-
 def batch(args: list[str]) -> None:
     """Run many candidates in this one sandbox, one at a time, each in a forked child under a uid of its own.
 
@@ -99,7 +98,7 @@ def batch(args: list[str]) -> None:
     never reads a nonce or a program. After each child it kills every process of that uid and deletes the uid's
     files in /tmp and /dev/shm, so the next candidate finds them empty and alone; if the wipe overruns or leaves
     anything, it stops and the host runs the rest one sandbox each. Reports `<index> <timed out> <wait status>
-    <ms>` a line on the progress fd.
+    <ms>` a line on the progress fd; never returns.
     """
     import builtins  # noqa: F401 (imported once here, found by every child)
     import resource  # noqa: F401
