@@ -112,9 +112,11 @@ def serve(folder: Path, device: str, log_path: Path) -> dict:
     finally:
         proc.terminate()
         proc.wait(60)
-    loaded = re.search(r"loaded .* in ([\d.]+) s \(peak host RSS ([\d.]+) GB\)", log_path.read_text())
+    loaded = re.search(r"loaded .* in ([\d.]+) s \(peak host RSS ([\d.]+) GB; while loading, at most ([\d.]+) GB "
+                       r"anonymous and ([\d.]+) GB", log_path.read_text())
     return {"ready_s": round(ready_s, 1), "load_s": loaded and float(loaded[1]),
-            "load_peak_rss_gb": loaded and float(loaded[2]), "server_tree_peak_rss_gb": peak,
+            "load_peak_rss_gb": loaded and float(loaded[2]), "load_peak_anonymous_gb": loaded and float(loaded[3]),
+            "load_peak_mapped_files_gb": loaded and float(loaded[4]), "server_tree_peak_rss_gb": peak,
             "answer_16_tokens_s": round(answer_s, 3), "usage": usage}
 
 

@@ -11,6 +11,7 @@ the GPU and the vocabulary cut to the embedded model's 49,152. Per shape, in one
 Every sequence generates exactly the requested tokens (ignore_eos / min_new_tokens), T=1.
 
   python bench/engine_shapes.py --shape 7b 32b --out $OUT/engine_shapes.json
+  python bench/engine_shapes.py --shape default --batch 512 --skip-hf    # the embedded model's engine figures
   python bench/engine_shapes.py --shape tiny --device cpu --skip-hf       # the CPU check
 """
 
@@ -27,7 +28,7 @@ from bench_io import save_json
 from big_checkpoint import shape_config
 from rollout import decode_breakdown, hf_generate, kernel_profile, per_token_ms, prompts, row, timed
 
-from r1kit.models import load_tokenizer
+from r1kit.models import load_model, load_tokenizer
 from r1kit.rollout import SamplingParams
 from r1kit.rollout.engine import EngineGenerator
 
@@ -43,10 +44,16 @@ def random_model(shape: str, device: torch.device):
     return model.eval()
 
 
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # a tied matrix once
+
+
 def read_bytes(model) -> int:
-    """Bytes of weights a decode step reads: all but the embedding (one row of it a token)."""
+    """Bytes of weights a decode step reads: all but the embedding (one row of it a token), unless the output
+    head is the embedding."""
     embedding = model.get_input_embeddings().weight
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding)
+    tied = model.get_output_embeddings().weight is embedding
+    return weight_bytes(model) - (0 if tied else embedding.numel() * embedding.element_size())
 
 
 def copy_tb_s(device: torch.device, gb: float = 4.0) -> float:
@@ -127,9 +134,9 @@ def hf_rows(model, tokenizer, texts: list[str], new: int, results: dict, save, s
 def measure(shape: str, device: torch.device, args, save) -> dict:
     """Every figure of one shape (saved as it comes through `save`)."""
     tokenizer = load_tokenizer("default")
-    model = random_model(shape, device)
+    model = load_model("default", str(device))[0] if shape == "default" else random_model(shape, device)
     step_bytes = read_bytes(model)
-    results: dict = {"shape": shape, "weights_gb": round(sum(p.numel() * 2 for p in model.parameters()) / 1e9, 2),
+    results: dict = {"shape": shape, "weights_gb": round(weight_bytes(model) / 1e9, 2),
                      "step_read_gb": round(step_bytes / 1e9, 2), "runs": [], "batch1_ms_per_decoded_token": {}}
     save(results)
     if device.type == "cuda":
@@ -150,7 +157,8 @@ def measure(shape: str, device: torch.device, args, save) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", nargs="+", default=["7b", "32b"], help="shapes of bench/big_checkpoint.py")
+    parser.add_argument("--shape", nargs="+", default=["7b", "32b"],
+                        help="shapes of bench/big_checkpoint.py, or 'default' (the embedded model itself)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=256, help="sequences of the large-batch run")
     parser.add_argument("--new", type=int, default=256, help="tokens each sequence generates")

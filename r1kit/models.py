@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,6 +185,36 @@ def peak_host_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
+def resident_gb() -> dict[str, float]:
+    """This process's resident host memory now, in GB: `anonymous` (its own allocations) and `file` (pages of
+    memory-mapped files, such as safetensors shards being read, which the kernel can drop and read again)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {kind: int(fields[key].split()[0]) / 1e6 for kind, key in (("anonymous", "RssAnon"), ("file", "RssFile"))}
+
+
+@contextlib.contextmanager
+def resident_peaks(every_s: float = 0.01) -> Iterator[dict[str, float]]:
+    """The peaks of resident_gb() while the block runs (sampled every `every_s` on a thread, and at its ends),
+    filled in when it ends. Peak RSS alone cannot tell a copy of the weights from the shards' mapped pages."""
+    peaks = {"anonymous": 0.0, "file": 0.0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while True:
+            for kind, gb in resident_gb().items():
+                peaks[kind] = max(peaks[kind], gb)
+            if done.wait(every_s):
+                return
+
+    sampler = threading.Thread(target=sample, name="r1kit-rss", daemon=True)
+    sampler.start()
+    try:
+        yield peaks
+    finally:
+        done.set()
+        sampler.join()
+
+
 def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
     """(model, tokenizer) for a spec; the model in eval mode, `model.name_or_path` its local folder. dtype: a name
     of DTYPES, `auto` (bf16 on a GPU, else fp32) or `stored` (the checkpoint's own).
@@ -198,9 +229,11 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto"):
     folder = resolve_model(spec)
     dev = pick_device(device)
     torch_dtype = checkpoint_dtype(folder) if dtype == "stored" else pick_dtype(dtype, dev)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=dev).eval()
-    log.info("loaded %s on %s in %.1f s (peak host RSS %.2f GB)", folder, dev, time.perf_counter() - started,
-             peak_host_rss_gb())
+    with resident_peaks() as peaks:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=dev).eval()
+    log.info("loaded %s on %s in %.1f s (peak host RSS %.2f GB; while loading, at most %.2f GB anonymous and "
+             "%.2f GB of mapped checkpoint files)", folder, dev, time.perf_counter() - started, peak_host_rss_gb(),
+             peaks["anonymous"], peaks["file"])
     return model, load_tokenizer(str(folder))
 
 

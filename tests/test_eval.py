@@ -121,3 +121,29 @@ def test_an_engine_eval_draws_the_same_samples_in_rounds_of_any_size(tiny_model_
     whole = completions(7)
     assert len(whole) == 14 and len({c for _, _, c in whole}) > 7
     assert completions(2) == whole and completions(3) == whole
+
+
+def test_rounds_scored_in_a_process_of_their_own_give_the_same_records_in_order(tiny_model_dir, caplog):
+    # on a GPU the eval grades a round in another process while the next one generates: the records must be the
+    # ones scoring here gives, in row order; a task that does not pickle is scored here instead, and says so
+    from r1kit.models import load_model
+    from r1kit.rollout.engine import EngineGenerator
+    from r1kit.tasks import load_task
+
+    model, tokenizer = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    task = load_task("arithmetic", n=7)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=3)
+
+    def records(task: Task, background: bool) -> list[dict]:
+        generator = EngineGenerator(model, tokenizer, kv_cache_tokens=2048, block_size=4, max_num_seqs=4)
+        return evaluate(task, generator, tokenizer, params, template="raw", chunk=2, background=background).records
+
+    here = records(task, background=False)
+    assert len(here) == 14 and [r["problem"] for r in here] == [p for p in range(7) for _ in range(2)]
+    assert records(task, background=True) == here
+    unpicklable = task.with_rows(task.rows)
+    unpicklable.verify = lambda text, row: 1.0
+    with caplog.at_level("INFO", logger="r1kit"):
+        scored_here = records(unpicklable, background=True)
+    assert [r["rewards"]["accuracy"] for r in scored_here] == [1.0] * 14
+    assert "scoring in this process: the task does not pickle" in caplog.text

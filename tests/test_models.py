@@ -1,4 +1,5 @@
 import importlib.util
+import time
 
 import pytest
 import torch
@@ -100,6 +101,23 @@ def test_sharded_bf16_checkpoint_loads_as_the_unsharded_one(tmp_path, tiny_model
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
     assert f"loaded {sharded} on cpu in " in caplog.text and "peak host RSS" in caplog.text
+    assert "GB anonymous and" in caplog.text and "GB of mapped checkpoint files" in caplog.text
+
+
+def test_resident_peaks_tell_a_copy_from_mapped_file_pages(tmp_path):
+    import mmap
+
+    from r1kit.models import resident_gb, resident_peaks
+
+    path = tmp_path / "shard"
+    path.write_bytes(b"\1" * 64 * 2**20)
+    before = resident_gb()
+    with resident_peaks() as peaks, path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == 64 * 2**20 // 4096  # every page touched
+        copy = torch.ones(64 * 2**20, dtype=torch.uint8)
+        time.sleep(0.05)
+        del copy
+    assert peaks["file"] - before["file"] >= 0.06 and peaks["anonymous"] - before["anonymous"] >= 0.06
 
 
 def test_bad_specs_explain_themselves(tmp_path, monkeypatch):

@@ -5,7 +5,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
+import multiprocessing
+import pickle
+import signal
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +38,7 @@ from r1kit.rollout import Completion, Generator, SamplingParams, make_generator,
 from r1kit.rollout.sampler import shifted_seed
 from r1kit.tasks import Task, load_task
 
+log = logging.getLogger("r1kit")
 CORRECT = 0.5  # a sample counts as correct for pass@k / cons@k when its accuracy is at least this
 EXTRACTED = "extracted answers"  # what cons@k votes on unless the task's meta names its grouping
 
@@ -72,11 +80,12 @@ def score_group(task: Task, rows: list[dict], prompts: list[str], completions: l
 
 def evaluate(task: Task, generator: Generator, tokenizer, params: SamplingParams, template: str = "auto",
              chunk: int = 64, progress: Progress | None = None, on_records=None, run: EvalRun | None = None,
-             world: distributed.World = distributed.ALONE, stop: StopRequest | None = None) -> EvalRun:
+             world: distributed.World = distributed.ALONE, stop: StopRequest | None = None,
+             background: bool = False) -> EvalRun:
     """Generate params.n samples per row of task and score each, filling run: rounds of chunk rows per rank of
     world, each rank sampling its contiguous part (the generator may start the next round before this one ends);
     every rank gets every record, in row order. With `stop`, all ranks stop after the round in which one of them
-    was asked to."""
+    was asked to. With `background`, a round is scored in a process of its own while the next generates."""
     run = run if run is not None else EvalRun()
     bar = progress.add_task(task.name, total=len(task) * params.n) if progress else None
     advance = (lambda n: progress.advance(bar, n)) if progress else None
@@ -92,20 +101,72 @@ def evaluate(task: Task, generator: Generator, tokenizer, params: SamplingParams
                dataclasses.replace(params, seed=shifted_seed(params.seed, first * params.n)))
               for _, first, prompts in parts)
     generated = generator.generate_rounds(rounds, advance)
+    scored = _scored_rounds(task, parts, generated, params.n, background)
     try:
-        for rows, first, prompts in parts:
-            t0 = time.perf_counter()
-            completions = next(generated)
-            seconds = time.perf_counter() - t0
-            records, failures = score_group(task, rows, prompts, completions, params.n, first) if rows else ([], {})
-            run.scoring_s += time.perf_counter() - t0 - seconds
+        for records, failures, seconds, waited in scored:
+            run.scoring_s += waited
             _add_round(run, world.gather((records, failures, seconds)), world, advance, on_records)
             if stop is not None and world.any(stop.requested)[0]:
                 run.interrupted = True
                 break
     finally:
+        scored.close()  # stops the scoring process
         generated.close()  # a round queued ahead is dropped from the engine
     return run
+
+
+def _score_part(task: Task, rows: list[dict], prompts: list[str], completions: list[Completion], k: int,
+                first: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    return score_group(task, rows, prompts, completions, k, first) if rows else ([], {})
+
+
+def _scored_rounds(task: Task, parts: list, generated: Iterator[list[Completion]], k: int, background: bool
+                   ) -> Iterator[tuple[list[dict[str, Any]], dict[str, int], float, float]]:
+    """(records, reward failures, generation seconds, seconds this process spent scoring or waiting for it) of
+    each round, in order. In the background a process of its own scores a round while the next one generates:
+    grading is CPU work (math-verify parses every sample twice), which would otherwise leave the GPU idle."""
+    pool = _scoring_process(task) if background else None
+    pending: deque[tuple[Future, float]] = deque()
+    try:
+        for rows, first, prompts in parts:
+            t0 = time.perf_counter()
+            completions = next(generated)
+            seconds = time.perf_counter() - t0
+            if pool is None:
+                records, failures = _score_part(task, rows, prompts, completions, k, first)
+                yield records, failures, seconds, time.perf_counter() - t0 - seconds
+                continue
+            pending.append((pool.submit(_score_part, task.with_rows([]), rows, prompts, completions, k, first),
+                            seconds))
+            if len(pending) > 1:  # the round before this one, scored while this one generated
+                yield _scored(*pending.popleft())
+        while pending:
+            yield _scored(*pending.popleft())
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=not pending, cancel_futures=True)
+
+
+def _scored(future: Future, seconds: float) -> tuple[list[dict[str, Any]], dict[str, int], float, float]:
+    t0 = time.perf_counter()
+    records, failures = future.result()
+    return records, failures, seconds, time.perf_counter() - t0
+
+
+def _scoring_process(task: Task) -> ProcessPoolExecutor | None:
+    """One spawned process to score rounds in (the task goes to it by pickle), or None where the task does not
+    pickle (a verifier defined inside a function, say): then rounds are scored here."""
+    try:
+        pickle.dumps(task.with_rows([]))
+    except Exception as error:  # noqa: BLE001 - any pickling failure means: score here
+        log.info("scoring in this process: the task does not pickle (%s)", error)
+        return None
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group: the eval stops and writes what it has; its scorer just goes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _add_round(run: EvalRun, parts: list, world: distributed.World, advance, on_records) -> None:
@@ -177,7 +238,7 @@ def eval_rank(cfg: EvalConfig, world: distributed.World, device: str, console: C
     # the engine reserves KV per request and keeps a GPU busy with hundreds; HF pads a batch to its longest
     gpu_engine = model.device.type == "cuda" and uses_engine(cfg.backend, model)
     batch_size = cfg.batch_size or (512 if gpu_engine else 64)
-    generator = make_generator(model, tokenizer, cfg.backend, batch_size)
+    generator = make_generator(model, tokenizer, cfg.backend, batch_size, compile=cfg.compile)
     params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             min_p=cfg.min_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
     out = Path(cfg.out)
@@ -201,8 +262,9 @@ def eval_rank(cfg: EvalConfig, world: distributed.World, device: str, console: C
     stop = StopRequest() if world.size > 1 else None
     try:
         with samples_file or contextlib.nullcontext(), Progress(*columns, console=console) as progress:
+            # on a GPU, grading a round in another process overlaps generating the next (CPU tests score here)
             evaluate(task, generator, tokenizer, params, cfg.template, chunk, progress,
-                     save if world.is_main else None, run, world, stop)
+                     save if world.is_main else None, run, world, stop, background=gpu_engine)
     except KeyboardInterrupt:
         run.interrupted = True
     finally:

@@ -38,13 +38,14 @@ def kv_cache_tokens(free_bytes: int, bytes_per_token: int, batch_size: int, max_
 
 
 def make_generator(model, tokenizer, backend: str = "auto", batch_size: int = 64,
-                   max_seq_tokens: int | None = None) -> Generator:
+                   max_seq_tokens: int | None = None, compile: bool = True) -> Generator:
     """The generator for a loaded model.
 
     `engine` is r1kit's rollout engine (paged KV cache, continuous batching, shared group prompts,
     CUDA graphs); `auto` picks it on a GPU where it runs the model (HF generate otherwise, saying why).
     On a GPU its KV cache is sized by kv_cache_tokens: with max_seq_tokens (prompt + completion) given, a run
-    takes only what its batch can fill and leaves the rest of the GPU to others.
+    takes only what its batch can fill and leaves the rest of the GPU to others. `compile` compiles its decode
+    step (CUDA graphs either way).
     """
     device = next(model.parameters()).device
     if not uses_engine(backend, model):
@@ -61,4 +62,5 @@ def make_generator(model, tokenizer, backend: str = "auto", batch_size: int = 64
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         kv_tokens = kv_cache_tokens(free, kv_bytes_per_token(model.config, dtype), batch_size, max_seq_tokens)
-    return EngineGenerator(model, tokenizer, kv_cache_tokens=kv_tokens, max_num_seqs=max(batch_size, 1), dtype=dtype)
+    return EngineGenerator(model, tokenizer, kv_cache_tokens=kv_tokens, max_num_seqs=max(batch_size, 1), dtype=dtype,
+                           compile=compile)
