@@ -10,6 +10,8 @@ config.json, generation_config.json and the tokenizer, so an import has the same
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,16 +74,42 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, dty
     return total
 
 
+@contextlib.contextmanager
+def read_once(path: Path) -> Iterator:
+    """The GGUFReader of path, which transformers also gets while the block runs whenever it opens that file,
+    and gguf's tensor-name maps built once each.
+
+    transformers parses the file once for the config and again for the tokenizer, and the tensors need a third
+    reader: each parse walks the vocabulary's ~100k metadata entries in Python (~5 s for the embedded model).
+    Its tensor-name map is built again for every module of the model (397 times, 14 s). transformers imports
+    both names from gguf when it uses them, so replacing them for the block reaches it."""
+    import gguf
+
+    reader, open_file, name_map = gguf.GGUFReader(path), gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def shared(file, *args, **kwargs):
+        return reader if Path(file) == path and not args and not kwargs else open_file(file, *args, **kwargs)
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared, functools.cache(name_map)
+    try:
+        yield reader
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = open_file, name_map
+
+
 def import_folder(gguf: Path, out_dir: Path, dtype: torch.dtype | None = None) -> torch.dtype:
     """Write the HF checkpoint of a GGUF file into the (empty) folder out_dir; returns the precision it chose."""
-    from gguf import GGUFReader
+    with read_once(gguf) as reader:
+        return _import_folder(gguf, reader, out_dir, dtype)
+
+
+def _import_folder(gguf: Path, reader, out_dir: Path, dtype: torch.dtype | None) -> torch.dtype:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers marks a GGUF's config as quantized, which blocks training and save_pretrained
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    reader = GGUFReader(gguf)
     dtype = dtype or import_dtype(sum(int(t.n_elements) for t in reader.tensors))
     with torch.device("meta"):  # the name map needs the module tree, not its weights
         skeleton = AutoModelForCausalLM.from_config(config)

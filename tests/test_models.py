@@ -20,10 +20,13 @@ from r1kit.models import (
 
 def test_gguf_import_round_trip(tmp_path, default_dir):
     """The imported checkpoint computes the same logits as the GGUF loaded by transformers."""
+    import gguf as gguf_library
     from transformers import AutoModelForCausalLM
 
     gguf = default_gguf_path()
-    out = import_gguf(gguf, tmp_path / "imported")
+    library = gguf_library.GGUFReader, gguf_library.get_tensor_name_map
+    out = import_gguf(gguf, tmp_path / "imported")  # reads the file once, through names of gguf it replaces...
+    assert (gguf_library.GGUFReader, gguf_library.get_tensor_name_map) == library  # ...and puts back
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     imported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert getattr(imported, "hf_quantizer", None) is None and "quantization_config" not in imported.config

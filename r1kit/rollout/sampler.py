@@ -128,12 +128,13 @@ def _scale(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, keys: torch.Tensor, steps: torch.Tensor,
-           history: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           history: torch.Tensor | None = None, compile: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, logprobs) for (B, vocab) float32 logits; a row with temperature 0 is greedy.
 
     logprobs are log softmax(logits / T) of the chosen token, untruncated by top-k/top-p/min-p and
     unpenalized (raw logits for greedy rows): what the trainer's forward computes for the same token.
-    `history` (B, L) holds the tokens the repetition penalty looks at.
+    `history` (B, L) holds the tokens the repetition penalty looks at. On a GPU the draw runs compiled unless
+    `compile` is False (the same tokens either way).
     """
     choice = None  # the scores tokens are drawn from, when they differ from logits / T
     if history is not None and batch.penalized:
@@ -145,7 +146,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, keys: torch.Tensor, steps
     where = (logits.shape[-1], logits.device)
     if where not in _codes:
         _codes[where] = column_codes(*where)
-    return _draw(logits, batch.temperature, keys, steps, _codes[where], choice)
+    args = (logits, batch.temperature, keys, steps, _codes[where], choice)
+    return _compiled(*args) if compile and logits.is_cuda else draw(*args)
 
 
 CHUNKED_BELOW = 64  # rows: from here on a batch fills the GPU, and one pass shares its reads with log-softmax
@@ -191,11 +193,9 @@ def as_views(args) -> list:
     return [a.view(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def _draw(*args) -> tuple[torch.Tensor, torch.Tensor]:
+def _compiled(*args) -> tuple[torch.Tensor, torch.Tensor]:
     # on a GPU the hash, noise, argmax and log softmax are ~30 passes over (batch, vocab); compiled, two
     global _compiled_draw
-    if not args[0].is_cuda:
-        return draw(*args)
     if _compiled_draw is None:
         _compiled_draw = compiled(draw, "the sampler")
     return _compiled_draw(*as_views(args))

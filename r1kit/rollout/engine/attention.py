@@ -127,12 +127,13 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: 
     group = heads // kv_heads
     out = q.new_empty(q.shape)
     # A few sequences are a few programs, each walking its context alone: wider tiles walk it in fewer
-    # steps. Many fill the GPU, where narrower tiles and, at head_dim 64, two warps a program were fastest
-    # (bench/attention_tiles.py on the H200: at 1-8 sequences and a context of 300, 6.2 us against 7.8 at
-    # 64-token tiles; at 512, 40 us against 43 with four warps). A tile of K and V stays in registers.
+    # steps. Many fill the GPU, where narrower tiles and two warps a program were fastest. bench/attention_tiles.py
+    # on the H200, at head_dim 64 (SmolLM2): 1-8 sequences at a context of 300, 6.2 us against 7.8 with 64-token
+    # tiles; 512, 40 us against 43 with four warps. At head_dim 128 (R1-Distill-Qwen-7B and -32B's heads), the
+    # same choice against halved tiles and four warps: one sequence at 300, 8.5 us against 10.3; 256 at 300, 47.7
+    # us against 54.9 (7B) and 90.5 against 101.1 (32B); within 10% either way at a context of 48.
     few = batch <= 16
-    tile = (128 if few else 64) // max(1, head_dim // 64)
-    warps = 4 if few or head_dim > 64 else 2
+    tile, warps = (128, 4) if few else (64, 2)
     _paged_decode_kernel[(batch, kv_heads)](
         q, k, v, cos, sin, slots, k_cache, v_cache, tables, lens, out, head_dim**-0.5, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), k_cache.stride(0), k_cache.stride(1),

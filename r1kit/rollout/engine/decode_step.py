@@ -40,8 +40,8 @@ def buckets_for(max_batch: int) -> list[int]:
 class DecodeStep:
     """The running batch's state on the device and the step that advances it (graphed when `graphs`)."""
 
-    def __init__(self, decoder, max_batch: int, width: int, graphs: bool):
-        self.decoder, self.block_size = decoder, decoder.block_size
+    def __init__(self, decoder, max_batch: int, width: int, graphs: bool, compile: bool = True):
+        self.decoder, self.block_size, self.compile = decoder, decoder.block_size, compile
         self.buckets = buckets_for(max_batch) if graphs else None
         rows = self.buckets[-1] if graphs else max_batch
         # the scratch slot opens the block after the last one: a padding row's table points there
@@ -129,7 +129,7 @@ class DecodeStep:
         logits = self.decoder.decode(tokens, positions, slots, tables, lens, self.logits[:rows])
         if mode != "logits":
             sampling = self.sampling(rows, filtered=mode == "filter")
-            self.advance(rows, *sample(logits, sampling, self.keys[:rows], self.steps[:rows]))
+            self.advance(rows, *sample(logits, sampling, self.keys[:rows], self.steps[:rows], compile=self.compile))
 
     def _run(self, batch: int, mode: str) -> None:
         rows = self.rows(batch)

@@ -105,7 +105,8 @@ class SequencesFailed(RuntimeError):
 
 
 class LLMEngine:
-    """Continuous batching over a paged KV cache, sharing weights with the policy model."""
+    """Continuous batching over a paged KV cache, sharing weights with the policy model. `compile`: torch.compile
+    the decode layers and the sampler (CUDA graphs either way)."""
 
     def __init__(self, model, tokenizer, *, kv_cache_tokens: int = 65_536, block_size: int = BLOCK_SIZE,
                  max_num_seqs: int = 512, max_prefill_tokens: int = 16_384, dtype: torch.dtype | None = None,
@@ -138,7 +139,7 @@ class LLMEngine:
         graphs = cuda_graphs and kernel_supports(self.device, decoder.dtype, decoder.head_dim)
         if graphs and compile:
             decoder.compile_layers(prefill=compile_prefill)
-        return DecodeStep(decoder, max_num_seqs, self.blocks.blocks_for(decoder.max_len), graphs)
+        return DecodeStep(decoder, max_num_seqs, self.blocks.blocks_for(decoder.max_len), graphs, compile)
 
     def sync_weights(self) -> None:
         """Refresh the engine's weight buffers after an optimizer step (free when it shares the policy's)."""
@@ -163,7 +164,7 @@ class LLMEngine:
                 keys, steps = (torch.zeros(rows, dtype=torch.long, device=self.device) for _ in range(2))
                 # two tensors, not one twice: the compiled sampler would guard on keys being steps
                 sample(torch.zeros(rows, vocab, device=self.device), SamplingBatch.of([params] * rows, self.device),
-                       keys, steps)
+                       keys, steps, compile=self.decode_step.compile)
 
     def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError, saying why, for a request that could never run in this engine."""
@@ -271,7 +272,7 @@ class LLMEngine:
         keys = torch.tensor([s.key for s in seqs], device=self.device)
         steps = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
         history = self._history(seqs) if sampling.penalized else None
-        tokens, logprobs = sample(logits, sampling, keys, steps, history)
+        tokens, logprobs = sample(logits, sampling, keys, steps, history, self.decode_step.compile)
         return self._to_host(seqs, torch.stack([tokens.double(), logprobs.double()], 1), logits, sampling,
                              max(s.params.top_logprobs for s in seqs))
 
@@ -305,7 +306,8 @@ class LLMEngine:
         rows, n = batch.rows, len(batch.rows)
         if batch.penalized:
             sampling = state.sampling(n, batch.filtered, penalized=True)
-            drawn = sample(state.forward(n), sampling, state.keys[:n], state.steps[:n], self._history(rows))
+            drawn = sample(state.forward(n), sampling, state.keys[:n], state.steps[:n], self._history(rows),
+                           state.compile)
             return self._to_host(rows, state.advance(n, *drawn), state.logits[:n], sampling, batch.top_n)
         return self._to_host(rows, state.step(n, batch.filtered), state.logits[:n], state.sampling(n, batch.filtered),
                              batch.top_n)
