@@ -115,6 +115,7 @@ def engine_rows(model, tokenizer, texts: list[str], new: int, results: dict, sav
     save()
     if device.type == "cuda":
         results["kernel_profile"] = [kernel_profile(engine, texts[:n]) for n in (1, big)]
+        save()
 
 
 def hf_rows(model, tokenizer, texts: list[str], new: int, results: dict, save, static: bool) -> None:

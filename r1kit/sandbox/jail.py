@@ -83,7 +83,7 @@ def run_candidate(program: str, tests: str | Sequence[str] = (), *, stdin: str =
     """
     chunks = _chunks(tests)
     start = time.monotonic()
-    if "\0" in program or any("\0" in t for t in chunks):  # NUL separates the chunks; Python source has none
+    if _has_nul(program, chunks):
         return Outcome("failed", 0, len(chunks), False, "", "source contains a NUL byte", 0.0)
     if not unsafe_no_sandbox:
         check_sandbox()
@@ -255,6 +255,9 @@ def _reap(pidfd: int) -> None:
         _readable(pidfd, 10.0)
 
 
+DESCRIPTORS = ("nonce_r", "code", "result", "stdin", "out", "err")  # a candidate's, open until it ends
+
+
 @dataclass
 class _Files:
     """One candidate's descriptors: its nonce pipe, program, stdin, captured stdout/stderr and verdict."""
@@ -270,7 +273,7 @@ class _Files:
     uid: int  # as root: a uid of its own (RLIMIT_NPROC counts per uid); otherwise 0
 
     def fds(self) -> list[int]:
-        return [self.nonce_r, self.code, self.result, self.stdin, self.out, self.err]
+        return [getattr(self, name) for name in DESCRIPTORS]
 
 
 def _files(program: str, tests: list[str], stdin: str, root: bool, opened: list[int]) -> _Files:
@@ -393,6 +396,11 @@ def _execute(program: str, tests: list[str], stdin: str, timeout_s: float, memor
         _close(opened, workdir)
 
 
+def _has_nul(program: str, chunks: list[str]) -> bool:
+    """Whether the source has a NUL byte, which separates the chunks on their way in (Python source has none)."""
+    return "\0" in program or any("\0" in t for t in chunks)
+
+
 def run_batch(jobs: Sequence[Job], *, timeout_s: float = 5.0, memory_mb: int = 512, max_processes: int = 8,
               max_output_bytes: int = 1 << 20) -> list[Outcome]:
     """Run candidates one after another in one sandbox, each scored as `run_candidate` would score it.
@@ -403,7 +411,7 @@ def run_batch(jobs: Sequence[Job], *, timeout_s: float = 5.0, memory_mb: int = 5
     """
     limits = {"timeout_s": timeout_s, "memory_mb": memory_mb, "max_processes": max_processes,
               "max_output_bytes": max_output_bytes}
-    together = [i for i, job in enumerate(jobs) if "\0" not in job.program + "".join(_chunks(job.tests))]
+    together = [i for i, job in enumerate(jobs) if not _has_nul(job.program, _chunks(job.tests))]
     done = _batch([jobs[i] for i in together], **limits) if os.geteuid() == 0 and len(together) > 1 else {}
     done = {together[i]: outcome for i, outcome in done.items()}
     return [done[i] if i in done else run_candidate(job.program, job.tests, stdin=job.stdin, **limits)

@@ -8,11 +8,11 @@ import resource
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from r1kit.sandbox.jail import Job, Outcome, check_sandbox, run_batch, run_candidate
+from r1kit.sandbox.jail import DESCRIPTORS, Job, Outcome, check_sandbox, run_batch, run_candidate
 
 BATCH = 32  # candidates a sandbox at most: a hung one delays the rest of its batch by its time limit (2 s more
 # if its wipe overruns, after which the rest run one sandbox each)
-FDS_PER_JOB = 7  # a batch holds six descriptors a candidate until it ends (jail._Files), and a few of its own
+FDS_PER_JOB = len(DESCRIPTORS) + 1  # a batch holds each candidate's until it ends, and a few of its own
 
 
 def batch_size(jobs: int, workers: int) -> int:
