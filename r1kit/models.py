@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -60,7 +61,10 @@ def weights_sha256(folder: str | Path) -> str:
         raise ModelError(f"{folder}: no *.safetensors weights")
     if len(files) == 1:
         return file_sha256(files[0])
-    lines = "".join(f"{file_sha256(f)}  {f.name}\n" for f in files)
+    # hashing runs at ~1 GB/s a core with the interpreter lock released: a 32B model's 13 shards in parallel
+    with ThreadPoolExecutor(min(len(files), os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(file_sha256, files))
+    lines = "".join(f"{digest}  {f.name}\n" for digest, f in zip(digests, files, strict=True))
     return hashlib.sha256(lines.encode()).hexdigest()
 
 

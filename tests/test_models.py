@@ -1,3 +1,4 @@
+import hashlib
 import importlib.util
 import time
 
@@ -96,6 +97,10 @@ def test_sharded_bf16_checkpoint_loads_as_the_unsharded_one(tmp_path, tiny_model
         source.save_pretrained(folder, max_shard_size=shard)
         tokenizer.save_pretrained(folder)
     assert len(list(sharded.glob("*.safetensors"))) > 2 and (sharded / "model.safetensors.index.json").is_file()
+    # the shards' identity is `sha256sum *.safetensors | sha256sum`, whichever order their threads finish in
+    lines = "".join(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n"
+                    for f in sorted(sharded.glob("*.safetensors")))
+    assert weights_sha256(sharded) == hashlib.sha256(lines.encode()).hexdigest()
     with caplog.at_level(logging.INFO, logger="r1kit"):
         a, _ = load_model(str(whole), device="cpu", dtype="bfloat16")
         b, _ = load_model(str(sharded), device="cpu", dtype="bfloat16")

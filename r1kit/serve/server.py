@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from r1kit.config import ServeConfig
@@ -54,6 +55,10 @@ def load_served(spec: str, name: str | None, device: str, kv_cache_tokens: int, 
     folder = resolve_model(spec)
     log = logging.getLogger("r1kit.serve")
     started = time.perf_counter()
+    # the pinned sha256 reads every byte of the weights (~30 s for a 14B model): while the engine starts
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="r1kit-sha256")
+    sha256 = hashing.submit(weights_sha256, folder)
+    hashing.shutdown(wait=False)  # the hash runs on; the pool takes nothing more
     if engine_process if engine_process is not None else pick_device(device).type == "cuda":
         worker = EngineProcess(str(folder), device, kv_cache_tokens, prefill_chunk_tokens)
         tokenizer = load_tokenizer(str(folder))
@@ -62,7 +67,7 @@ def load_served(spec: str, name: str | None, device: str, kv_cache_tokens: int, 
         worker, tokenizer = EngineWorker(engine), engine.tokenizer
     log.info("engine loaded and warmed up in %.1f s", time.perf_counter() - started)
     served_name = name or (Path(spec).name if spec != "default" else "SmolLM2-135M-Instruct")
-    return ServedModel(name=served_name, worker=worker, tokenizer=tokenizer, sha256=weights_sha256(folder),
+    return ServedModel(name=served_name, worker=worker, tokenizer=tokenizer, sha256=sha256.result(),
                        path=str(folder), created=int(time.time()))
 
 
