@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="with --model")
     parser.add_argument("--direct", action="store_true", help="no HTTP: clients stream from the engine thread")
     parser.add_argument("--procs", type=int, default=1, help="client processes (HTTP only)")
+    parser.add_argument("--client", choices=["raw", "openai"], default="raw", help="serve_load.py's --client")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -127,7 +128,8 @@ def main() -> None:
     port = free_port()
     server, thread = serve_in_thread(app, port)
     try:
-        result = run(f"http://127.0.0.1:{port}", "none", args.clients, args.requests, args.max_tokens, 600, args.procs)
+        result = run(f"http://127.0.0.1:{port}", "none", args.clients, args.requests, args.max_tokens, 600, args.procs,
+                     args.client)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

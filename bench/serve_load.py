@@ -1,6 +1,9 @@
 """Load test of `r1kit serve` on 127.0.0.1: N concurrent streaming clients, a bounded number of requests.
 
-Reports errors, time to first token (p50/p99), generated tokens/s and requests/s, then exits.
+Reports errors, time to first token (p50/p99), generated tokens/s and requests/s, then exits. The clients read
+the SSE stream with httpx and json (`--client raw`, the default), or through the OpenAI SDK (`--client openai`),
+whose per-chunk pydantic objects cost ~0.7 ms of the clients' CPU a chunk: at 64 streams in one process the SDK,
+not the server, was where the time went (cProfile of serve_ceiling.py on the CPU).
   python bench/serve_load.py --model default --clients 64 --requests 256 --max-tokens 128 --procs 4
   python bench/serve_load.py --model tiny --device cpu --max-tokens 64
   python bench/serve_load.py --url http://127.0.0.1:8000 --api-key KEY
@@ -10,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import time
+from collections.abc import AsyncIterator
 
 from bench_io import emit
 
@@ -75,32 +80,64 @@ def figures(results: list[dict], wall: float) -> dict:
             "tokens": tokens, "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round(len(results) / wall, 2)}
 
 
-async def one_request(client, model: str, i: int, max_tokens: int) -> dict:
+def request_body(model: str, i: int, max_tokens: int) -> dict:
+    """The i-th streamed chat request, asking for the usage in its last chunk."""
+    return {"model": model, "messages": question(i), "max_tokens": max_tokens, "temperature": 1.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+
+async def raw_chunks(client, model: str, i: int, max_tokens: int) -> AsyncIterator[tuple[bool, int | None]]:
+    """(whether the chunk carries text, its usage's completion tokens or None) of each chunk, parsed from the SSE
+    lines with json alone."""
+    async with client.stream("POST", "/v1/chat/completions", json=request_body(model, i, max_tokens)) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"error chunk: {chunk['error']}")
+            delta = chunk["choices"][0].get("delta", {}) if chunk.get("choices") else {}
+            yield bool(delta.get("content") or delta.get("reasoning_content")), (chunk.get("usage") or {}).get(
+                "completion_tokens")
+
+
+async def openai_chunks(client, model: str, i: int, max_tokens: int) -> AsyncIterator[tuple[bool, int | None]]:
+    """The same through the OpenAI SDK's streaming objects."""
+    body = request_body(model, i, max_tokens)
+    async for chunk in await client.chat.completions.create(**body):
+        delta = chunk.choices[0].delta if chunk.choices else None
+        yield bool(delta and (delta.content or getattr(delta, "reasoning_content", None))), (
+            chunk.usage.completion_tokens if chunk.usage else None)
+
+
+async def one_request(chunks: AsyncIterator[tuple[bool, int | None]]) -> dict:
     started = time.perf_counter()
     first, tokens = None, 0
-    stream = await client.chat.completions.create(
-        model=model, messages=question(i),
-        max_tokens=max_tokens, temperature=1.0, stream=True, stream_options={"include_usage": True})
-    async for chunk in stream:
-        if chunk.usage:
-            tokens = chunk.usage.completion_tokens
-        if first is None and chunk.choices:
-            delta = chunk.choices[0].delta
-            if delta.content or getattr(delta, "reasoning_content", None):
-                first = time.perf_counter() - started
+    async for has_text, usage in chunks:
+        tokens = usage if usage is not None else tokens
+        if first is None and has_text:
+            first = time.perf_counter() - started
     return {"ttft": first if first is not None else time.perf_counter() - started, "tokens": tokens,
             "s": time.perf_counter() - started}
 
 
-async def load(url: str, api_key: str, clients: int, requests: range, max_tokens: int, timeout: float
-               ) -> tuple[list[dict], list[str], float, float]:
+async def load(url: str, api_key: str, clients: int, requests: range, max_tokens: int, timeout: float,
+               kind: str = "raw") -> tuple[list[dict], list[str], float, float]:
     """(results, errors, start, end) of `clients` streaming clients working through `requests`."""
-    import openai
+    import openai  # its httpx client serves the raw reads too (the SDK's own httpx fork, where it has one)
 
     # trust_env=False: a proxy from the environment (HTTP_PROXY) must never sit between a load test and its server
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=timeout,
-                                http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
-    model = (await client.models.list()).data[0].id
+    http = openai.DefaultAsyncHttpxClient(base_url=url, headers={"Authorization": f"Bearer {api_key}"},
+                                          timeout=timeout, trust_env=False)
+    if kind == "openai":
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=timeout,
+                                    http_client=http)
+        chunks = openai_chunks
+    else:
+        client, chunks = http, raw_chunks
+    model = (await http.get("/v1/models")).json()["data"][0]["id"]
     queue = list(requests)
     results, errors = [], []
 
@@ -108,7 +145,7 @@ async def load(url: str, api_key: str, clients: int, requests: range, max_tokens
         while queue:
             i = queue.pop()
             try:
-                results.append(await one_request(client, model, i, max_tokens))
+                results.append(await one_request(chunks(client, model, i, max_tokens)))
             except Exception as e:  # noqa: BLE001 - every failure is counted and reported
                 errors.append(f"{type(e).__name__}: {e}")
 
@@ -122,10 +159,10 @@ def _load_in_process(args: tuple) -> tuple[list[dict], list[str], float, float]:
 
 
 def run(url: str, api_key: str, clients: int, requests: int, max_tokens: int, timeout: float,
-        procs: int = 1) -> dict:
+        procs: int = 1, client: str = "raw") -> dict:
     """The load's figures; with procs > 1 the clients are split over that many processes, so that the
-    clients' own Python (an OpenAI client parses every chunk) is not what limits tokens/s."""
-    shares = [(url, api_key, len(range(p, clients, procs)), range(p, requests, procs), max_tokens, timeout)
+    clients' own Python (parsing every chunk) is not what limits tokens/s."""
+    shares = [(url, api_key, len(range(p, clients, procs)), range(p, requests, procs), max_tokens, timeout, client)
               for p in range(procs)]
     if procs == 1:
         parts = [_load_in_process(shares[0])]
@@ -137,7 +174,8 @@ def run(url: str, api_key: str, clients: int, requests: int, max_tokens: int, ti
     results = [r for part in parts for r in part[0]]
     errors = [e for part in parts for e in part[1]]
     wall = max(part[3] for part in parts) - min(part[2] for part in parts)
-    return {"clients": clients, "client_processes": procs, "requests": requests, "max_tokens": max_tokens,
+    return {"clients": clients, "client": client, "client_processes": procs, "requests": requests,
+            "max_tokens": max_tokens,
             "errors": len(errors), "first_errors": errors[:3], **figures(results, wall)}
 
 
@@ -152,6 +190,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--kv-cache-tokens", type=int, default=65_536)
     parser.add_argument("--procs", type=int, default=1, help="client processes the clients are split over")
+    parser.add_argument("--client", choices=["raw", "openai"], default="raw",
+                        help="read the stream with httpx and json, or through the OpenAI SDK")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per request before it counts as an error")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--server-log", help="write the local server's output here (its engine logs tokens/s and "
@@ -163,7 +203,8 @@ def main() -> None:
     url, proc = (args.url, None) if args.url else start_local(model, args.device, args.kv_cache_tokens,
                                                                             args.server_log)
     try:
-        result = run(url, args.api_key, args.clients, args.requests, args.max_tokens, args.timeout, args.procs)
+        result = run(url, args.api_key, args.clients, args.requests, args.max_tokens, args.timeout, args.procs,
+                     args.client)
     finally:
         if proc is not None:
             proc.terminate()
