@@ -187,3 +187,26 @@ def test_the_server_ends_only_the_failing_request(tiny_model_dir, monkeypatch):
         assert clean(worker) and server.app.state.load.requests == 0
     finally:
         server.stop()
+
+
+def test_a_mailbox_runs_posts_from_other_threads_in_order_with_one_wakeup_a_batch():
+    # a step's events for many streams wake the server's loop once, not once a stream, and keep their order
+    import asyncio
+
+    from r1kit.serve.worker import mailbox
+
+    loop = asyncio.new_event_loop()
+    wakeups, seen = [], []
+    schedule = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda fn, *args: (wakeups.append(fn), schedule(fn, *args))
+    box = mailbox(loop)
+    assert mailbox(loop) is box
+    poster = threading.Thread(target=lambda: [box.post(seen.append, i) for i in range(100)])
+    poster.start()
+    poster.join()  # the loop is not running: every post after the first joins the drain already scheduled
+    loop.run_until_complete(asyncio.sleep(0))
+    assert seen == list(range(100)) and len(wakeups) == 1
+    box.post(seen.append, 100)  # drained: the next post schedules a drain of its own
+    loop.run_until_complete(asyncio.sleep(0))
+    assert seen == list(range(101)) and len(wakeups) == 2
+    loop.close()

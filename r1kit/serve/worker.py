@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -110,6 +111,39 @@ class Submission:
     sid: int = -1  # its id in the engine process (EngineProcess)
 
 
+class Mailbox:
+    """Calls for one event loop from other threads, run there in batches: a step's events for 64 streams wake the
+    loop once, where a `call_soon_threadsafe` each would write its self-pipe 64 times."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock = loop, threading.Lock()
+        self.pending: list[tuple[Callable, object]] = []
+
+    def post(self, fn: Callable, arg: object) -> None:
+        """Have the loop call fn(arg), after the calls posted before it."""
+        with self.lock:
+            self.pending.append((fn, arg))
+            if len(self.pending) > 1:  # a drain is scheduled already and has not run
+                return
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            batch, self.pending = self.pending, []
+        for fn, arg in batch:
+            fn(arg)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+
+
+def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    """The loop's Mailbox (one a loop, made on first use; called on the loop)."""
+    if loop not in _MAILBOXES:
+        _MAILBOXES[loop] = Mailbox(loop)
+    return _MAILBOXES[loop]
+
+
 class Worker:
     """What the app streams from: requests go in with `submit` and `abort`, their events come back to a
     listener from another thread. EngineWorker runs the engine on a thread of this process; EngineProcess
@@ -137,11 +171,11 @@ class Worker:
     async def stream(self, prompts: list[list[int]], params: SamplingParams
                      ) -> AsyncIterator[tuple[int, list[Event]]]:
         """(prompt index, events) of one request per prompt as they come; leaving early aborts them all."""
-        loop = asyncio.get_running_loop()
+        box = mailbox(asyncio.get_running_loop())
         arrived: asyncio.Queue[tuple[int, list[Event] | Exception]] = asyncio.Queue()
 
         def listener(i: int) -> Listener:
-            return lambda events: loop.call_soon_threadsafe(arrived.put_nowait, (i, events))
+            return lambda events: box.post(arrived.put_nowait, (i, events))
 
         submissions = [self.submit(ids, params, listener(i)) for i, ids in enumerate(prompts)]
         remaining = params.n * len(prompts)
