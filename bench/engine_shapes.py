@@ -4,7 +4,9 @@ The shapes are R1-Distill-Qwen-7B's and -32B's configs (bench/big_checkpoint.py)
 the GPU and the vocabulary cut to the embedded model's 49,152. Per shape, in one call:
 - the floor: the bytes a decode step reads (every weight but the embedding) over the card's nominal bandwidth and
   over the copy bandwidth measured here;
-- every projection alone (cuBLAS and cuBLASLt, at 1, 2 and 256 rows): what a matmul reaches at these shapes;
+- every projection alone (cuBLAS and cuBLASLt, at 1, 2 and 256 rows): what a matmul reaches at these shapes. They
+  are launched from a Python loop, so a call shorter than its launch (~20 us: the small projections at 1-2 rows)
+  measures the launch; the kernel profile below times those;
 - the engine (graphs + compile, as shipped): ms per decoded token at batch 1, tokens/s at 256 x 256, one step's
   breakdown and its GPU time by kernel at both sizes;
 - HF `generate` (plain, and with its static cache at batch 1), as the issue's table ran it.

@@ -45,7 +45,7 @@ def make_generator(model, tokenizer, backend: str = "auto", batch_size: int = 64
     CUDA graphs); `auto` picks it on a GPU where it runs the model (HF generate otherwise, saying why).
     On a GPU its KV cache is sized by kv_cache_tokens: with max_seq_tokens (prompt + completion) given, a run
     takes only what its batch can fill and leaves the rest of the GPU to others. `compile` compiles its decode
-    step (CUDA graphs either way).
+    layers and sampler (CUDA graphs either way).
     """
     device = next(model.parameters()).device
     if not uses_engine(backend, model):
