@@ -10,6 +10,7 @@ from test_engine import family_model
 
 from r1kit.rollout import SamplingParams
 from r1kit.rollout.engine import LLMEngine
+from r1kit.rollout.engine.prefill_step import PrefillStep
 from r1kit.rollout.sampler import sequence_key
 
 LENGTHS = (23, 9, 17, 30, 4)  # with 4-token blocks: most prompts end in a partly filled block
@@ -62,6 +63,29 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_one(model, params, share_pr
         hf, tokenizer = model
         for ids, (tokens, _) in zip(prompts(), chunked, strict=True):
             assert tokens == hf_greedy(hf, ids, 12, tokenizer.pad_token_id)[: len(tokens)]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0, max_tokens=12),
+                                    SamplingParams(n=3, temperature=1.0, top_k=40, max_tokens=10)],
+                         ids=["greedy", "sampled"])
+@pytest.mark.parametrize("share_prompts", [True, False])
+@pytest.mark.parametrize("chunk", [5, 16_384])
+def test_graphed_prefill_gives_the_tokens_of_the_packed_one(model, params, share_prompts, chunk, monkeypatch):
+    # each prompt token a row of the decode forward (PrefillStep), its "graphs" replayed eagerly on the CPU: a
+    # token attends to the chunks cached before and to the tokens before it in its own step
+    monkeypatch.setattr(PrefillStep, "capture", lambda self, run: run)
+    packed, packed_rows = generate(new_engine(model, share_prompts=share_prompts, max_prefill_tokens=chunk), params)
+    llm = new_engine(model, share_prompts=share_prompts, max_prefill_tokens=chunk)
+    llm.prefill_step = PrefillStep(llm.decoder, 64, llm.blocks.blocks_for(llm.decoder.max_len))
+    graphed, rows = generate(llm, params)
+    for (tokens, logprobs), (expected, expected_logprobs) in zip(graphed, packed, strict=True):
+        assert tokens == expected
+        assert torch.allclose(torch.tensor(logprobs), torch.tensor(expected_logprobs), atol=1e-4)
+    # steps of at most 64 tokens ran as graphs (padded to 16, 32 or 64 tokens), the larger ones packed
+    assert rows == [step for step in packed_rows if sum(step) > 64]
+    small = [sum(step) for step in packed_rows if sum(step) <= 64]
+    assert set(llm.prefill_step.graphs) == {next(b for b in (16, 32, 64) if b >= n) for n in small}
+    assert bool(small) == (chunk == 5)
 
 
 def test_running_sequences_get_a_token_every_other_step_while_a_long_prompt_prefills(model):

@@ -35,10 +35,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def paged_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                           lens: torch.Tensor, block_size: int) -> torch.Tensor:
+                           lens: torch.Tensor, block_size: int, prefill: bool = False) -> torch.Tensor:
     """Rotate (B, heads, head_dim) q and (B, kv_heads, head_dim) k by (B, head_dim) cos and sin, store k and v
     at slots; the attention output (B, heads, head_dim) of q against each row's first lens[b] tokens (the new
-    one included)."""
+    one included). Every row's k and v are stored before any row attends, so rows may be one prompt's tokens
+    (`prefill`: the same computation here)."""
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     k_cache.index_copy_(0, slots, k)
     v_cache.index_copy_(0, slots, v)
@@ -65,7 +66,7 @@ if triton is not None:
                              lens_ptr, out_ptr, scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
                              stride_vh, stride_rb, stride_cs, stride_ch, stride_tb, stride_ob, stride_oh,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+                             BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, STORE: tl.constexpr):
         seq, kv_head = tl.program_id(0), tl.program_id(1)
         cached = tl.load(lens_ptr + seq) - 1  # the context before the new token
         g, d = tl.arange(0, GROUP_PAD), tl.arange(0, HEAD_DIM)
@@ -79,9 +80,10 @@ if triton is not None:
         k_row = seq * stride_kb + kv_head * stride_kh
         k_new = _rotated(k_new_ptr, k_row + d, k_row + partner, first_half, cos, sin, d < HEAD_DIM)
         v_new = tl.load(v_new_ptr + seq * stride_vb + kv_head * stride_vh + d)
-        slot = tl.load(slots_ptr + seq).to(tl.int64) * stride_cs + kv_head * stride_ch
-        tl.store(k_ptr + slot + d, k_new)  # read by later steps only: this one takes it from registers
-        tl.store(v_ptr + slot + d, v_new)
+        if STORE:  # read by later steps only: this one takes it from registers
+            slot = tl.load(slots_ptr + seq).to(tl.int64) * stride_cs + kv_head * stride_ch
+            tl.store(k_ptr + slot + d, k_new)
+            tl.store(v_ptr + slot + d, v_new)
         m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         total = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
@@ -108,6 +110,21 @@ if triton is not None:
         tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=real[:, None])
 
+    @triton.jit
+    def _store_kv_kernel(k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_ptr, stride_kb, stride_kh,
+                         stride_vb, stride_vh, stride_rb, stride_cs, stride_ch, HEAD_DIM: tl.constexpr):
+        """Rotate one row's k for one KV head and store it and v at the row's slot, as the decode kernel does."""
+        seq, kv_head = tl.program_id(0), tl.program_id(1)
+        d = tl.arange(0, HEAD_DIM)
+        cos = tl.load(cos_ptr + seq * stride_rb + d).to(tl.float32)
+        sin = tl.load(sin_ptr + seq * stride_rb + d).to(tl.float32)
+        k_row = seq * stride_kb + kv_head * stride_kh
+        k_new = _rotated(k_new_ptr, k_row + d, k_row + (d + HEAD_DIM // 2) % HEAD_DIM, d < HEAD_DIM // 2, cos, sin,
+                         d < HEAD_DIM)
+        slot = tl.load(slots_ptr + seq).to(tl.int64) * stride_cs + kv_head * stride_ch
+        tl.store(k_ptr + slot + d, k_new)
+        tl.store(v_ptr + slot + d, tl.load(v_new_ptr + seq * stride_vb + kv_head * stride_vh + d))
+
 
 def kernel_supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the Triton kernel runs this case: triton present, a GPU, 16-bit floats, a power-of-2 head_dim."""
@@ -117,9 +134,11 @@ def kernel_supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
 
 def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                        lens: torch.Tensor, block_size: int) -> torch.Tensor:
+                        lens: torch.Tensor, block_size: int, prefill: bool = False) -> torch.Tensor:
     """The same contract as paged_decode_reference, computed by the Triton kernel. q, k and v are read where
-    they lie (views of one projection's output) as long as each head's values are contiguous."""
+    they lie (views of one projection's output) as long as each head's values are contiguous. `prefill`: rows
+    are a prompt's tokens, each attending to the ones before it, so every row's k and v are stored by a kernel
+    of their own first (in one kernel a row could read a slot before the row that writes it has)."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     cos, sin = cos.contiguous(), sin.contiguous()  # one row stride for both
     batch, heads, head_dim = q.shape
@@ -134,11 +153,15 @@ def paged_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: 
     # us against 54.9 (7B) and 90.5 against 101.1 (32B); within 10% either way at a context of 48.
     few = batch <= 16
     tile, warps = (128, 4) if few else (64, 2)
+    if prefill:
+        _store_kv_kernel[(batch, kv_heads)](k, v, cos, sin, slots, k_cache, v_cache, k.stride(0), k.stride(1),
+                                            v.stride(0), v.stride(1), cos.stride(0), k_cache.stride(0),
+                                            k_cache.stride(1), HEAD_DIM=head_dim)
     _paged_decode_kernel[(batch, kv_heads)](
         q, k, v, cos, sin, slots, k_cache, v_cache, tables, lens, out, head_dim**-0.5, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
         tables.stride(0), out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=tile, num_warps=warps)
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=tile, STORE=not prefill, num_warps=warps)
     return out
 
 
@@ -156,15 +179,16 @@ def register_cache(owner) -> int:
 # never sees the cache as a graph input it mutates (which compile would functionalize into a copy).
 @torch.library.custom_op("r1kit::paged_decode", mutates_args=())
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, cache: int, layer: int) -> torch.Tensor:
+                 slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, cache: int, layer: int,
+                 prefill: bool = False) -> torch.Tensor:
     """Rotate the new tokens' q and k, write k and v at `slots` of layer `layer`, then attend q: (B, heads,
-    head_dim)."""
+    head_dim). `prefill`: the rows are prompt tokens that may attend to each other."""
     owner = _DECODERS[cache]
     attend = paged_decode_triton if kernel_supports(q.device, q.dtype, q.shape[-1]) else paged_decode_reference
     return attend(q, k, v, cos, sin, slots, owner.k_cache[layer], owner.v_cache[layer], tables, lens,
-                  owner.block_size)
+                  owner.block_size, prefill)
 
 
 @paged_decode.register_fake
-def _(q, k, v, cos, sin, slots, tables, lens, cache, layer):
+def _(q, k, v, cos, sin, slots, tables, lens, cache, layer, prefill=False):
     return q.new_empty(q.shape)

@@ -157,11 +157,16 @@ class DecodeStep:
                     self._step_and_capture(rows, mode)
 
     def capture(self, run: Callable[[], None]) -> Callable[[], None]:
-        """A CUDA graph of run() (recorded, not run: its kernels were compiled by a call before), as a function
-        that replays it."""
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            run()
-        self.pool = graph.pool()
-        return graph.replay
+        """A CUDA graph of run() in this step's memory pool, as the function that replays it."""
+        replay, self.pool = capture(run, self.pool)
+        return replay
+
+
+def capture(run: Callable[[], None], pool) -> tuple[Callable[[], None], object]:
+    """A CUDA graph of run() (recorded, not run: its kernels were compiled by a call before) in the memory pool
+    (None: a new one); (the function that replays it, the pool)."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        run()
+    return graph.replay, graph.pool()

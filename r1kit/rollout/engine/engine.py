@@ -14,6 +14,7 @@ from r1kit.rollout.engine.attention import kernel_supports
 from r1kit.rollout.engine.block_manager import BlockManager
 from r1kit.rollout.engine.decode_step import DecodeStep
 from r1kit.rollout.engine.model import PagedDecoder
+from r1kit.rollout.engine.prefill_step import PrefillStep
 from r1kit.rollout.engine.scheduler import Chunk, Request, Scheduler
 from r1kit.rollout.engine.sequence import Sequence
 from r1kit.rollout.hf import eos_token_ids
@@ -106,12 +107,14 @@ class SequencesFailed(RuntimeError):
 
 class LLMEngine:
     """Continuous batching over a paged KV cache, sharing weights with the policy model. `compile`: torch.compile
-    the decode layers and the sampler (CUDA graphs either way)."""
+    the decode layers and the sampler (CUDA graphs either way). A prefill step of up to `graph_prefill_tokens`
+    prompt tokens runs as a CUDA graph (PrefillStep), a longer one through the packed prefill forward
+    (compiled too with `compile_prefill`)."""
 
     def __init__(self, model, tokenizer, *, kv_cache_tokens: int = 65_536, block_size: int = BLOCK_SIZE,
                  max_num_seqs: int = 512, max_prefill_tokens: int = 16_384, dtype: torch.dtype | None = None,
                  share_prompts: bool = True, cuda_graphs: bool = True, compile: bool = True,
-                 compile_prefill: bool = False, prefill_delay: float = 1.0):
+                 compile_prefill: bool = False, prefill_delay: float = 1.0, graph_prefill_tokens: int = 2048):
         num_blocks = -(-kv_cache_tokens // block_size)
         self.decoder = PagedDecoder(model, num_blocks * block_size, block_size, dtype)
         self.blocks = BlockManager(num_blocks, block_size)
@@ -129,17 +132,15 @@ class LLMEngine:
         # it is prefilled, so that arrivals are prefilled together: a prefill of one short prompt costs
         # about as much as of several, and as much as ~10 decode steps of the running batch.
         self.prefill_delay, self.clock, self._prefill_s = prefill_delay, time.perf_counter, 0.0
-        self.decode_step = self._new_decode_step(max_num_seqs, cuda_graphs, compile, compile_prefill)
-
-    def _new_decode_step(self, max_num_seqs: int, cuda_graphs: bool, compile: bool, compile_prefill: bool
-                         ) -> DecodeStep:
-        """The decode step, its layers compiled and captured in CUDA graphs where the Triton attention kernel
-        runs."""
+        # CUDA graphs, and the layers compiled when asked, where the Triton attention kernel runs
         decoder = self.decoder
         graphs = cuda_graphs and kernel_supports(self.device, decoder.dtype, decoder.head_dim)
         if graphs and compile:
             decoder.compile_layers(prefill=compile_prefill)
-        return DecodeStep(decoder, max_num_seqs, self.blocks.blocks_for(decoder.max_len), graphs, compile)
+        width = self.blocks.blocks_for(decoder.max_len)
+        self.decode_step = DecodeStep(decoder, max_num_seqs, width, graphs, compile)
+        self.prefill_step = (PrefillStep(decoder, graph_prefill_tokens, width) if graphs and graph_prefill_tokens
+                             else None)
 
     def sync_weights(self) -> None:
         """Refresh the engine's weight buffers after an optimizer step (free when it shares the policy's)."""
@@ -150,6 +151,8 @@ class LLMEngine:
         layer, the sampler), so that no later step stalls for seconds: a server's batch changes with every
         request."""
         self.decode_step.capture_all()
+        if self.prefill_step is not None:
+            self.prefill_step.capture_all()
         self._batch = None  # the captures overwrote the running set's state on the device
         # prefills of one prompt and of several, whole and continued (a chunk after earlier ones), writing only
         # to the scratch slot; lengths that equal no dimension of a model, or torch.compile ties them to it and
@@ -244,13 +247,7 @@ class LLMEngine:
         """Run a step's prompt chunks; the sequences of the prompts it completes join the running set with their
         first token."""
         started = self.clock()
-        tokens, slots, firsts = [], [], []
-        for chunk in chunks:
-            firsts.append(len(tokens))
-            for seq in chunk.request.sequences[: chunk.request.rows]:
-                tokens.append(seq.prompt_ids[chunk.start : chunk.end])
-                slots.append(self._slots(seq, 0, chunk.end))
-        logits = self.decoder.prefill(tokens, slots)
+        logits, firsts = self._prefill_logits(chunks)
         rows, seqs = [], []
         for chunk, first in zip(chunks, firsts, strict=True):
             request = chunk.request
@@ -265,6 +262,20 @@ class LLMEngine:
         advanced = self._record(self._first_tokens(seqs, logits[torch.tensor(rows, device=self.device)]))
         self._prefill_s = self.clock() - started  # _record waited for the device (a step of chunks alone does not)
         return advanced
+
+    def _prefill_logits(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[int]]:
+        """Run the chunks (each once per prompt copy it is prefilled for); (each copy's last logits, the first
+        copy's row of each chunk)."""
+        copies = [(chunk, seq) for chunk in chunks for seq in chunk.request.sequences[: chunk.request.rows]]
+        firsts = [0]
+        for chunk in chunks[:-1]:
+            firsts.append(firsts[-1] + chunk.request.rows)
+        tokens = [seq.prompt_ids[chunk.start : chunk.end] for chunk, seq in copies]
+        step = self.prefill_step
+        if step is not None and step.fits(sum(map(len, tokens)), len(tokens)):
+            starts, tables = [chunk.start for chunk, _ in copies], [seq.block_table for _, seq in copies]
+            return step.run(tokens, starts, tables), firsts
+        return self.decoder.prefill(tokens, [self._slots(seq, 0, chunk.end) for chunk, seq in copies]), firsts
 
     def _first_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> Sampled:
         """Sample each new sequence's first token from its prompt's last logits."""

@@ -238,10 +238,11 @@ class PagedDecoder:
         return F.linear(F.silu(gate) * up, lw.down), stream
 
     def _decode_layer(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      lw: LayerWeights, slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, layer: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      lw: LayerWeights, slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, layer: int,
+                      prefill: bool) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v, stream = self._pre_attention(x, residual, lw)
-        attention = torch.ops.r1kit.paged_decode(q, k, v, cos, sin, slots, tables, lens, self.cache_key, layer)
+        attention = torch.ops.r1kit.paged_decode(q, k, v, cos, sin, slots, tables, lens, self.cache_key, layer,
+                                                 prefill)
         return self._post_attention(stream, attention, lw)
 
     def compile_layers(self, prefill: bool = False) -> None:
@@ -337,14 +338,16 @@ class PagedDecoder:
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-               lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """One token per sequence: (B,) tokens at (B,) positions, their KV written at (B,) slots; (B, width)
-        block tables and (B,) context lengths (this token included). Returns (B, vocab) fp32 logits, in out
-        when given.
+               lens: torch.Tensor, out: torch.Tensor | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row: (B,) tokens at (B,) positions, their KV written at (B,) slots; (B, width) block
+        tables and (B,) context lengths (this token included). Returns (B, vocab) fp32 logits, in out when
+        given. With `last`, the rows are prompt tokens (a row attends to the rows before it in its prompt),
+        and the logits are those of the rows `last` indexes.
 
         No host synchronization on the kernel path, so the step can be captured in a CUDA graph."""
         x, (cos, sin) = self._embed(tokens), self._rotary(positions)
         residual = torch.zeros_like(x)
+        prefill = last is not None
         for layer, lw in enumerate(self.layer_weights):
-            x, residual = self.decode_layer(x, residual, cos, sin, lw, slots, tables, lens, layer)
-        return self._logits(x, residual, out)
+            x, residual = self.decode_layer(x, residual, cos, sin, lw, slots, tables, lens, layer, prefill)
+        return self._logits(x[last], residual[last], out) if prefill else self._logits(x, residual, out)
