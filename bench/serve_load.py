@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import time
 from collections.abc import AsyncIterator
 
@@ -71,12 +70,20 @@ def question(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Question {i}: what is {i} + {2 * i + 7}? Explain."}]
 
 
-def figures(results: list[dict], wall: float) -> dict:
-    """Time to first token (p50, p99), tokens and rates of finished requests ({"ttft", "tokens"} each)."""
-    ttft = sorted(r["ttft"] for r in results)
+def percentile(values: list[float], share: float) -> float | None:
+    """The value below which `share` of the values lie (None for none)."""
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(share * len(ordered)))], 3) if ordered else None
+
+
+def figures(results: list[dict], wall: float, first_wave: int = 0) -> dict:
+    """Time to first token (p50, p99, max), tokens and rates of finished requests ({"ttft", "tokens", "start"}
+    each); the TTFT p99 again without the `first_wave` requests that started first (all clients at once)."""
+    ttft = [r["ttft"] for r in results]
+    later = [r["ttft"] for r in sorted(results, key=lambda r: r.get("start", 0))[first_wave:]]
     tokens = sum(r["tokens"] for r in results)
-    return {"wall_s": round(wall, 2), "ttft_p50_s": round(statistics.median(ttft), 3) if ttft else None,
-            "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3) if ttft else None,
+    return {"wall_s": round(wall, 2), "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
+            "ttft_max_s": percentile(ttft, 1.0), "ttft_p99_s_after_first_wave": percentile(later, 0.99),
             "tokens": tokens, "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round(len(results) / wall, 2)}
 
 
@@ -113,14 +120,14 @@ async def openai_chunks(client, model: str, i: int, max_tokens: int) -> AsyncIte
 
 
 async def one_request(chunks: AsyncIterator[tuple[bool, int | None]]) -> dict:
-    started = time.perf_counter()
+    start, started = time.time(), time.perf_counter()
     first, tokens = None, 0
     async for has_text, usage in chunks:
         tokens = usage if usage is not None else tokens
         if first is None and has_text:
             first = time.perf_counter() - started
     return {"ttft": first if first is not None else time.perf_counter() - started, "tokens": tokens,
-            "s": time.perf_counter() - started}
+            "s": time.perf_counter() - started, "start": start}
 
 
 async def load(url: str, api_key: str, clients: int, requests: range, max_tokens: int, timeout: float,
@@ -176,7 +183,7 @@ def run(url: str, api_key: str, clients: int, requests: int, max_tokens: int, ti
     wall = max(part[3] for part in parts) - min(part[2] for part in parts)
     return {"clients": clients, "client": client, "client_processes": procs, "requests": requests,
             "max_tokens": max_tokens,
-            "errors": len(errors), "first_errors": errors[:3], **figures(results, wall)}
+            "errors": len(errors), "first_errors": errors[:3], **figures(results, wall, clients)}
 
 
 def main() -> None:

@@ -254,7 +254,9 @@ def eval_rank(cfg: EvalConfig, world: distributed.World, device: str, console: C
             console.print(f"{task.name}: {len(run.records)}/{len(task) * cfg.samples} samples, "
                           f"{time.perf_counter() - started:.0f} s")
 
-    chunk = max(1, 4 * batch_size // cfg.samples)
+    # rounds of two batches' samples: the engine runs them into each other, so the batch stays full, and the last
+    # round's grading (what nothing overlaps) is short
+    chunk = max(1, 2 * batch_size // cfg.samples)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     run = EvalRun()

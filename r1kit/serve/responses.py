@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import StreamingResponse
+from tokenizers.decoders import DecodeStream
 
 from r1kit.serve.reasoning import ReasoningSplitter
 from r1kit.serve.schemas import APIError, usage
@@ -19,14 +20,16 @@ from r1kit.serve.worker import Event
 class ChoiceText:
     """Turns a choice's token events into text deltas, detokenizing incrementally.
 
-    Each token decodes a short window (the previous token's start onwards), not the whole output, so a
-    long reply costs the same per token as a short one. Text is held back while it ends in an
-    incomplete UTF-8 character or could be the start of a stop string, so a stream never shows what
-    the final message will not contain.
+    A fast tokenizer's own DecodeStream (Rust) turns each token into the text it completes; any other decodes a
+    short window (the previous token's start onwards), not the whole output, so a long reply costs the same per
+    token as a short one. Text is held back while it ends in an incomplete UTF-8 character or could be the
+    start of a stop string, so a stream never shows what the final message will not contain.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
         self.tokenizer, self.ids = tokenizer, []
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.stream = DecodeStream(skip_special_tokens=True) if self.backend is not None else None
         self.text, self.sent = "", ""
         self.prefix = self.read = 0
         self.hold = max((len(s) for s in stop), default=1) - 1
@@ -41,18 +44,25 @@ class ChoiceText:
             new = event.text[len(self.sent):] if event.text.startswith(self.sent) else ""
             self.sent = event.text
             return new
-        self.ids.append(event.token)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        before, after = decode(self.ids[self.prefix : self.read]), decode(self.ids[self.prefix :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        piece = self.stream.step(self.backend, event.token) if self.stream is not None else self._windowed(event.token)
+        if not piece:
             return ""
-        self.text += after[len(before):]
-        self.prefix, self.read = self.read, len(self.ids)
+        self.text += piece
         safe = self.text[: len(self.text) - self.hold] if self.hold else self.text
         if len(safe) <= len(self.sent):
             return ""
         new, self.sent = safe[len(self.sent):], safe
         return new
+
+    def _windowed(self, token: int) -> str:
+        """The text a token completes, from decoding the window that ends with it."""
+        self.ids.append(token)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before, after = decode(self.ids[self.prefix : self.read]), decode(self.ids[self.prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
 
 
 def sse(data: Any) -> str:
