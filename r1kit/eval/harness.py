@@ -126,6 +126,10 @@ def _scored_rounds(task: Task, parts: list, generated: Iterator[list[Completion]
     each round, in order. In the background a process of its own scores a round while the next one generates:
     grading is CPU work (math-verify parses every sample twice), which would otherwise leave the GPU idle."""
     pool = _scoring_process(task) if background else None
+    if pool is not None and parts and parts[0][0]:
+        # a sample scored now: the process starts and imports its graders (seconds) while the first round generates
+        rows, _, prompts = parts[0]
+        pool.submit(_score_part, task.with_rows([]), rows[:1], prompts[:1], [Completion("\\boxed{0}", [])], 1, 0)
     pending: deque[tuple[Future, float]] = deque()
     try:
         for rows, first, prompts in parts:
