@@ -58,7 +58,8 @@ def _engine_main(spec: str, device: str, kv_cache_tokens: int, prefill_chunk_tok
 
     def collect(sid: int) -> Listener:
         def call(events: list[Event] | Exception) -> None:
-            outgoing.append((sid, (type(events).__name__, str(events)) if isinstance(events, Exception) else events))
+            outgoing.append((sid, (type(events).__name__, str(events)) if isinstance(events, Exception)
+                             else [tuple(e) for e in events]))
 
         return call
 
@@ -156,7 +157,7 @@ class EngineProcess(Worker):
             for sid, events in batch:
                 listener = self._listeners.get(sid)
                 if listener is not None:
-                    listener(_as_error(*events) if isinstance(events, tuple) else events)
+                    listener(_as_error(*events) if isinstance(events, tuple) else [Event._make(e) for e in events])
 
     def alive(self) -> bool:
         return self.process.is_alive()

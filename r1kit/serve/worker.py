@@ -16,6 +16,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from r1kit.rollout.engine import LLMEngine
 from r1kit.rollout.engine.scheduler import Request
@@ -69,9 +70,9 @@ class StepStats:
         return text
 
 
-@dataclass(frozen=True)
-class Event:
-    """One sequence's progress in one engine step: its new token, and how and with what text it ended."""
+class Event(NamedTuple):
+    """One sequence's progress in one engine step: its new token, and how and with what text it ended. A tuple: an
+    engine process sends a step's events up a pipe as plain tuples, which pickle ~10x faster than objects."""
 
     index: int
     token: int
