@@ -88,6 +88,22 @@ def test_graphed_prefill_gives_the_tokens_of_the_packed_one(model, params, share
     assert bool(small) == (chunk == 5)
 
 
+def test_capturing_every_prefill_graph_touches_no_sequence(model, monkeypatch):
+    # the server's warm-up captures every bucket on padding rows, which write only the scratch slot: between
+    # requests, it must change nothing the next prefill or a running sequence reads
+    monkeypatch.setattr(PrefillStep, "capture", lambda self, run: run)
+    params = SamplingParams(n=3, temperature=1.0, top_k=40, max_tokens=10)
+    expected, _ = generate(new_engine(model, max_prefill_tokens=5), params)
+    llm = new_engine(model, max_prefill_tokens=5)
+    llm.prefill_step = PrefillStep(llm.decoder, 64, llm.blocks.blocks_for(llm.decoder.max_len))
+    cache = llm.decoder.k_cache.clone()
+    llm.prefill_step.capture_all()
+    assert sorted(llm.prefill_step.graphs) == [16, 32, 64]
+    scratch = llm.decoder.scratch_slot
+    assert torch.equal(llm.decoder.k_cache[:, :scratch], cache[:, :scratch])
+    assert [tokens for tokens, _ in generate(llm, params)[0]] == [tokens for tokens, _ in expected]
+
+
 def test_running_sequences_get_a_token_every_other_step_while_a_long_prompt_prefills(model):
     llm = new_engine(model, max_prefill_tokens=5, prefill_delay=0.0)  # an arrival is admitted at once
     params = SamplingParams(max_tokens=30, ignore_eos=True, seed=1)
