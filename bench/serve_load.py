@@ -87,6 +87,27 @@ def figures(results: list[dict], wall: float, first_wave: int = 0) -> dict:
             "tokens": tokens, "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round(len(results) / wall, 2)}
 
 
+def server_ttft(url: str, api_key: str) -> dict:
+    """The server's own time to first token (from a request's submission to the engine until its first token reaches
+    the event loop: /metrics' histogram), as the upper bounds of the buckets holding its p50 and p99; set beside the
+    clients' figures, it tells the engine and hand-off's share from the HTTP side's and the clients' own."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {api_key}"})
+    with urllib.request.urlopen(request) as response:
+        text = response.read().decode()
+    buckets = sorted((float(s.labels["le"]), s.value) for family in text_string_to_metric_families(text)
+                     if family.name == "r1kit:time_to_first_token_seconds" for s in family.samples
+                     if s.name.endswith("_bucket"))
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return {}
+    return {f"server_ttft_{name}_le_s": next(le for le, count in buckets if count >= share * total)
+            for name, share in (("p50", 0.5), ("p99", 0.99))}
+
+
 def request_body(model: str, i: int, max_tokens: int) -> dict:
     """The i-th streamed chat request, asking for the usage in its last chunk."""
     return {"model": model, "messages": question(i), "max_tokens": max_tokens, "temperature": 1.0, "stream": True,
@@ -212,6 +233,7 @@ def main() -> None:
     try:
         result = run(url, args.api_key, args.clients, args.requests, args.max_tokens, args.timeout, args.procs,
                      args.client)
+        result.update(server_ttft(url, args.api_key))
     finally:
         if proc is not None:
             proc.terminate()
