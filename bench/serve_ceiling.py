@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--no-freeze", action="store_true", help="leave the garbage collector's heap as it is (the "
+                        "server freezes it once ready): what that freeze changes")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -104,7 +106,7 @@ def main() -> None:
     from r1kit.models import resolve_model
     from r1kit.serve.app import ServedModel, create_app
     from r1kit.serve.server import free_port, load_served, serve_in_thread
-    from r1kit.serve.worker import EngineWorker
+    from r1kit.serve.worker import EngineWorker, freeze_heap
 
     if args.model:
         served = load_served(args.model, None, args.device, 65_536, 2048)
@@ -125,6 +127,8 @@ def main() -> None:
         emit({**setup, "http": False, **result}, args.out)
         return
     app = create_app([served], ServeConfig(max_concurrent=10_000))
+    if not args.no_freeze:
+        freeze_heap()  # as `r1kit serve` does once it is ready
     port = free_port()
     server, thread = serve_in_thread(app, port)
     try:

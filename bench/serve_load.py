@@ -183,6 +183,10 @@ async def load(url: str, api_key: str, clients: int, requests: range, max_tokens
 
 
 def _load_in_process(args: tuple) -> tuple[list[dict], list[str], float, float]:
+    import gc
+
+    gc.collect()
+    gc.freeze()  # as the server does: a full collection of the imports' objects would stall these clients' reads
     return asyncio.run(load(*args))
 
 

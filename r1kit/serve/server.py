@@ -16,7 +16,7 @@ from r1kit.serve.app import ServedModel, create_app
 from r1kit.serve.escalation import Upstream
 from r1kit.serve.process import EngineProcess
 from r1kit.serve.router import Gate, Router
-from r1kit.serve.worker import EngineWorker, warm_engine
+from r1kit.serve.worker import EngineWorker, freeze_heap, warm_engine
 
 
 def free_port() -> int:
@@ -91,6 +91,7 @@ def run_serve(cfg: ServeConfig) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # the engine's stats lines
     app, served = build_app(cfg)
+    freeze_heap()
     for m in served:
         print(f"serving {m.name} (sha256 {m.sha256[:12]})")
     print(f"at http://{cfg.host}:{cfg.port}/ (chat page) and http://{cfg.host}:{cfg.port}/v1 (OpenAI API)")
