@@ -243,6 +243,7 @@ def eval_rank(cfg: EvalConfig, world: distributed.World, device: str, console: C
     gpu_engine = model.device.type == "cuda" and uses_engine(cfg.backend, model)
     batch_size = cfg.batch_size or (512 if gpu_engine else 64)
     generator = make_generator(model, tokenizer, cfg.backend, batch_size, compile=cfg.compile)
+    setup_s = time.perf_counter() - started - loaded_s
     params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             min_p=cfg.min_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
     out = Path(cfg.out)
@@ -292,8 +293,10 @@ def eval_rank(cfg: EvalConfig, world: distributed.World, device: str, console: C
                              task.meta.get("cons_grouping", EXTRACTED)),
         "reward_failures": run.reward_failures,
         "wall_s": time.perf_counter() - started,
-        # where the wall time went besides (the rest: the engine's setup, gathers, writing samples)
-        "timings": {"load_s": loaded_s, "generation_s": run.generation_s, "scoring_s": run.scoring_s},
+        # where the wall time went: loading the model, setting up its generator (the engine's KV cache and buffers),
+        # generating, waiting for grading (the rest: building prompts, gathers, writing samples, the weights' hash)
+        "timings": {"load_s": loaded_s, "setup_s": setup_s, "generation_s": run.generation_s,
+                    "scoring_s": run.scoring_s},
         "interrupted": run.interrupted,
     }
     if hasattr(generator, "engine"):  # where the rollout engine's time went (rank 0's engine under torchrun)
