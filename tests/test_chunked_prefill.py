@@ -9,7 +9,7 @@ from conftest import hf_greedy
 from test_engine import family_model
 
 from r1kit.rollout import SamplingParams
-from r1kit.rollout.engine import LLMEngine
+from r1kit.rollout.engine import LLMEngine, prefill_step
 from r1kit.rollout.engine.prefill_step import PrefillStep
 from r1kit.rollout.sampler import sequence_key
 
@@ -86,6 +86,23 @@ def test_graphed_prefill_gives_the_tokens_of_the_packed_one(model, params, share
     small = [sum(step) for step in packed_rows if sum(step) <= 64]
     assert set(llm.prefill_step.graphs) == {next(b for b in (16, 32, 64) if b >= n) for n in small}
     assert bool(small) == (chunk == 5)
+
+
+def test_a_prefill_step_past_the_graphs_context_takes_the_packed_forward(model, monkeypatch):
+    # the graphed prefill reads a token's whole context for each token: past PREFILL_CONTEXT the packed forward runs
+    monkeypatch.setattr(PrefillStep, "capture", lambda self, run: run)
+    monkeypatch.setattr(prefill_step, "PREFILL_CONTEXT", 16)
+    params = SamplingParams(temperature=0, max_tokens=6)
+    expected, _ = generate(new_engine(model, max_prefill_tokens=5), params)
+    llm = new_engine(model, max_prefill_tokens=5)
+    llm.prefill_step = PrefillStep(llm.decoder, 64, llm.blocks.blocks_for(llm.decoder.max_len))
+    ends = []
+    fits = llm.prefill_step.fits
+    monkeypatch.setattr(llm.prefill_step, "fits", lambda *args: ends.append(args[2]) or fits(*args))
+    graphed, packed_rows = generate(llm, params)
+    assert [tokens for tokens, _ in graphed] == [tokens for tokens, _ in expected]
+    # 5-token chunks in order: the steps whose chunks end past 16 ran packed, the others as graphs
+    assert len(packed_rows) == sum(end > 16 for end in ends) > 0 and llm.prefill_step.graphs
 
 
 def test_capturing_every_prefill_graph_touches_no_sequence(model, monkeypatch):

@@ -272,7 +272,7 @@ class LLMEngine:
             firsts.append(firsts[-1] + chunk.request.rows)
         tokens = [seq.prompt_ids[chunk.start : chunk.end] for chunk, seq in copies]
         step = self.prefill_step
-        if step is not None and step.fits(sum(map(len, tokens)), len(tokens)):
+        if step is not None and step.fits(sum(map(len, tokens)), len(tokens), max(chunk.end for chunk in chunks)):
             starts, tables = [chunk.start for chunk, _ in copies], [seq.block_table for _, seq in copies]
             return step.run(tokens, starts, tables), firsts
         return self.decoder.prefill(tokens, [self._slots(seq, 0, chunk.end) for chunk, seq in copies]), firsts

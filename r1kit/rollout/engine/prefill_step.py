@@ -6,7 +6,8 @@ before any row attends, so a token sees the tokens before it in the same step as
 cached. A few short prompts are then one graph launch where the packed prefill forward launches ~30 ops a
 layer from Python (~20-60 ms a step on an H200 for the embedded model, against ~1 ms of GPU work). The token
 count is padded to a power of two (padding rows write to the scratch slot and attend to that one token); a
-step with more tokens or chunks than the largest graph takes the packed forward.
+step with more tokens or chunks than the largest graph, or a context past PREFILL_CONTEXT, takes the packed
+forward.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ import torch
 from r1kit.rollout.engine.decode_step import capture
 
 PREFILL_CHUNKS = 64  # prompt chunks a graphed prefill takes at most: the rows of its logits
+# The longest context a graphed prefill attends over: its kernel reads a token's whole context for each token (a
+# chunk of n tokens at the end of a context of c reads ~n * c keys, where the packed forward's flash attention
+# reads them once per tile of queries), which is cheap while a layer's keys stay in L2 (a 1,024-token context of a
+# 32B model: 4 MB) and would be the step's main cost past it.
+PREFILL_CONTEXT = 1024
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -45,9 +51,10 @@ class PrefillStep:
         self.graphs: dict[int, Callable[[], None]] = {}
         self.pool = None
 
-    def fits(self, tokens: int, chunks: int) -> bool:
-        """Whether a step of this many tokens in this many chunks runs as a graph."""
-        return tokens <= self.buckets[-1] and chunks <= PREFILL_CHUNKS
+    def fits(self, tokens: int, chunks: int, context: int) -> bool:
+        """Whether a step of this many tokens in this many chunks, the longest ending at position `context`, runs as
+        a graph."""
+        return tokens <= self.buckets[-1] and chunks <= PREFILL_CHUNKS and context <= PREFILL_CONTEXT
 
     def run(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
         """Prefill chunk i (tokens[i] at positions starts[i] on, the earlier ones' KV cached already) through
