@@ -15,7 +15,17 @@ import time
 from collections.abc import Callable
 
 from r1kit.rollout.types import SamplingParams
-from r1kit.serve.worker import EngineLoad, EngineWorker, Event, Listener, Submission, Worker, engine_load, warm_engine
+from r1kit.serve.worker import (
+    EngineLoad,
+    EngineWorker,
+    Event,
+    Listener,
+    Submission,
+    Worker,
+    engine_load,
+    freeze_heap,
+    warm_engine,
+)
 
 LOAD_EVERY_S = 0.5  # how often the child reports its load: often enough for a scrape, rare next to ~2 ms steps
 
@@ -40,6 +50,7 @@ def _engine_main(spec: str, device: str, kv_cache_tokens: int, prefill_chunk_tok
     except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
         outbox.send(("failed", type(error).__name__, str(error)))
         return
+    freeze_heap()
     outgoing: list[tuple[int, list[Event] | tuple[str, str]]] = []
     reported = [0.0]  # when the load last went up with a message
 

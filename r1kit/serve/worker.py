@@ -45,7 +45,6 @@ def warm_engine(spec: str, device: str, kv_cache_tokens: int, prefill_chunk_toke
     engine = LLMEngine(model, tokenizer, kv_cache_tokens=kv_cache_tokens, compile_prefill=True,
                        max_prefill_tokens=prefill_chunk_tokens)
     engine.warmup()
-    freeze_heap()
     return engine
 
 
