@@ -6,8 +6,9 @@
   prompts; an eval's admission: 18 GSM8K prompts x 4 samples, one prefill each; one prompt of 500 and of 2,000
   tokens) and each way (packed eager, packed compiled as a server runs it, graphed), median of 5;
 - profile: the eval shape's packed eager prefill under torch.profiler, the top ops by host and by device time;
+- filter: top-p over 512 rows of the vocabulary, the sort against the Triton thresholds;
 - decode: ms of a decode step of 512 running sequences (contexts of ~350-550 tokens) with top-p (an eval's T=0.6,
-  top-p 0.95) and without, the layers eager (eval's default) and compiled.
+  top-p 0.95) through each filter and without one, the layers eager (eval's default) and compiled.
 
   python bench/engine_profile.py --data $R1_DEVICE_DATA/gsm8k_test.jsonl --out $OUT/engine_profile.json
   python bench/engine_profile.py --device cpu --quick            # the CPU smoke test
@@ -25,8 +26,9 @@ from bench_io import emit
 
 from r1kit.models import load_model
 from r1kit.prompts import build_prompt
-from r1kit.rollout import SamplingParams
+from r1kit.rollout import SamplingParams, sampler
 from r1kit.rollout.engine import LLMEngine
+from r1kit.rollout.thresholds import kernel_filters
 
 
 def questions(path: str | None, n: int) -> list[str]:
@@ -129,6 +131,30 @@ def profile(llm: LLMEngine, prompts: list[list[int]], params: SamplingParams, to
             "by_device": ranked(lambda e: e.self_device_time_total)}
 
 
+def filter_ms(vocab: int, device: torch.device, rows: int = 512, repeats: int = 20) -> dict:
+    """ms of top-p 0.95 over (rows, vocab) scores like a T=0.6 step's: the sort (filter_logits) against the Triton
+    thresholds (threshold_filter), and whether they keep the same tokens."""
+    from r1kit.rollout.sampler import filter_logits
+    from r1kit.rollout.thresholds import kernel_filters, threshold_filter
+
+    scores = torch.randn(rows, vocab, device=device) * 4 / 0.6
+    top_k = torch.zeros(rows, dtype=torch.long, device=device)
+    top_p = torch.full((rows,), 0.95, device=device)
+    min_p = torch.zeros(rows, device=device)
+    ways = {"sort": filter_logits} | ({"thresholds": threshold_filter} if kernel_filters(scores) else {})
+    result = {}
+    for name, way in ways.items():
+        way(scores, top_k, top_p, min_p)
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            out = way(scores, top_k, top_p, min_p)
+        sync(device)
+        result[f"{name}_ms"] = round(1000 * (time.perf_counter() - started) / repeats, 3)
+        result[f"{name}_kept"] = int((~out.isinf()).sum())
+    return result
+
+
 def decode_ms(llm: LLMEngine, prompts: list[list[int]], params: SamplingParams, steps: int) -> float:
     """Mean ms of a decode step of these sequences after `steps` warm-up steps."""
     requests = [llm.add_request(ids, params) for ids in prompts]
@@ -183,16 +209,22 @@ def main() -> None:
         if way == "packed_eager":
             result["profile_eval_18x4_packed_eager"] = profile(llm, *shapes["eval_18x4"])
         print(way, result["prefill_ms"][way], flush=True)
+    result["filter_ms"] = filter_ms(model.get_output_embeddings().weight.shape[0], model.device)
+    print("filter", result["filter_ms"], flush=True)
     result["decode_ms_512"] = {}
     rows = gsm8k[: 32 if quick else 512]
+    top_p = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=1024, ignore_eos=True)
+    runs = {"top_p_0.95": (top_p, True), "top_p_0.95_sort": (top_p, False),
+            "no_filter": (SamplingParams(temperature=0.6, max_tokens=1024, ignore_eos=True), True)}
     for compiled in (False, True):
         llm = LLMEngine(model, tokenizer, compile=compiled, kv_cache_tokens=len(rows) * 1280)
-        for name, params in (("top_p_0.95", SamplingParams(temperature=0.6, top_p=0.95, max_tokens=1024,
-                                                           ignore_eos=True)),
-                             ("no_filter", SamplingParams(temperature=0.6, max_tokens=1024, ignore_eos=True))):
+        for name, (params, thresholds) in runs.items():
             key = f"{'compiled' if compiled else 'eager'}_{name}"
+            sampler.kernel_filters = kernel_filters if thresholds else (lambda scores: False)
+            llm.decode_step.graphs.clear()  # captured again with this filter
             result["decode_ms_512"][key] = decode_ms(llm, rows, params, 5 if quick else 200)
             print(key, result["decode_ms_512"][key], flush=True)
+        sampler.kernel_filters = kernel_filters
     emit(result, args.out)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from r1kit.rollout.compiled import compiled
+from r1kit.rollout.thresholds import kernel_filters, threshold_filter
 from r1kit.rollout.types import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -139,10 +140,12 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, keys: torch.Tensor, steps
     choice = None  # the scores tokens are drawn from, when they differ from logits / T
     if history is not None and batch.penalized:
         choice = _scale(penalize(logits, history, batch.repetition_penalty), batch.temperature)
-    # the full-vocabulary sort of filter_logits is the sampler's main cost: skip it when nothing is cut
+    # filtering is the sampler's main cost (a sort of the vocabulary, or on a GPU a search of it): skip it when
+    # nothing is cut
     if batch.filtered:
         scores = _scale(logits, batch.temperature) if choice is None else choice
-        choice = filter_logits(scores, batch.top_k, batch.top_p, batch.min_p)
+        cut = threshold_filter if kernel_filters(scores) else filter_logits
+        choice = cut(scores, batch.top_k, batch.top_p, batch.min_p)
     where = (logits.shape[-1], logits.device)
     if where not in _codes:
         _codes[where] = column_codes(*where)
