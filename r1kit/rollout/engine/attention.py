@@ -62,6 +62,24 @@ if triton is not None:
         return (x.to(tl.float32) * cos + tl.where(first_half, -partner, partner) * sin).to(x.dtype)
 
     @triton.jit
+    def _new_kv(k_new_ptr, v_new_ptr, seq, kv_head, stride_kb, stride_kh, stride_vb, stride_vh, cos, sin,
+                HEAD_DIM: tl.constexpr):
+        """A row's new k (rotated) and v for one KV head: what both kernels store, computed one way."""
+        d = tl.arange(0, HEAD_DIM)
+        k_row = seq * stride_kb + kv_head * stride_kh
+        k_new = _rotated(k_new_ptr, k_row + d, k_row + (d + HEAD_DIM // 2) % HEAD_DIM, d < HEAD_DIM // 2, cos, sin,
+                         d < HEAD_DIM)
+        return k_new, tl.load(v_new_ptr + seq * stride_vb + kv_head * stride_vh + d)
+
+    @triton.jit
+    def _store_kv(k_ptr, v_ptr, slots_ptr, seq, kv_head, stride_cs, stride_ch, k_new, v_new, HEAD_DIM: tl.constexpr):
+        """Store a row's new k and v for one KV head at the row's slot."""
+        d = tl.arange(0, HEAD_DIM)
+        slot = tl.load(slots_ptr + seq).to(tl.int64) * stride_cs + kv_head * stride_ch
+        tl.store(k_ptr + slot + d, k_new)
+        tl.store(v_ptr + slot + d, v_new)
+
+    @triton.jit
     def _paged_decode_kernel(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_ptr, tables_ptr,
                              lens_ptr, out_ptr, scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
                              stride_vh, stride_rb, stride_cs, stride_ch, stride_tb, stride_ob, stride_oh,
@@ -77,13 +95,10 @@ if triton is not None:
         partner, first_half = (d + HEAD_DIM // 2) % HEAD_DIM, d < HEAD_DIM // 2
         q_rows = seq * stride_qb + heads[:, None] * stride_qh
         q = _rotated(q_ptr, q_rows + d[None, :], q_rows + partner[None, :], first_half, cos, sin, real[:, None])
-        k_row = seq * stride_kb + kv_head * stride_kh
-        k_new = _rotated(k_new_ptr, k_row + d, k_row + partner, first_half, cos, sin, d < HEAD_DIM)
-        v_new = tl.load(v_new_ptr + seq * stride_vb + kv_head * stride_vh + d)
+        k_new, v_new = _new_kv(k_new_ptr, v_new_ptr, seq, kv_head, stride_kb, stride_kh, stride_vb, stride_vh, cos,
+                               sin, HEAD_DIM)
         if STORE:  # read by later steps only: this one takes it from registers
-            slot = tl.load(slots_ptr + seq).to(tl.int64) * stride_cs + kv_head * stride_ch
-            tl.store(k_ptr + slot + d, k_new)
-            tl.store(v_ptr + slot + d, v_new)
+            _store_kv(k_ptr, v_ptr, slots_ptr, seq, kv_head, stride_cs, stride_ch, k_new, v_new, HEAD_DIM)
         m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         total = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
@@ -118,12 +133,9 @@ if triton is not None:
         d = tl.arange(0, HEAD_DIM)
         cos = tl.load(cos_ptr + seq * stride_rb + d).to(tl.float32)
         sin = tl.load(sin_ptr + seq * stride_rb + d).to(tl.float32)
-        k_row = seq * stride_kb + kv_head * stride_kh
-        k_new = _rotated(k_new_ptr, k_row + d, k_row + (d + HEAD_DIM // 2) % HEAD_DIM, d < HEAD_DIM // 2, cos, sin,
-                         d < HEAD_DIM)
-        slot = tl.load(slots_ptr + seq).to(tl.int64) * stride_cs + kv_head * stride_ch
-        tl.store(k_ptr + slot + d, k_new)
-        tl.store(v_ptr + slot + d, tl.load(v_new_ptr + seq * stride_vb + kv_head * stride_vh + d))
+        k_new, v_new = _new_kv(k_new_ptr, v_new_ptr, seq, kv_head, stride_kb, stride_kh, stride_vb, stride_vh, cos,
+                               sin, HEAD_DIM)
+        _store_kv(k_ptr, v_ptr, slots_ptr, seq, kv_head, stride_cs, stride_ch, k_new, v_new, HEAD_DIM)
 
 
 def kernel_supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:

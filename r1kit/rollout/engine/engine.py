@@ -273,8 +273,9 @@ class LLMEngine:
         tokens = [seq.prompt_ids[chunk.start : chunk.end] for chunk, seq in copies]
         step = self.prefill_step
         if step is not None and step.fits(sum(map(len, tokens)), len(tokens), max(chunk.end for chunk in chunks)):
-            starts, tables = [chunk.start for chunk, _ in copies], [seq.block_table for _, seq in copies]
-            return step.run(tokens, starts, tables), firsts
+            starts = [chunk.start for chunk, _ in copies]
+            slots = [self._slots(seq, chunk.start, chunk.end) for chunk, seq in copies]
+            return step.run(tokens, starts, slots, [seq.block_table for _, seq in copies]), firsts
         return self.decoder.prefill(tokens, [self._slots(seq, 0, chunk.end) for chunk, seq in copies]), firsts
 
     def _first_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> Sampled:

@@ -56,32 +56,29 @@ class PrefillStep:
         a graph."""
         return tokens <= self.buckets[-1] and chunks <= PREFILL_CHUNKS and context <= PREFILL_CONTEXT
 
-    def run(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """Prefill chunk i (tokens[i] at positions starts[i] on, the earlier ones' KV cached already) through
-        its prompt's block table tables[i]; (chunks, vocab) logits of each chunk's last token, a view valid
-        until the next run."""
+    def run(self, tokens: list[list[int]], starts: list[int], slots: list[list[int]], tables: list[list[int]]
+            ) -> torch.Tensor:
+        """Prefill chunk i (tokens[i] at positions starts[i] on, their KV slots slots[i], the earlier positions'
+        KV cached already) through its prompt's block table tables[i]; (chunks, vocab) logits of each chunk's last
+        token, a view valid until the next run."""
         count = sum(len(t) for t in tokens)
         bucket = next(b for b in self.buckets if b >= count)
-        ids, positions, slots, chunks, lasts = [], [], [], [], []
-        for i, (chunk, start, table) in enumerate(zip(tokens, starts, tables, strict=True)):
+        ids, positions, chunks, lasts = [], [], [], []
+        for i, (chunk, start) in enumerate(zip(tokens, starts, strict=True)):
             ids += chunk
-            span = range(start, start + len(chunk))
-            positions += span
-            slots += [table[p // self.block_size] * self.block_size + p % self.block_size for p in span]
+            positions += range(start, start + len(chunk))
             chunks += [i] * len(chunk)
             lasts.append(len(ids) - 1)
         pad = bucket - count
-        rows = [ids + [0] * pad, positions + [0] * pad, slots + [self.decoder.scratch_slot] * pad, chunks + [0] * pad]
-        self.ints[:, :bucket] = torch.tensor(rows, dtype=torch.long).to(self.ints.device, non_blocking=True)
+        flat_slots = [slot for chunk in slots for slot in chunk] + [self.decoder.scratch_slot] * pad
+        rows = [ids + [0] * pad, positions + [0] * pad, flat_slots, chunks + [0] * pad]
+        self.ints[:, :bucket] = torch.tensor(rows, dtype=torch.long).to(self.ints.device)
         width = max(len(t) for t in tables)
         self.tables[: len(tables), :width] = torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                                          dtype=torch.int32).to(self.tables.device, non_blocking=True)
+                                                          dtype=torch.int32).to(self.tables.device)
         self.last.zero_()
-        self.last[: len(lasts)] = torch.tensor(lasts).to(self.last.device, non_blocking=True)
-        if bucket not in self.graphs:
-            self._forward(bucket)  # compiles what a capture cannot
-            self.graphs[bucket] = self.capture(lambda: self._forward(bucket))
-        self.graphs[bucket]()
+        self.last[: len(lasts)] = torch.tensor(lasts).to(self.last.device)
+        self._graph(bucket)()
         return self.logits[: len(tokens)]
 
     def _forward(self, bucket: int) -> None:
@@ -89,14 +86,21 @@ class PrefillStep:
         lens = (positions + 1).to(torch.int32)
         self.decoder.decode(ids, positions, slots, self.tables[chunks], lens, self.logits, self.last)
 
+    def _graph(self, bucket: int) -> Callable[[], None]:
+        """The bucket's graph; at its first use, the step is run once on the loaded rows (which compiles what a
+        capture cannot), then captured."""
+        if bucket not in self.graphs:
+            self._forward(bucket)
+            self.graphs[bucket] = self.capture(lambda: self._forward(bucket))
+        return self.graphs[bucket]
+
     def capture_all(self) -> None:
         """Capture every bucket's graph now, on padding rows only (they write to the scratch slot alone)."""
         for bucket in self.buckets:
             if bucket not in self.graphs:
                 self.ints[:, :bucket] = torch.tensor([0, 0, self.decoder.scratch_slot, 0],
                                                      device=self.ints.device)[:, None]
-                self._forward(bucket)
-                self.graphs[bucket] = self.capture(lambda b=bucket: self._forward(b))
+                self._graph(bucket)
 
     def capture(self, run: Callable[[], None]) -> Callable[[], None]:
         """A CUDA graph of run() in this step's memory pool, as the function that replays it."""
