@@ -108,8 +108,8 @@ class SequencesFailed(RuntimeError):
 class LLMEngine:
     """Continuous batching over a paged KV cache, sharing weights with the policy model. `compile`: torch.compile
     the decode layers and the sampler (CUDA graphs either way). A prefill step of up to `graph_prefill_tokens`
-    prompt tokens runs as a CUDA graph (PrefillStep), a longer one through the packed prefill forward
-    (compiled too with `compile_prefill`)."""
+    prompt tokens in at most 64 chunks, none past position 1,024, runs as a CUDA graph (PrefillStep); any other
+    through the packed prefill forward (compiled too with `compile_prefill`)."""
 
     def __init__(self, model, tokenizer, *, kv_cache_tokens: int = 65_536, block_size: int = BLOCK_SIZE,
                  max_num_seqs: int = 512, max_prefill_tokens: int = 16_384, dtype: torch.dtype | None = None,
