@@ -354,6 +354,8 @@ class ServeConfig(Config):
     kv_cache_tokens: int = Field(65_536, ge=16, description="KV cache size in tokens")
     prefill_chunk_tokens: int = Field(2048, ge=16, description="prompt tokens prefilled a step: a longer prompt "
                                       "is prefilled a chunk a step, the running streams decoding in between")
+    stream_interval_ms: float = Field(10, ge=0, description="a stream's chunks go out at most this often, the "
+                                      "tokens that arrive meanwhile together (0: a chunk each engine step)")
     device: str = Field("auto", description="auto, cpu, cuda")
 
     @model_validator(mode="after")

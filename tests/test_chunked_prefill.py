@@ -47,6 +47,13 @@ def generate(llm: LLMEngine, params: SamplingParams) -> tuple[list[tuple], list[
     return [(seq.output_ids, seq.logprobs) for r in requests for seq in r.sequences], rows
 
 
+def assert_same(got: list[tuple], expected: list[tuple]) -> None:
+    """The same tokens, and logprobs within float error, for every sequence."""
+    for (tokens, logprobs), (expected_tokens, expected_logprobs) in zip(got, expected, strict=True):
+        assert tokens == expected_tokens
+        assert torch.allclose(torch.tensor(logprobs), torch.tensor(expected_logprobs), atol=1e-4)
+
+
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0, max_tokens=12),
                                     SamplingParams(n=3, temperature=1.0, top_k=40, max_tokens=10)],
                          ids=["greedy", "sampled"])
@@ -56,9 +63,7 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_one(model, params, share_pr
     chunked, rows = generate(new_engine(model, share_prompts=share_prompts, max_prefill_tokens=5), params)
     assert len(whole_rows) == 1  # every prompt prefilled in one step; chunked, 5 tokens a step at most
     assert all(sum(step) <= 5 for step in rows) and sum(map(sum, rows)) == sum(map(sum, whole_rows))
-    for (tokens, logprobs), (expected, expected_logprobs) in zip(chunked, whole, strict=True):
-        assert tokens == expected
-        assert torch.allclose(torch.tensor(logprobs), torch.tensor(expected_logprobs), atol=1e-5)
+    assert_same(chunked, whole)
     if params.temperature == 0:
         hf, tokenizer = model
         for ids, (tokens, _) in zip(prompts(), chunked, strict=True):
@@ -78,14 +83,39 @@ def test_graphed_prefill_gives_the_tokens_of_the_packed_one(model, params, share
     llm = new_engine(model, share_prompts=share_prompts, max_prefill_tokens=chunk)
     llm.prefill_step = PrefillStep(llm.decoder, 64, llm.blocks.blocks_for(llm.decoder.max_len))
     graphed, rows = generate(llm, params)
-    for (tokens, logprobs), (expected, expected_logprobs) in zip(graphed, packed, strict=True):
-        assert tokens == expected
-        assert torch.allclose(torch.tensor(logprobs), torch.tensor(expected_logprobs), atol=1e-4)
-    # steps of at most 64 tokens ran as graphs (padded to 16, 32 or 64 tokens), the larger ones packed
-    assert rows == [step for step in packed_rows if sum(step) > 64]
-    small = [sum(step) for step in packed_rows if sum(step) <= 64]
-    assert set(llm.prefill_step.graphs) == {next(b for b in (16, 32, 64) if b >= n) for n in small}
-    assert bool(small) == (chunk == 5)
+    assert_same(graphed, packed)
+    # every step ran as graphs (padded to 16, 32 or 64 tokens): a step of more than 64 tokens as several launches
+    assert rows == [] and bool(packed_rows)
+    assert set(llm.prefill_step.graphs) <= {16, 32, 64}
+    assert (64 in llm.prefill_step.graphs) == any(sum(step) > 32 for step in packed_rows)
+
+
+@pytest.mark.parametrize(("max_tokens", "max_chunks"), [(16, 64), (64, 2), (16, 1)])
+def test_a_prefill_step_larger_than_a_graph_runs_as_several_launches(model, max_tokens, max_chunks, monkeypatch):
+    # an eval's admission (~16k tokens, ~130 prompts) in launches of the largest graph: cut between chunks, or inside
+    # one (its second piece attends to the first, cached by the launch before)
+    monkeypatch.setattr(PrefillStep, "capture", lambda self, run: run)
+    monkeypatch.setattr(prefill_step, "PREFILL_CHUNKS", max_chunks)
+    params = SamplingParams(n=3, temperature=1.0, top_k=40, max_tokens=10)
+    expected, packed_rows = generate(new_engine(model), params)
+    llm = new_engine(model)
+    llm.prefill_step = PrefillStep(llm.decoder, max_tokens, llm.blocks.blocks_for(llm.decoder.max_len))
+    launches = []
+    run = llm.prefill_step._launch
+    monkeypatch.setattr(llm.prefill_step, "_launch", lambda tokens, *args: launches.append(list(map(len, tokens)))
+                        or run(tokens, *args))
+    graphed, rows = generate(llm, params)
+    assert rows == [] and packed_rows == [[23, 9, 17, 30, 4]]
+    assert_same(graphed, expected)
+    assert all(sum(launch) <= max_tokens and len(launch) <= max_chunks for launch in launches)
+    assert sum(map(sum, launches)) == 83 and len(launches) > 1
+
+
+def test_cut_fills_each_launch_in_order():
+    assert prefill_step.cut([5, 3], 8, 64) == [[(0, 0, 5), (1, 0, 3)]]
+    assert prefill_step.cut([5, 6, 2], 4, 64) == [[(0, 0, 4)], [(0, 4, 5), (1, 0, 3)], [(1, 3, 6), (2, 0, 1)],
+                                                  [(2, 1, 2)]]
+    assert prefill_step.cut([1, 1, 1], 8, 2) == [[(0, 0, 1), (1, 0, 1)], [(2, 0, 1)]]
 
 
 def test_a_prefill_step_past_the_graphs_context_takes_the_packed_forward(model, monkeypatch):
@@ -98,7 +128,7 @@ def test_a_prefill_step_past_the_graphs_context_takes_the_packed_forward(model, 
     llm.prefill_step = PrefillStep(llm.decoder, 64, llm.blocks.blocks_for(llm.decoder.max_len))
     ends = []
     fits = llm.prefill_step.fits
-    monkeypatch.setattr(llm.prefill_step, "fits", lambda *args: ends.append(args[2]) or fits(*args))
+    monkeypatch.setattr(llm.prefill_step, "fits", lambda context: ends.append(context) or fits(context))
     graphed, packed_rows = generate(llm, params)
     assert [tokens for tokens, _ in graphed] == [tokens for tokens, _ in expected]
     # 5-token chunks in order: the steps whose chunks end past 16 ran packed, the others as graphs

@@ -287,6 +287,36 @@ def test_worker_inbox_refusals_and_aborts_happen_on_the_engine_thread():
     assert engine.threads == {"r1kit-engine"}
 
 
+def test_a_stream_sends_what_arrives_within_its_interval_as_one_chunk(monkeypatch):
+    import asyncio
+
+    from r1kit.rollout.types import SamplingParams
+    from r1kit.serve.worker import Event, Submission, Worker
+
+    def step(*tokens: int, finish: str | None = None) -> list[Event]:
+        return [Event(0, token, finish if token == tokens[-1] else None, "") for token in tokens]
+
+    class Scripted(Worker):  # an engine whose steps come while the stream waits out its interval
+        def submit(self, prompt_ids, params, listener):
+            listener(step(1))
+            self.listener = listener
+            return Submission(prompt_ids, params, listener)
+
+    worker, steps, slept = Scripted(), [[step(2), step(3), step(4)], [step(5, finish="stop")]], []
+
+    async def sleep(seconds):
+        slept.append(seconds)
+        for events in steps.pop(0):
+            worker.listener(events)
+
+    async def chunks():
+        return [[e.token for e in events] async for _, events in worker.stream([[9]], SamplingParams(), 0.01)]
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    assert asyncio.run(chunks()) == [[1], [2, 3, 4], [5]]
+    assert slept == [0.01, 0.01]  # none after the last
+
+
 def test_a_failing_step_ends_its_requests_and_the_worker_goes_on(tokenizer):
     import asyncio
 

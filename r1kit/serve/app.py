@@ -130,7 +130,7 @@ def create_app(models: list[ServedModel], cfg: ServeConfig, api_key: str | None 
 
     def generate(slot: Slot, served: ServedModel, prompts: list[list[int]], params: SamplingParams) -> AsyncIterator:
         """A request's events, counted for /metrics, its slot held until they end."""
-        events = served.worker.stream(prompts, params)
+        events = served.worker.stream(prompts, params, cfg.stream_interval_ms / 1000)
         return _counted(slot, metrics.observed(served.name, sum(map(len, prompts)), params.n * len(prompts), events))
 
     async def escalated(request: Request, req: ChatRequest, messages: list[dict[str, str]], reason: str

@@ -107,9 +107,9 @@ class SequencesFailed(RuntimeError):
 
 class LLMEngine:
     """Continuous batching over a paged KV cache, sharing weights with the policy model. `compile`: torch.compile
-    the decode layers and the sampler (CUDA graphs either way). A prefill step of up to `graph_prefill_tokens`
-    prompt tokens in at most 64 chunks, none past position 1,024, runs as a CUDA graph (PrefillStep); any other
-    through the packed prefill forward (compiled too with `compile_prefill`)."""
+    the decode layers and the sampler (CUDA graphs either way). A prefill step with no chunk past position 1,024 runs
+    as CUDA graphs of up to `graph_prefill_tokens` prompt tokens in 64 chunks each (PrefillStep); any other through
+    the packed prefill forward (compiled too with `compile_prefill`)."""
 
     def __init__(self, model, tokenizer, *, kv_cache_tokens: int = 65_536, block_size: int = BLOCK_SIZE,
                  max_num_seqs: int = 512, max_prefill_tokens: int = 16_384, dtype: torch.dtype | None = None,
@@ -272,7 +272,7 @@ class LLMEngine:
             firsts.append(firsts[-1] + chunk.request.rows)
         tokens = [seq.prompt_ids[chunk.start : chunk.end] for chunk, seq in copies]
         step = self.prefill_step
-        if step is not None and step.fits(sum(map(len, tokens)), len(tokens), max(chunk.end for chunk in chunks)):
+        if step is not None and step.fits(max(chunk.end for chunk in chunks)):
             starts = [chunk.start for chunk, _ in copies]
             slots = [self._slots(seq, chunk.start, chunk.end) for chunk, seq in copies]
             return step.run(tokens, starts, slots, [seq.block_table for _, seq in copies]), firsts

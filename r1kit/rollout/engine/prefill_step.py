@@ -5,9 +5,10 @@ slot, its prompt's block table and a context of p + 1 tokens. The attention op s
 before any row attends, so a token sees the tokens before it in the same step as well as the chunks already
 cached. A few short prompts are then one graph launch where the packed prefill forward launches ~30 ops a
 layer from Python (~20-60 ms a step on an H200 for the embedded model, against ~1 ms of GPU work). The token
-count is padded to a power of two (padding rows write to the scratch slot and attend to that one token); a
-step with more tokens or chunks than the largest graph, or a context past PREFILL_CONTEXT, takes the packed
-forward.
+count is padded to a power of two (padding rows write to the scratch slot and attend to that one token). A step
+with more tokens or chunks than the largest graph takes (an eval's admission: ~16k tokens in ~130 prompts) is cut
+into several launches, in order, so that a chunk cut in two finds its first part cached; only a step with a context
+past PREFILL_CONTEXT takes the packed forward.
 """
 
 from __future__ import annotations
@@ -34,6 +35,24 @@ def token_buckets(max_tokens: int) -> list[int]:
     return buckets
 
 
+def cut(lengths: list[int], max_tokens: int, max_chunks: int) -> list[list[tuple[int, int, int]]]:
+    """Chunks of these lengths cut into launches of at most max_tokens tokens in max_chunks pieces, filled in order:
+    each launch a list of (chunk, from, to) pieces, a chunk cut where a launch is full."""
+    launches: list[list[tuple[int, int, int]]] = [[]]
+    room = max_tokens
+    for i, length in enumerate(lengths):
+        start = 0
+        while start < length:
+            if not room or len(launches[-1]) == max_chunks:
+                launches.append([])
+                room = max_tokens
+            end = min(length, start + room)
+            launches[-1].append((i, start, end))
+            room -= end - start
+            start = end
+    return launches
+
+
 class PrefillStep:
     """Buffers and graphs of short prefills (graphs captured at a bucket's first use, or by `capture_all`)."""
 
@@ -51,16 +70,30 @@ class PrefillStep:
         self.graphs: dict[int, Callable[[], None]] = {}
         self.pool = None
 
-    def fits(self, tokens: int, chunks: int, context: int) -> bool:
-        """Whether a step of this many tokens in this many chunks, the longest ending at position `context`, runs as
-        a graph."""
-        return tokens <= self.buckets[-1] and chunks <= PREFILL_CHUNKS and context <= PREFILL_CONTEXT
+    def fits(self, context: int) -> bool:
+        """Whether a step whose longest chunk ends at position `context` runs as graphs."""
+        return context <= PREFILL_CONTEXT
 
     def run(self, tokens: list[list[int]], starts: list[int], slots: list[list[int]], tables: list[list[int]]
             ) -> torch.Tensor:
         """Prefill chunk i (tokens[i] at positions starts[i] on, their KV slots slots[i], the earlier positions'
         KV cached already) through its prompt's block table tables[i]; (chunks, vocab) logits of each chunk's last
-        token, a view valid until the next run."""
+        token (a view valid until the next run, where the step took one launch)."""
+        launches = cut(list(map(len, tokens)), self.buckets[-1], PREFILL_CHUNKS)
+        if len(launches) == 1:
+            return self._launch(tokens, starts, slots, tables)
+        logits = self.logits.new_empty(len(tokens), self.logits.shape[1])
+        for pieces in launches:
+            out = self._launch([tokens[i][lo:hi] for i, lo, hi in pieces], [starts[i] + lo for i, lo, _ in pieces],
+                               [slots[i][lo:hi] for i, lo, hi in pieces], [tables[i] for i, _, _ in pieces])
+            ends = [j for j, (i, _, hi) in enumerate(pieces) if hi == len(tokens[i])]  # a chunk's last piece
+            if ends:
+                logits[[pieces[j][0] for j in ends]] = out[ends]
+        return logits
+
+    def _launch(self, tokens: list[list[int]], starts: list[int], slots: list[list[int]], tables: list[list[int]]
+                ) -> torch.Tensor:
+        """run() of chunks that fit one graph."""
         count = sum(len(t) for t in tokens)
         bucket = next(b for b in self.buckets if b >= count)
         ids, positions, chunks, lasts = [], [], [], []
