@@ -76,14 +76,16 @@ class Sampled:
 
 @dataclass
 class StepCounts:
-    """Where an engine's time went: steps and seconds by kind (a step's seconds include waiting for the device),
-    uploads of a changed running set, decode steps launched ahead of the last one's recording, and rows of ended
-    sequences retired without an upload."""
+    """Where an engine's time went: steps, seconds and the longest step by kind (a step's seconds include waiting
+    for the device, and a first use's compiling and capturing), uploads of a changed running set, decode steps
+    launched ahead of the last one's recording, and rows of ended sequences retired without an upload."""
 
     prefill_steps: int = 0
     prefill_s: float = 0.0
+    prefill_max_s: float = 0.0
     decode_steps: int = 0
     decode_s: float = 0.0
+    decode_max_s: float = 0.0
     reloads: int = 0
     reload_s: float = 0.0
     ran_ahead: int = 0
@@ -93,6 +95,7 @@ class StepCounts:
         """Count a step of this kind ("prefill" or "decode")."""
         setattr(self, f"{kind}_steps", getattr(self, f"{kind}_steps") + 1)
         setattr(self, f"{kind}_s", getattr(self, f"{kind}_s") + seconds)
+        setattr(self, f"{kind}_max_s", max(getattr(self, f"{kind}_max_s"), seconds))
 
 
 class SequencesFailed(RuntimeError):
