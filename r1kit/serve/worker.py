@@ -197,7 +197,7 @@ class Worker:
                     remaining -= sum(e.finish_reason is not None for e in events)
                     yield i, events
                 if interval and remaining:
-                    # the loop's work is per chunk (~40 us each): a chunk a step of 64 fast streams would keep it
+                    # the event loop's work is per chunk: a chunk each engine step of 64 fast streams would keep it
                     # busy, and new requests would wait behind them for their first token
                     await asyncio.sleep(interval)
         finally:
