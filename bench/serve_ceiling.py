@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--no-freeze", action="store_true", help="leave the garbage collector's heap as it is (the "
                         "server freezes it once ready): what that freeze changes")
+    parser.add_argument("--stream-interval-ms", type=float, default=ServeConfig().stream_interval_ms,
+                        help="the server's --stream-interval-ms: a stream's chunks at most this often")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -126,7 +128,8 @@ def main() -> None:
             worker.close()
         emit({**setup, "http": False, **result}, args.out)
         return
-    app = create_app([served], ServeConfig(max_concurrent=10_000))
+    app = create_app([served], ServeConfig(max_concurrent=10_000, stream_interval_ms=args.stream_interval_ms))
+    setup["stream_interval_ms"] = args.stream_interval_ms
     if not args.no_freeze:
         freeze_heap()  # as `r1kit serve` does once it is ready
     port = free_port()
