@@ -288,7 +288,9 @@ def test_padded_graph_buckets_change_no_sequence(tiny, monkeypatch):
     llm.decode_step = DecodeStep(llm.decoder, 12, width=64, graphs=True)
     assert [c.token_ids for c in graphed.generate(PROMPTS, params)] == [c.token_ids for c in plain]
     assert (16, "draw") in llm.decode_step.graphs  # 12 running sequences, padded to the bucket of 16
-    llm.warmup()  # between requests, as a server may: every bucket captured, on padding rows only
+    parts = llm.warmup()  # between requests, as a server may: every bucket captured, on padding rows only
+    assert list(parts) == ["decode graphs", "packed prefill", "sampler"]  # no prefill graphs on the CPU
+    assert all(seconds >= 0 for seconds in parts.values())
     assert sorted(llm.decode_step.graphs) == [(b, mode) for b in (2, 4, 8, 16) for mode in ("draw", "filter")]
     assert [c.token_ids for c in graphed.generate(PROMPTS, params)] == [c.token_ids for c in plain]
     # the other two variants: a filter sampled inside the step, a penalty sampled apart from the logits

@@ -44,7 +44,8 @@ def warm_engine(spec: str, device: str, kv_cache_tokens: int, prefill_chunk_toke
     model, tokenizer = load_model(spec, device)
     engine = LLMEngine(model, tokenizer, kv_cache_tokens=kv_cache_tokens, compile_prefill=True,
                        max_prefill_tokens=prefill_chunk_tokens)
-    engine.warmup()
+    parts = engine.warmup()
+    log.info("engine warm-up: %s", ", ".join(f"{part} {seconds:.1f} s" for part, seconds in parts.items()))
     return engine
 
 

@@ -149,20 +149,31 @@ class LLMEngine:
         """Refresh the engine's weight buffers after an optimizer step (free when it shares the policy's)."""
         self.decoder.sync_weights()
 
-    def warmup(self) -> None:
-        """Compile and capture now what a first use would (every batch size's decode graph, the prefill
-        layer, the sampler), so that no later step stalls for seconds: a server's batch changes with every
-        request."""
-        self.decode_step.capture_all()
-        if self.prefill_step is not None:
-            self.prefill_step.capture_all()
+    def warmup(self) -> dict[str, float]:
+        """Compile and capture now what a first use would (every batch size's decode graph, every prefill graph,
+        the packed prefill layer, the sampler), so that no later step stalls for seconds: a server's batch changes
+        with every request. The seconds each part took."""
+        parts = {"decode graphs": self.decode_step.capture_all,
+                 "prefill graphs": self.prefill_step.capture_all if self.prefill_step is not None else None,
+                 "packed prefill": self._warm_packed_prefill, "sampler": self._warm_sampler}
+        seconds = {}
+        for part, run in parts.items():
+            if run is not None:
+                started = time.perf_counter()
+                run()
+                seconds[part] = time.perf_counter() - started
         self._batch = None  # the captures overwrote the running set's state on the device
+        return seconds
+
+    def _warm_packed_prefill(self) -> None:
         # prefills of one prompt and of several, whole and continued (a chunk after earlier ones), writing only
         # to the scratch slot; lengths that equal no dimension of a model, or torch.compile ties them to it and
         # compiles again for any other
         scratch = self.decoder.scratch_slot
         for lengths, ends in (([7], [7]), ([11, 13], [11, 13]), ([17], [29]), ([19, 11], [37, 11])):
             self.decoder.prefill([[0] * n for n in lengths], [[scratch] * end for end in ends])
+
+    def _warm_sampler(self) -> None:
         vocab = self.decoder.w["lm_head.weight"].shape[0]
         # the sampler compiles once for one row, once for fewer rows than CHUNKED_BELOW, once for more
         for rows in (1, 2, CHUNKED_BELOW):
