@@ -17,7 +17,7 @@ from r1kit.rollout.types import encode_prompt
 # assistant turns are passed through: templates rework them (R1's drops the reasoning before `</think>`), which a
 # placeholder would defeat, and they are the model's words rather than a user's
 PROTECTED_ROLES = frozenset({"system", "developer", "user", "tool"})
-# a placeholder's shape; only this request's (its nonce) count as placeholders, any other is the template's text
+# a placeholder's shape: only this request's own (its nonce) stand for content, any other is the template's text
 _MARK = re.compile(r"(<r1kit-[0-9a-f]{32}-[0-9]+>)")
 
 
@@ -52,8 +52,8 @@ def chat_ids(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], str]
 @lru_cache(maxsize=1024)
 def _template_ids(tokenizer, piece: str, first: bool) -> tuple[int, ...]:
     """Token ids of a piece of the template's own text, special tokens parsed (`first`: the prompt's start, where a
-    BOS may be due). Requests of one conversation shape share their pieces, and each tokenizer call costs the
-    server's event loop a fifth of a millisecond."""
+    BOS may be due). Requests of one conversation shape share their pieces, and a tokenizer call costs the server's
+    event loop ~0.2 ms (on a 2-core CPU): a chat request took ~0.7 ms to tokenize, ~0.2-0.4 ms now."""
     return tuple(encode_prompt(tokenizer, piece) if first else tokenizer.encode(piece, add_special_tokens=False))
 
 
