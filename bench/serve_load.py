@@ -87,10 +87,8 @@ def figures(results: list[dict], wall: float, first_wave: int = 0) -> dict:
             "tokens": tokens, "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round(len(results) / wall, 2)}
 
 
-def server_ttft(url: str, api_key: str) -> dict:
-    """The server's own time to first token (from a request's submission to the engine until its first token reaches
-    the event loop: /metrics' histogram), as the upper bounds of the buckets holding its p50 and p99; set beside the
-    clients' figures, it tells the engine and hand-off's share from the HTTP side's and the clients' own."""
+def ttft_buckets(url: str, api_key: str) -> list[tuple[float, float]]:
+    """The server's time-to-first-token histogram from /metrics: (upper bound, cumulative count) of each bucket."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -98,9 +96,18 @@ def server_ttft(url: str, api_key: str) -> dict:
     request = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {api_key}"})
     with urllib.request.urlopen(request) as response:
         text = response.read().decode()
-    buckets = sorted((float(s.labels["le"]), s.value) for family in text_string_to_metric_families(text)
-                     if family.name == "r1kit:time_to_first_token_seconds" for s in family.samples
-                     if s.name.endswith("_bucket"))
+    return sorted((float(s.labels["le"]), s.value) for family in text_string_to_metric_families(text)
+                  if family.name == "r1kit:time_to_first_token_seconds" for s in family.samples
+                  if s.name.endswith("_bucket"))
+
+
+def server_ttft(before: list[tuple[float, float]], after: list[tuple[float, float]]) -> dict:
+    """The server's own time to first token over a load (from a request's submission to the engine until its first
+    token reaches the event loop: the histogram's counts after the load less those before it, so that a server that
+    served earlier loads reports this one's), as the upper bounds of the buckets holding its p50 and p99; set beside
+    the clients' figures, it tells the engine and hand-off's share from the HTTP side's and the clients' own."""
+    counts = dict(before)
+    buckets = [(le, count - counts.get(le, 0)) for le, count in after]
     total = buckets[-1][1] if buckets else 0
     if not total:
         return {}
@@ -235,9 +242,10 @@ def main() -> None:
     url, proc = (args.url, None) if args.url else start_local(model, args.device, args.kv_cache_tokens,
                                                                             args.server_log)
     try:
+        before = ttft_buckets(url, args.api_key)
         result = run(url, args.api_key, args.clients, args.requests, args.max_tokens, args.timeout, args.procs,
                      args.client)
-        result.update(server_ttft(url, args.api_key))
+        result.update(server_ttft(before, ttft_buckets(url, args.api_key)))
     finally:
         if proc is not None:
             proc.terminate()
