@@ -1,8 +1,8 @@
 """Rollout-engine benchmarks against HF `generate` (plain and static cache) on the same inputs. (a) 512 prompts
 x 256 sampled tokens, (b) batch-1 decode latency (per token of a whole generate, and per decoded token with the
-prefill left out), each for the engine eager, with CUDA graphs, and with graphs + compiled layers (and (b) with
-the prefill compiled too, as `r1kit serve` runs the engine); (c) GRPO-shaped rollouts, 32 prompts x G=16 x 256
-tokens, with and without shared group prompts. Then: the engine's logprobs against the trainer's forward; the
+prefill left out), each for the engine eager, with CUDA graphs, and with graphs + compiled layers; (c)
+GRPO-shaped rollouts, 32 prompts x G=16 x 256 tokens, with and without shared group prompts. Then: the engine's
+logprobs against the trainer's forward; the
 bf16 greedy check against HF (a differing token allowed only where HF's top two logits are within 1e-3; the
 top-2 gaps where they part, in HF's logits and an fp32 forward's); the fp32 greedy check; and one decode step
 (its graph: forward and sampler; the forward alone; the sampler alone; the host) at 1, 64 and 512 sequences, and
@@ -330,10 +330,6 @@ def main() -> None:
 
     decode_ms["r1kit engine [graphs+compile]"] = per_token_ms(
         lambda n: partial(engine.generate, texts[:1], dataclasses.replace(sampled, max_tokens=n)), new, device)
-    served = EngineGenerator(model, tokenizer, kv_cache_tokens=4 * (new + 64), max_num_seqs=4, compile_prefill=True)
-    measure("(b) r1kit engine [graphs+compile, compiled prefill: as r1kit serve runs] batch 1",
-            partial(served.generate, texts[:1], sampled), 1)
-    del served
     print("(b) batch-1 ms per decoded token, prefill left out:", decode_ms, flush=True)
     save()
     group = SamplingParams(n=g, temperature=1.0, max_tokens=new, ignore_eos=True, seed=0)

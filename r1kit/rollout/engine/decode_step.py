@@ -156,6 +156,14 @@ class DecodeStep:
                 if (rows, mode) not in self.graphs:
                     self._step_and_capture(rows, mode)
 
+    def prime(self) -> None:
+        """Compile the forward at the smallest bucket before any other size (on padding rows: load() the running
+        set after it). Inductor tunes each kernel's launch at its first call and keeps it for every batch size:
+        tuned at 512 rows, the fused SiLU x up kernel took 2.2 us a layer at batch 1, against 1.1 us tuned at
+        2 rows (H200)."""
+        self.load([])
+        self._step_and_capture(self.buckets[0], "logits")
+
     def capture(self, run: Callable[[], None]) -> Callable[[], None]:
         """A CUDA graph of run() in this step's memory pool, as the function that replays it."""
         replay, self.pool = capture(run, self.pool)

@@ -142,6 +142,8 @@ class LLMEngine:
             decoder.compile_layers(prefill=compile_prefill)
         width = self.blocks.blocks_for(decoder.max_len)
         self.decode_step = DecodeStep(decoder, max_num_seqs, width, graphs, compile)
+        if graphs and compile:
+            self.decode_step.prime()
         self.prefill_step = (PrefillStep(decoder, graph_prefill_tokens, width) if graphs and graph_prefill_tokens
                              else None)
 
