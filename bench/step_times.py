@@ -2,7 +2,8 @@
 spent waiting for the step's tokens (the device's share), averaged over ranges of steps.
 
 The engine is set up as engine_shapes.py's `--shape default` runs it: one --batch x --new run first (its
-compiling and capturing), then `per_token_ms`, then --reps generates of one prompt, each step timed.
+compiling and capturing), then `per_token_ms`, then --reps generates of one prompt, each step timed. On a GPU,
+then the batch-1 step's graph replayed back to back and with generate's hand-off, alternating.
   python bench/step_times.py --out $OUT/step_times.json
   python bench/step_times.py --engine '{"graph_prefill_tokens": 0}'     # an engine option changed
   python bench/step_times.py --device cpu --batch 4 --new 8              # the CPU check
@@ -19,7 +20,7 @@ from functools import partial
 
 import torch
 from bench_io import emit
-from rollout import per_token_ms, prompts, timed
+from rollout import decoding, ms_per_call, per_token_ms, prompts, timed
 
 from r1kit.models import load_model, load_tokenizer
 from r1kit.rollout import SamplingParams
@@ -48,6 +49,36 @@ def timed_steps(engine: EngineGenerator, text: str, params: SamplingParams) -> l
     finally:
         torch.cuda.Event.synchronize, llm.step = wait, step
     return steps
+
+
+def replays(engine: EngineGenerator, text: str, rounds: int = 4, repeats: int = 50) -> dict[str, float]:
+    """Milliseconds of a batch-1 decode step replayed back to back, and with generate's hand-off (the step's
+    tokens copied to pinned host memory behind an event, the host waiting on the step before it), in alternating
+    rounds at the same contexts. Session 17 found 525b938's steps faster inside generate than back to back."""
+    llm = decoding(engine, [text], 2 * rounds * repeats + 8, steps=3)
+    state, device = llm.decode_step, llm.device
+    host = torch.empty((1, 2), dtype=torch.float64, pin_memory=True)
+    previous: list[torch.cuda.Event] = []
+
+    def handed_off() -> None:
+        host.copy_(state.step(1, False), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        if previous:
+            previous.pop().synchronize()
+        previous.append(event)
+
+    plain, handoff = 0.0, 0.0
+    for r in range(rounds):
+        for kind in (("plain", "handoff") if r % 2 == 0 else ("handoff", "plain")):
+            if kind == "plain":
+                plain += ms_per_call(lambda: state.step(1, False), device, repeats) / rounds
+            else:
+                handoff += ms_per_call(handed_off, device, repeats) / rounds
+    llm._batch = None  # those steps ran the device's state ahead of the host's: the next step loads it again
+    while llm.has_work():
+        llm.step()
+    return {"back_to_back_ms": round(plain, 4), "with_handoff_ms": round(handoff, 4)}
 
 
 def by_range(values: list[float], bounds: list[int]) -> dict[str, float]:
@@ -84,6 +115,8 @@ def main() -> None:
                                "decode_steps": len(decode),
                                "step_ms": by_range([s for s, _ in decode], bounds),
                                "waiting_ms": by_range([w for _, w in decode], bounds)})
+    if model.device.type == "cuda":
+        result["replays"] = replays(engine, texts[0])
     emit(result, args.out)
 
 
