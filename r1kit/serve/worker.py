@@ -39,8 +39,8 @@ def warm_engine(spec: str, device: str, kv_cache_tokens: int, prefill_chunk_toke
     """A serving engine for a model: loaded and warmed up. It prefills at most prefill_chunk_tokens prompt tokens
     a step: a longer prompt (or burst of prompts) takes several steps, a decode step of the running streams between
     each two, so it delays their next token by one chunk's prefill. The packed prefill (contexts past 1,024 tokens)
-    stays eager: compiling it took 43 s of a 110 s warm-up on an H200 and its steps were no faster (23-45 ms
-    eager, 49-72 ms compiled, in one call)."""
+    stays eager: compiling it took 43 s of a 110 s warm-up on an H200, for steps that measured ~20 ms faster in one
+    session and ~25 ms slower in the next (same-call A/Bs of four prompt shapes)."""
     from r1kit.models import load_model
 
     model, tokenizer = load_model(spec, device)
