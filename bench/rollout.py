@@ -1,14 +1,13 @@
-"""Rollout-engine benchmarks against HF `generate` (plain and static cache) on the same inputs. (a) 512 prompts
-x 256 sampled tokens, (b) batch-1 decode latency (per token of a whole generate, and per decoded token with the
-prefill left out), each for the engine eager, with CUDA graphs, and with graphs + compiled layers; (c)
-GRPO-shaped rollouts, 32 prompts x G=16 x 256 tokens, with and without shared group prompts. Then: the engine's
-logprobs against the trainer's forward; the
-bf16 greedy check against HF (a differing token allowed only where HF's top two logits are within 1e-3; the
-top-2 gaps where they part, in HF's logits and an fp32 forward's); the fp32 greedy check; and one decode step
-(its graph: forward and sampler; the forward alone; the sampler alone; the host) at 1, 64 and 512 sequences, and
-its GPU time by kernel; the phases of (a) (queueing, prefill, decode); the time to refresh a bf16 engine from an
-fp32 policy. Every sequence generates exactly the requested tokens on every side (ignore_eos / min_new_tokens).
-Figures are saved as they come.
+"""Rollout-engine benchmarks against HF `generate` (plain and static cache) on the same inputs. (a) 512 prompts x 256
+sampled tokens, (b) batch-1 decode latency (per token of a whole generate, and per decoded token with the prefill
+left out), each for the engine eager, with CUDA graphs, and with graphs + compiled layers; (c) GRPO-shaped rollouts,
+32 prompts x G=16 x 256 tokens, with and without shared group prompts. Then: the engine's logprobs against the
+trainer's forward; the bf16 greedy check against HF (a differing token allowed only where HF's top two logits are
+within 1e-3; the top-2 gaps where they part, in HF's logits and an fp32 forward's); the fp32 greedy check; and one
+decode step (its graph: forward and sampler; the forward alone; the sampler alone; the host) at 1, 64 and 512
+sequences, and its GPU time by kernel; the phases of (a) (queueing, prefill, decode); the time to refresh a bf16
+engine from an fp32 policy. Every sequence generates exactly the requested tokens on every side (ignore_eos /
+min_new_tokens). Figures are saved as they come.
 
 GPU:   python bench/rollout.py --model default --out $OUT/rollout.json
 Smoke test (tiny sizes, engine only):   python bench/rollout.py --quick --skip-hf

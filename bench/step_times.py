@@ -68,17 +68,15 @@ def replays(engine: EngineGenerator, text: str, rounds: int = 4, repeats: int = 
             previous.pop().synchronize()
         previous.append(event)
 
-    plain, handoff = 0.0, 0.0
+    ways = {"back_to_back_ms": lambda: state.step(1, False), "with_handoff_ms": handed_off}
+    spent = dict.fromkeys(ways, 0.0)
     for r in range(rounds):
-        for kind in (("plain", "handoff") if r % 2 == 0 else ("handoff", "plain")):
-            if kind == "plain":
-                plain += ms_per_call(lambda: state.step(1, False), device, repeats) / rounds
-            else:
-                handoff += ms_per_call(handed_off, device, repeats) / rounds
+        for name in list(ways)[:: 1 if r % 2 == 0 else -1]:  # each way first in every other round
+            spent[name] += ms_per_call(ways[name], device, repeats) / rounds
     llm._batch = None  # those steps ran the device's state ahead of the host's: the next step loads it again
     while llm.has_work():
         llm.step()
-    return {"back_to_back_ms": round(plain, 4), "with_handoff_ms": round(handoff, 4)}
+    return {name: round(ms, 4) for name, ms in spent.items()}
 
 
 def by_range(values: list[float], bounds: list[int]) -> dict[str, float]:
