@@ -1,7 +1,8 @@
 """A plain-PyTorch forward of the Llama family (Llama, Mistral, Qwen2, Qwen3) over a paged KV cache.
 
 It holds the HF model's own parameter tensors, never copies, so optimizer steps on the policy are seen by
-the next rollout. Each layer's q/k/v (with their biases) and gate/up are one buffer and one matmul each:
+the next rollout. Each layer's q/k/v (with their biases) and gate/up are one buffer and one projection each
+(a matmul; a few rows through a small weight, `gemv.project`: one pass over the weight, the SwiGLU included):
 where the engine shares the policy's tensors, the policy's parameters become views into that buffer (a
 second engine on the same policy finds them fused already). When the engine runs in another dtype than
 the policy (bf16 rollouts of fp32 master weights), it keeps preallocated buffers of its own, and for a
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from r1kit.rollout.compiled import compiled
 from r1kit.rollout.engine.attention import register_cache, rotate
+from r1kit.rollout.engine.gemv import project_reference, projects_on, small
 from r1kit.rollout.engine.norm import add_rms_norm, rms_norm
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -153,6 +155,7 @@ class PagedDecoder:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
+        self.gemv = projects_on(self.device, self.dtype)  # a few rows' projections through the Triton kernel
         self.layer_weights = [layer_weights(self.w, self.fused, f"model.layers.{i}.") for i in range(self.layers)]
         self.decode_layer, self.prefill_layer, self.head = self._decode_layer, self._prefill_layer, self._head
         # one block past the others, whose first slot is where padded rows of a captured decode step write
@@ -216,7 +219,7 @@ class PagedDecoder:
         q/k/v projections, q/k norms (Qwen3); (q, k, v, stream), q and k not yet rotated."""
         stream, h = add_rms_norm(x, residual, lw.input_norm, self.eps)
         if lw.qkv is not None:
-            q, k, v = F.linear(h, lw.qkv, lw.qkv_bias).split([lw.q.shape[0], lw.k.shape[0], lw.v.shape[0]], -1)
+            q, k, v = self._project(h, lw.qkv, lw.qkv_bias).split([lw.q.shape[0], lw.k.shape[0], lw.v.shape[0]], -1)
         else:
             q, k, v = F.linear(h, lw.q, lw.q_bias), F.linear(h, lw.k, lw.k_bias), F.linear(h, lw.v, lw.v_bias)
         q = q.reshape(-1, self.heads, self.head_dim)
@@ -229,13 +232,22 @@ class PagedDecoder:
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer after attention: output projection, residual, post norm, SwiGLU MLP; (the MLP's output,
         the stream it is to be added to)."""
-        stream, h = add_rms_norm(F.linear(attention.reshape(stream.shape[0], -1), lw.o), stream, lw.post_norm,
-                                 self.eps)
+        stream, h = add_rms_norm(self._project(attention.reshape(stream.shape[0], -1), lw.o), stream,
+                                 lw.post_norm, self.eps)
         if lw.gate_up is not None:
-            gate, up = F.linear(h, lw.gate_up).chunk(2, -1)
+            activation = self._project(h, lw.gate_up, pair=True)
         else:
-            gate, up = F.linear(h, lw.gate), F.linear(h, lw.up)
-        return F.linear(F.silu(gate) * up, lw.down), stream
+            activation = F.silu(F.linear(h, lw.gate)) * F.linear(h, lw.up)
+        return self._project(activation, lw.down), stream
+
+    def _project(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, pair: bool = False
+                 ) -> torch.Tensor:
+        """x @ w.T (+ bias); with `pair`, silu(gate) * up of w = [gate; up]. A few rows (a small decode batch)
+        through a small weight go through the Triton kernel, one pass over the weight; the rest through a
+        matmul, the activation compiled into one kernel with the layer's other pointwise work."""
+        if self.gemv and small(x.shape[0], w):
+            return torch.ops.r1kit.project(x, w, bias, pair)
+        return project_reference(x, w, bias, pair)
 
     def _decode_layer(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       lw: LayerWeights, slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, layer: int,
