@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from functools import partial
 
 import torch
 import triton
 from bench_io import save_json
+from rollout import graph_us
 
 from r1kit.rollout.engine.attention import _paged_decode_kernel
 
@@ -54,20 +56,7 @@ def launch(t: dict, tile: int, warps: int) -> None:
 
 def us_per_launch(t: dict, tile: int, warps: int, replays: int = 50) -> float:
     """Microseconds per launch, from a graph of LAYERS launches replayed `replays` times."""
-    launch(t, tile, warps)  # compiles
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(LAYERS):
-            launch(t, tile, warps)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return round(1000 * start.elapsed_time(end) / (replays * LAYERS), 2)
+    return round(graph_us([partial(launch, t, tile, warps)] * LAYERS, torch.device("cuda"), replays), 2)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from bench_io import save_json
 from big_checkpoint import SHAPES
+from rollout import graph_us
 
 from r1kit.rollout.engine.gemv import kernel_supports, project_reference, project_triton, tiles
 
@@ -35,28 +36,6 @@ def projections(shape: str) -> dict[str, tuple[int, int, bool]]:
     head_dim = hidden // heads
     return {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden, False), "o": (hidden, hidden, False),
             "gate_up": (2 * intermediate, hidden, True), "down": (hidden, intermediate, False)}
-
-
-def graph_us(calls, device: torch.device, replays: int = 20) -> float:
-    """Microseconds a call, the calls captured in one CUDA graph and replayed."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for call in calls[:3]:
-            call()  # compile and tune outside the capture
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return 1e3 * start.elapsed_time(end) / replays / len(calls)
 
 
 def call(x: torch.Tensor, w: torch.Tensor, pair: bool, way: tuple[int, int, int] | None):
