@@ -1,15 +1,16 @@
 """A projection of a few rows (a small decode batch) as one pass over the weight: `project(x, w, bias, pair)`.
 
-At a few rows a decode step reads each weight once and does almost no arithmetic, so its time is the time
-to stream the weights. cuBLAS runs these shapes as a matmul: split-K (a second kernel that reduces the
-partial sums) where the output is narrow, and some shapes well under the bandwidth the card reaches. The
-Triton kernel here gives each program a few output columns and walks the whole reduction dimension: each
-weight row is read once, contiguously, and the few input rows stay in cache. With `pair` the weight is a
-gate and an up projection stacked ([gate; up], as the engine fuses them) and the kernel returns
-silu(gate) * up, so the SwiGLU activation costs no kernel of its own and its input is never written.
+At a few rows a projection reads its weight once and does almost no arithmetic. Through the embedded model's
+weights (0.7-3.5 MB) that is latency more than bandwidth: cuBLAS took 3.6-5.7 us a call on the H200, the
+SwiGLU after the gate/up one another kernel. The Triton kernel here gives each program two output columns and
+reads their weight rows whole, in one step along the reduction, the few input rows staying in cache: 2.4-4.0
+us. With `pair` the weight is a gate and an up projection stacked ([gate; up], as the engine fuses them) and
+the kernel returns silu(gate) * up, so the activation costs no kernel of its own and its input is never
+written. Through a 7B model's weights cuBLAS streams at 2.9-4.0 TB/s and the kernel was no faster, so it
+runs only for small weights (`small`).
 
 Registered as a custom op so that a compiled decode layer keeps it whole; the PyTorch reference runs where
-the kernel does not (CPU, fp32), above `GEMV_ROWS` rows and for large weights, where cuBLAS is the better way.
+the kernel does not (CPU, fp32, more rows, large weights).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ except ImportError:  # CPU installs: the reference path serves
 
 GEMV_ROWS = 4  # the largest batch the kernel runs (the decode buckets of 2 and 4 rows)
 # The largest weight it runs, and its longest row: on the H200 it beat cuBLAS at every projection of the
-# embedded model (up to 3,072 x 576: 4.0 us against 5.7 at 2 rows, the SwiGLU included) and lost at most of
-# R1-Distill-Qwen-7B's (from 3,584 x 3,584 up; up to 1.5x slower), whose rows are longer than one tile.
+# embedded model (up to 3,072 x 576: 4.0 us against 5.7 at 2 rows, the SwiGLU included), and at the 7B and
+# 32B shapes (from 3,584 x 3,584 up, rows longer than one tile) it tied or was up to 1.3x slower.
 GEMV_WEIGHT, GEMV_K = 2**21, 2048
 
 
@@ -95,7 +96,7 @@ def kernel_supports(x: torch.Tensor, w: torch.Tensor) -> bool:
 def tiles(k_dim: int) -> tuple[int, int, int]:
     """(output columns a program, reduction step, warps): two columns, the whole reduction in one step, two
     warps, the fastest of bench/gemv.py's sweep at every projection of the embedded model."""
-    return 2, triton.next_power_of_2(k_dim), 2
+    return 2, min(GEMV_K, triton.next_power_of_2(k_dim)), 2
 
 
 def project_triton(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, pair: bool, block_n: int = 0,
