@@ -8,6 +8,7 @@ makes it), which the Triton kernel does in its epilogue (`pair`). Tile sizes are
 the `chosen` row.
 
   python bench/gemv.py --shape default 7b 32b --out $OUT/gemv.json
+  python bench/gemv.py --shape default 7b --sweep --out $OUT/gemv_sweep.json   # session 18's tile sweep
   python bench/gemv.py --shape tiny --device cpu      # the CPU check (reference path only, no timings)
 """
 
@@ -87,7 +88,7 @@ def read_tb_s(device: torch.device, gb: float = 4.0) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", nargs="+", default=["default", "7b", "32b"])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--rows", type=int, nargs="+", default=[2, 4], help="the decode buckets the kernel runs")
     parser.add_argument("--sweep", action="store_true", help="time other tile sizes too")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out")
