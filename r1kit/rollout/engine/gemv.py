@@ -1,13 +1,13 @@
 """A projection of a few rows (a small decode batch) as one pass over the weight: `project(x, w, bias, pair)`.
 
 At a few rows a projection reads its weight once and does almost no arithmetic. Through the embedded model's
-weights (0.7-3.5 MB) that is latency more than bandwidth: cuBLAS took 3.6-5.7 us a call on the H200, the
-SwiGLU after the gate/up one another kernel. The Triton kernel here gives each program two output columns and
-reads their weight rows whole, in one step along the reduction, the few input rows staying in cache: 2.4-4.0
-us. With `pair` the weight is a gate and an up projection stacked ([gate; up], as the engine fuses them) and
-the kernel returns silu(gate) * up, so the activation costs no kernel of its own and its input is never
-written. Through a 7B model's weights cuBLAS streams at 2.9-4.0 TB/s and the kernel was no faster, so it
-runs only for small weights (`small`).
+weights (0.7-3.5 MB) that is latency more than bandwidth: cuBLAS took 3.6-5.7 us a call at 2 rows on the
+H200, the SwiGLU after the gate/up one another kernel. The Triton kernel here gives each program two output
+columns and reads their weight rows whole, in one step along the reduction, the few input rows staying in
+cache: 2.4-4.0 us. With `pair` the weight is a gate and an up projection stacked ([gate; up], as the engine
+fuses them) and the kernel returns silu(gate) * up, so the activation costs no kernel of its own and its
+input is never written. Through a 7B model's weights cuBLAS streams at 2.3-4.0 TB/s and the kernel was no
+faster, so it runs only for small weights (`small`).
 
 Registered as a custom op so that a compiled decode layer keeps it whole; the PyTorch reference runs where
 the kernel does not (CPU, fp32, more rows, large weights).
